@@ -1,0 +1,1 @@
+"""ai-service: YOLO training, conversion and inference workers driven by RabbitMQ."""

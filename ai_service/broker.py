@@ -1,0 +1,212 @@
+"""The pika boundary: connection parameters (TLS, heartbeat, no password in reprs),
+connecting with errors wrapped into our own tree, and idempotent topology declaration.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from ai_service.config import Settings
+from ai_service.errors import AuthenticationFailed, BrokerError, ConnectionClosed
+
+log = logging.getLogger("ai_service.broker")
+
+#: (operation, has update queue)
+OPERATION_QUEUES = {"train": True, "convert": True, "infer": False}
+
+
+def connection_parameters(settings: Settings, *, client_name: str) -> pika.ConnectionParameters:
+    """pika parameters from settings; TLS verifies the broker's certificate."""
+    ssl_options = None
+    if settings.rabbitmq_ssl:
+        context = ssl.create_default_context(cafile=settings.rabbitmq_ca_file)
+        if settings.rabbitmq_cert_file:
+            context.load_cert_chain(settings.rabbitmq_cert_file, settings.rabbitmq_key_file)
+        ssl_options = pika.SSLOptions(context, server_hostname=settings.rabbitmq_host)
+    # pika-stubs types the timeouts as numbers.Real, which mypy cannot match: go via Any.
+    options: dict[str, Any] = dict(
+        blocked_connection_timeout=300.0,
+        socket_timeout=10.0,
+        stack_timeout=30.0,
+    )
+    if ssl_options is not None:
+        options["ssl_options"] = ssl_options
+    return pika.ConnectionParameters(
+        host=settings.rabbitmq_host,
+        port=settings.rabbitmq_port,
+        virtual_host=settings.rabbitmq_vhost,
+        credentials=pika.PlainCredentials(settings.rabbitmq_user, settings.rabbitmq_password),
+        heartbeat=settings.rabbitmq_heartbeat,
+        connection_attempts=1,
+        client_properties={"connection_name": client_name, "product": "ai-service"},
+        **options,
+    )
+
+
+def pump(connection: pika.BlockingConnection, seconds: float) -> None:
+    """Process I/O (heartbeats, deliveries, callbacks) for up to ``seconds``."""
+    connection.process_data_events(time_limit=cast(Any, seconds))
+
+
+def describe_endpoint(settings: Settings) -> str:
+    """Where we connect, for logs: user, host, port, vhost -- never the password."""
+    scheme = "amqps" if settings.rabbitmq_ssl else "amqp"
+    vhost = "/" if settings.rabbitmq_vhost == "/" else "/" + settings.rabbitmq_vhost
+    return f"{scheme}://{settings.rabbitmq_user}@{settings.rabbitmq_host}:{settings.rabbitmq_port}{vhost}"
+
+
+def connect(settings: Settings, *, client_name: str) -> pika.BlockingConnection:
+    """Open a blocking connection; pika's errors come out as our BrokerError family."""
+    try:
+        return pika.BlockingConnection(connection_parameters(settings, client_name=client_name))
+    except pika.exceptions.ProbableAuthenticationError as exc:
+        raise AuthenticationFailed(f"(403) ACCESS_REFUSED - {exc}") from None
+    except pika.exceptions.ProbableAccessDeniedError as exc:
+        raise AuthenticationFailed(f"(403) ACCESS_REFUSED to vhost {settings.rabbitmq_vhost!r} - {exc}") from None
+    except pika.exceptions.AMQPError as exc:
+        raise ConnectionClosed(describe_pika_error(exc)) from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectionClosed(str(exc)) from None
+
+
+def describe_pika_error(exc: BaseException) -> str:
+    """pika exceptions often stringify to '' or a nested tuple; make them readable."""
+    if isinstance(exc, pika.exceptions.AMQPConnectionError) and exc.args:
+        inner = exc.args[0]
+        if isinstance(inner, BaseException):
+            return describe_pika_error(inner)
+        if hasattr(inner, "exception"):  # pika's connection-workflow errors
+            return describe_pika_error(inner.exception)
+    text = str(exc) or repr(exc)
+    return f"{exc.__class__.__name__}: {text}"
+
+
+@dataclass(frozen=True)
+class QueueNames:
+    """The queues of one operation."""
+
+    op: str
+    request: str
+    update: str | None
+    result: str
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.request}.dlq"
+
+    @property
+    def lease(self) -> str:
+        """Holding queue whose expired lease messages dead-letter into ``request``."""
+        return f"{self.request}.lease"
+
+
+def queue_names(settings: Settings, op: str) -> QueueNames:
+    if op == "train":
+        return QueueNames(op, settings.train_request_queue, settings.train_update_queue, settings.train_result_queue)
+    if op == "convert":
+        return QueueNames(
+            op, settings.convert_request_queue, settings.convert_update_queue, settings.convert_result_queue
+        )
+    if op == "infer":
+        return QueueNames(op, settings.infer_request_queue, None, settings.infer_result_queue)
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def routing_key(op: str, kind: str, job_id: str) -> str:
+    """``<op>.<update|result>.<job_id>`` -- what observers bind to."""
+    return f"{op}.{kind}.{job_id}"
+
+
+class Topology:
+    """Declares every exchange, queue and binding the service uses, idempotently.
+
+    A queue that already exists with other arguments is used as it is (passive
+    declare) with one warning per queue and process, never a crash loop.
+    """
+
+    def __init__(self, settings: Settings, ops: Iterable[str] = OPERATION_QUEUES) -> None:
+        self.settings = settings
+        self.ops = tuple(ops)
+        self._warned: set[str] = set()
+
+    def declare(self, connection: pika.BlockingConnection) -> None:
+        s = self.settings
+        channel = connection.channel()
+        try:
+            channel.exchange_declare(s.events_exchange, "topic", durable=True)
+            channel.exchange_declare(s.control_exchange, "fanout", durable=True)
+            channel.exchange_declare(s.dead_letter_exchange, "direct", durable=True)
+            for op in self.ops:
+                names = queue_names(s, op)
+                channel = self._queue(connection, channel, names.request, self.request_arguments(names))
+                channel = self._queue(connection, channel, names.dlq, self._typed({}))
+                channel.queue_bind(names.dlq, s.dead_letter_exchange, routing_key=names.request)
+                channel = self._queue(
+                    connection,
+                    channel,
+                    names.lease,
+                    self._typed({"x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.request}),
+                )
+                for kind, queue in (("update", names.update), ("result", names.result)):
+                    if queue is None:
+                        continue
+                    channel = self._queue(connection, channel, queue, self._typed({}))
+                    channel.queue_bind(queue, s.events_exchange, routing_key=f"{op}.{kind}.#")
+        except pika.exceptions.AMQPError as exc:
+            raise ConnectionClosed(f"declaring topology failed: {describe_pika_error(exc)}") from None
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    def request_arguments(self, names: QueueNames) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "x-dead-letter-exchange": self.settings.dead_letter_exchange,
+            "x-dead-letter-routing-key": names.request,
+        }
+        if self.settings.rabbitmq_queue_type == "quorum":
+            args["x-delivery-limit"] = self.settings.rabbitmq_delivery_limit
+        return self._typed(args)
+
+    def _typed(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"x-queue-type": self.settings.rabbitmq_queue_type, **args}
+
+    def _queue(
+        self, connection: pika.BlockingConnection, channel: BlockingChannel, name: str, args: dict[str, Any]
+    ) -> BlockingChannel:
+        """Declare ``name``; on 406 inequivalent arguments fall back to a passive declare."""
+        try:
+            channel.queue_declare(name, durable=True, arguments=cast(Any, args))
+            return channel
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:
+                raise
+            if name not in self._warned:
+                self._warned.add(name)
+                log.warning(
+                    "[RMQ] ⚠️ Queue %r already exists with other arguments (%s); using it as it is",
+                    name,
+                    exc.reply_text,
+                )
+            channel = connection.channel()
+            channel.queue_declare(name, passive=True)
+            return channel
+
+
+def ensure_channel_open(channel: BlockingChannel) -> None:
+    if not channel.is_open:
+        raise ConnectionClosed("channel was closed by the broker")
+
+
+def wrap_pika(exc: BaseException) -> BrokerError:
+    """Map a pika exception to our tree (use as ``raise wrap_pika(e) from None``)."""
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+        return AuthenticationFailed(f"(403) ACCESS_REFUSED - {exc}")
+    return ConnectionClosed(describe_pika_error(exc))

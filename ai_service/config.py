@@ -1,0 +1,199 @@
+"""Settings: one typed, immutable object built from the environment at start-up.
+
+Nothing else in the service reads ``os.environ`` for configuration; the object is passed
+down explicitly.  Names and defaults are the contract's (CONTRACT.md, "Configuration").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ai_service.config")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value the service cannot use."""
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, not {raw!r}")
+
+
+def _int(name: str, raw: str, lo: int | None = None, hi: int | None = None) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name} must be between {lo} and {hi}, not {value}")
+    return value
+
+
+def _float(name: str, raw: str, lo: float = 0.0) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if value < lo:
+        raise ConfigError(f"{name} must be at least {lo}, not {value}")
+    return value
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (where guest/guest is acceptable)."""
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service; see CONTRACT.md for what each one means."""
+
+    # broker
+    enable_rabbitmq: bool = True
+    rabbitmq_host: str = "localhost"
+    rabbitmq_port: int = 5672
+    rabbitmq_user: str = "guest"
+    rabbitmq_password: str = field(default="guest", repr=False)
+    rabbitmq_vhost: str = "/"
+    rabbitmq_ssl: bool = False
+    rabbitmq_ca_file: str | None = None
+    rabbitmq_cert_file: str | None = None
+    rabbitmq_key_file: str | None = None
+    rabbitmq_heartbeat: int = 60
+    rabbitmq_queue_type: str = "quorum"
+    rabbitmq_delivery_limit: int = 5
+    # names
+    train_request_queue: str = "train_request_q"
+    train_update_queue: str = "train_update_q"
+    train_result_queue: str = "train_result_q"
+    convert_request_queue: str = "convert_request_q"
+    convert_update_queue: str = "convert_update_q"
+    convert_result_queue: str = "convert_result_q"
+    infer_request_queue: str = "infer_request_q"
+    infer_result_queue: str = "infer_result_q"
+    events_exchange: str = "ai.events"
+    control_exchange: str = "ai.control"
+    dead_letter_exchange: str = "ai.dlx"
+    # storage
+    storage_backend: str = "local"
+    storage_dir: Path = Path("./data")
+    s3_bucket: str | None = None
+    # worker
+    worker_name: str = ""
+    work_dir: Path = Path("./.work")
+    device: str = "auto"
+    log_format: str = "text"
+    log_level: str = "INFO"
+    metrics_port: int | None = None
+    # limits and tuning (ours, documented in the README)
+    max_message_bytes: int = 16 * 1024 * 1024
+    lease_seconds: int = 300
+    spool_max_messages: int = 10000
+    reconnect_max_delay: float = 30.0
+    batch_window_ms: int = 5
+    max_batch: int = 8
+    max_images: int = 64
+    max_inline_image_bytes: int = 8 * 1024 * 1024
+    model_cache_size: int = 4
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from ``env`` (``os.environ`` by default); raise ConfigError."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+
+        def get(name: str) -> str | None:
+            raw = env.get(name)
+            return None if raw is None or raw.strip() == "" else raw
+
+        for f in fields(cls):
+            raw = get(f.name.upper())
+            if raw is None:
+                continue
+            name = f.name.upper()
+            if f.type in ("bool",):
+                values[f.name] = _bool(name, raw)
+            elif f.type in ("int",):
+                values[f.name] = _int(name, raw, lo=0)
+            elif f.type in ("int | None",):
+                values[f.name] = _int(name, raw, lo=0, hi=65535)
+            elif f.type in ("float",):
+                values[f.name] = _float(name, raw)
+            elif f.type == "Path":
+                values[f.name] = Path(raw)
+            else:
+                values[f.name] = raw
+
+        ssl = values.get("rabbitmq_ssl", False)
+        if "rabbitmq_port" not in values:
+            values["rabbitmq_port"] = 5671 if ssl else 5672
+        if not 1 <= values["rabbitmq_port"] <= 65535:
+            raise ConfigError("RABBITMQ_PORT must be between 1 and 65535")
+        values["rabbitmq_queue_type"] = _choice(
+            "RABBITMQ_QUEUE_TYPE", values.get("rabbitmq_queue_type", "quorum"), ("quorum", "classic")
+        )
+        values["storage_backend"] = _choice(
+            "STORAGE_BACKEND", values.get("storage_backend", "local"), ("local", "s3")
+        )
+        values["log_format"] = _choice("LOG_FORMAT", values.get("log_format", "text"), ("text", "json"))
+        level = values.get("log_level", "INFO").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {level!r}")
+        values["log_level"] = level
+        if values.get("storage_backend") == "s3" and not values.get("s3_bucket"):
+            raise ConfigError("STORAGE_BACKEND=s3 needs S3_BUCKET")
+        if values.get("rabbitmq_delivery_limit", 5) < 1:
+            raise ConfigError("RABBITMQ_DELIVERY_LIMIT must be at least 1")
+        if values.get("rabbitmq_heartbeat", 60) > 3600:
+            raise ConfigError("RABBITMQ_HEARTBEAT must be at most 3600 seconds")
+        if values.get("lease_seconds", 300) < 2:
+            raise ConfigError("LEASE_SECONDS must be at least 2")
+        return cls(**values)
+
+    def for_program(self, program: str) -> "Settings":
+        """Fill in the default ``WORKER_NAME`` (``<hostname>/<program>``)."""
+        if self.worker_name:
+            return self
+        return replace(self, worker_name=f"{socket.gethostname()}/{program}")
+
+    def insecurity(self) -> str | None:
+        """Why this broker configuration is only fit for development, or None."""
+        local = is_loopback(self.rabbitmq_host)
+        if not local and self.rabbitmq_user == "guest" and self.rabbitmq_password == "guest":
+            return "default guest/guest credentials on a non-loopback host"
+        if not local and not self.rabbitmq_ssl:
+            return f"no TLS to remote host {self.rabbitmq_host}"
+        return None
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict safe to log (password masked)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["rabbitmq_password"] = "***"
+        return {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}

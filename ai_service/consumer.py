@@ -1,0 +1,479 @@
+"""The consumer runtime: I/O on one thread, handlers on others, one settle decision.
+
+* The I/O thread owns the connection and only pumps it (``process_data_events``), so
+  heartbeats flow however long a handler runs.
+* Handlers run on a thread pool sized by the operation's prefetch.  They hand results
+  back to the I/O thread through ``add_callback_threadsafe``; nothing else touches the
+  channel.
+* :func:`decide` is the single place that maps a handler's outcome to ack,
+  reject-to-DLQ or requeue.
+* The loop reconnects after refused connections, broker restarts
+  (CONNECTION_FORCED), lost streams and channel closures; it backs off hard on
+  ACCESS_REFUSED.
+* Stopping is warm first (stop taking messages, let running handlers finish), forced on
+  a second request (hand unfinished deliveries back to the queue).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pika
+import pika.exceptions
+import pika.spec
+from pika.adapters.blocking_connection import BlockingChannel
+from pydantic import ValidationError
+
+from ai_service.broker import (
+    QueueNames,
+    Topology,
+    connect,
+    describe_endpoint,
+    describe_pika_error,
+    pump,
+    queue_names,
+    routing_key,
+)
+from ai_service.config import Settings
+from ai_service.errors import (
+    AIServiceError,
+    AuthenticationFailed,
+    BrokerError,
+    InvalidInput,
+    JobHandedBack,
+    PermanentError,
+    RetryableError,
+)
+from ai_service.messages import Cancel, InvalidRequest, _Message, parse_request, readable_job_id
+from ai_service.operation import DeliveryInfo, Emitter, JobContext, Operation, Resources
+from ai_service.publisher import Backoff, Publisher, Receipt
+
+log = logging.getLogger("ai_service.consumer")
+
+#: How long a finished handler waits for its terminal message's confirm before settling.
+TERMINAL_CONFIRM_TIMEOUT = 30.0
+
+
+class Outcome(enum.Enum):
+    ACK = "ack"
+    REJECT = "reject"  # dead-letter to <queue>.dlq
+    REQUEUE = "requeue"
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    #: The error to answer the BE with (a ``*_failed`` message), if any.
+    report: AIServiceError | None = None
+
+
+class InternalError(PermanentError):
+    error_code = "internal_error"
+
+
+def decide(error: BaseException | None, delivery_count: int, delivery_limit: int) -> Decision:
+    """The one mapping from a handler's outcome to what happens to the delivery.
+
+    * success -> ack
+    * invalid input -> answer ``invalid_request`` (or the error's code), dead-letter
+    * permanent failure -> answer with its code, ack (the job is over)
+    * retryable failure -> requeue, unless this was the last delivery the queue allows:
+      then answer and dead-letter, so the BE still gets exactly one terminal message
+    * job handed back (warm shutdown) -> requeue, no answer
+    * anything unexpected (a bug) -> answer ``internal_error``, dead-letter for replay
+    """
+    if error is None:
+        return Decision(Outcome.ACK)
+    if isinstance(error, JobHandedBack):
+        return Decision(Outcome.REQUEUE)
+    if isinstance(error, InvalidInput):
+        return Decision(Outcome.REJECT, error)
+    if isinstance(error, RetryableError):
+        if delivery_count + 1 >= delivery_limit:
+            return Decision(Outcome.REJECT, error)
+        return Decision(Outcome.REQUEUE)
+    if isinstance(error, AIServiceError):
+        return Decision(Outcome.ACK, error)
+    return Decision(Outcome.REJECT, InternalError("internal error in the worker; the request was dead-lettered"))
+
+
+@dataclass
+class _Delivery:
+    tag: int
+    generation: int
+    info: DeliveryInfo
+    ctx: JobContext | None = None
+    acked: bool = False
+
+
+class Consumer:
+    """Consumes one operation's request queue and the control exchange."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        operation: Operation,
+        publisher: Publisher,
+        resources: Resources,
+        topology: Topology | None = None,
+    ) -> None:
+        self.settings = settings
+        self.op = operation
+        self.names: QueueNames = queue_names(settings, operation.name)
+        self.publisher = publisher
+        self.resources = resources
+        self.topology = topology or Topology(settings)
+        self._pool = ThreadPoolExecutor(max_workers=operation.prefetch, thread_name_prefix=f"{operation.name}-job")
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._inflight: dict[int, _Delivery] = {}
+        self._inflight_lock = threading.Lock()
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._generation = 0
+        self._consumer_tag: str | None = None
+        self._stop = threading.Event()
+        self._force = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.started = threading.Event()  # consuming for the first time
+        self.first_attempt_done = threading.Event()
+        self.consuming = threading.Event()
+        self.handled = 0
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="consumer-io", daemon=True)
+        self._thread.start()
+
+    def request_stop(self, *, force: bool = False) -> None:
+        """Warm stop: no new deliveries, running handlers finish. ``force``: hand back now."""
+        if force:
+            self._force.set()
+        self._stop.set()
+        with self._inflight_lock:
+            for d in self._inflight.values():
+                if d.ctx is not None:
+                    d.ctx.shutdown.set()
+        self._wake()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def busy(self) -> int:
+        with self._inflight_lock:
+            return len(self._inflight)
+
+    # --- I/O thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = Backoff(cap=self.settings.reconnect_max_delay)
+        while True:
+            try:
+                self._connect_and_consume(backoff)
+            except AuthenticationFailed as exc:
+                log.error("[RMQ] ❌ Failed to connect to RabbitMQ: %s", exc.message)
+                backoff.attempt = 30  # back off hard: credentials will not fix themselves
+            except (BrokerError, pika.exceptions.AMQPError, OSError) as exc:
+                message = exc.message if isinstance(exc, BrokerError) else describe_pika_error(exc)
+                if self.consuming.is_set():
+                    log.warning("[RMQ] Connection lost: %s; reconnecting", message)
+                else:
+                    log.error("[RMQ] ❌ Failed to connect to RabbitMQ: %s", message)
+            finally:
+                self.consuming.clear()
+                self.first_attempt_done.set()
+                self._close_connection()
+            if self._stop.is_set() and (self._force.is_set() or not self._inflight):
+                break
+            delay = backoff.next()
+            log.info("[RMQ] Retrying in %.1f s", delay)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and not (self._force.is_set()):
+                if self._stop.is_set() and not self._inflight:
+                    break
+                time.sleep(0.1)
+            if self._force.is_set():
+                break
+        self._pool.shutdown(wait=not self._force.is_set(), cancel_futures=True)
+        log.info("[RMQ] Consumer stopped")
+
+    def _connect_and_consume(self, backoff: Backoff) -> None:
+        name = f"ai-service {self.op.name} consumer ({self.settings.worker_name})"
+        connection = connect(self.settings, client_name=name)
+        self._connection = connection
+        self.topology.declare(connection)
+        channel = connection.channel()
+        self._channel = channel
+        self._generation += 1
+        channel.basic_qos(prefetch_count=self.op.prefetch)
+        control = channel.queue_declare("", exclusive=True, auto_delete=True)
+        control_queue = str(control.method.queue)
+        channel.queue_bind(control_queue, self.settings.control_exchange)
+        channel.basic_consume(control_queue, self._on_control, auto_ack=True)
+        if backoff.attempt:
+            log.info("[RMQ] Reconnected to %s", describe_endpoint(self.settings))
+        backoff.reset()
+        while not self._stop.is_set():
+            if self._consumer_tag is None and self.busy < self.op.prefetch and not self._paused():
+                self._consumer_tag = channel.basic_consume(self.names.request, self._on_message)
+                if not self.started.is_set():
+                    log.info(
+                        "[RMQ] ✅ RabbitMQ consumer started (queue %r on %s, prefetch %d)",
+                        self.names.request,
+                        describe_endpoint(self.settings),
+                        self.op.prefetch,
+                    )
+                    self.started.set()
+                self.consuming.set()
+            pump(connection, 0.5)
+            self._drain_calls()
+            if not channel.is_open:
+                raise BrokerError("channel was closed by the broker")
+        # Warm stop: stop taking messages, keep pumping until handlers are done.
+        self._cancel_consumer()
+        self.consuming.clear()
+        while self._inflight and not self._force.is_set():
+            pump(connection, 0.5)
+            self._drain_calls()
+            if not channel.is_open:
+                raise BrokerError("channel was closed by the broker")
+        if self._force.is_set():
+            self._hand_back_all()
+
+    def _paused(self) -> bool:
+        """Long jobs acked early keep the consumer off the queue until they end."""
+        with self._inflight_lock:
+            return any(d.acked for d in self._inflight.values())
+
+    def _cancel_consumer(self) -> None:
+        if self._consumer_tag is not None and self._channel is not None and self._channel.is_open:
+            self._channel.basic_cancel(self._consumer_tag)
+        self._consumer_tag = None
+
+    def _close_connection(self) -> None:
+        self._consumer_tag = None
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+    def _wake(self) -> None:
+        connection = self._connection
+        if connection is not None:
+            try:
+                connection.add_callback_threadsafe(lambda: None)
+            except Exception:  # noqa: BLE001 - connection already gone; the loop polls
+                pass
+
+    def _call_on_io(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the I/O thread (the only thread that touches the channel)."""
+        self._calls.put(fn)
+        self._wake()
+
+    def _drain_calls(self) -> None:
+        while True:
+            try:
+                fn = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def _on_control(
+        self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
+    ) -> None:
+        try:
+            cancel = Cancel.model_validate_json(body)
+        except ValidationError:
+            log.warning("[RMQ] Ignoring a malformed control message")
+            return
+        log.info("[RMQ] Cancel requested for job %s", cancel.job_id)
+        with self._inflight_lock:
+            for d in self._inflight.values():
+                if d.ctx is not None and d.ctx.job_id == cancel.job_id:
+                    d.ctx.cancelled.set()
+        if self.op.on_cancel is not None:
+            hook = self.op.on_cancel
+            threading.Thread(target=self._safe_hook, args=(hook, cancel.job_id), daemon=True).start()
+
+    def _safe_hook(self, hook: Callable[[str, Resources], None], job_id: str) -> None:
+        try:
+            hook(job_id, self.resources)
+        except Exception:  # noqa: BLE001 - a hook must not kill the worker
+            log.exception("[RMQ] Cancel hook failed for job %s", job_id)
+
+    def _on_message(
+        self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
+    ) -> None:
+        headers = dict(props.headers or {})
+        count = headers.get("x-delivery-count")
+        info = DeliveryInfo(
+            redelivered=bool(method.redelivered),
+            delivery_count=int(count) if isinstance(count, int) else (1 if method.redelivered else 0),
+            reply_to=props.reply_to,
+            correlation_id=props.correlation_id,
+            headers=headers,
+            body=body,
+        )
+        delivery = _Delivery(tag=method.delivery_tag or 0, generation=self._generation, info=info)
+        with self._inflight_lock:
+            self._inflight[delivery.tag] = delivery
+        self._pool.submit(self._handle, delivery)
+
+    # --- handler threads -------------------------------------------------------------
+
+    def _handle(self, delivery: _Delivery) -> None:
+        error: BaseException | None = None
+        job_id: str | None = None
+        try:
+            request, _ = parse_request(self.op.request_model, delivery.info.body, self.settings.max_message_bytes)
+            job_id = str(request.job_id)
+            ctx = JobContext(
+                op=self.op.name,
+                job_id=job_id,
+                settings=self.settings,
+                resources=self.resources,
+                delivery=delivery.info,
+                emit=self._emitter(job_id),
+                ack_now_cb=lambda: self._call_on_io(lambda: self._ack_early(delivery)),
+            )
+            if self._stop.is_set():
+                ctx.shutdown.set()
+            delivery.ctx = ctx
+            ctx.log.info("Received %s request (delivery %d)", self.op.name, delivery.info.delivery_count + 1)
+            self.op.handler(request, ctx)
+        except InvalidRequest as exc:
+            job_id = exc.job_id
+            error = exc
+        except BaseException as exc:  # noqa: BLE001 - every outcome goes through decide()
+            error = exc
+            if job_id is None:
+                job_id = readable_job_id_from(delivery.info.body)
+        decision = decide(error, delivery.info.delivery_count, self.settings.rabbitmq_delivery_limit)
+        self._log_outcome(job_id, error, decision)
+        job_ctx = delivery.ctx
+        already_answered = job_ctx is not None and job_ctx.terminal is not None
+        receipt: Receipt | None = None
+        if decision.report is not None and job_id is not None and not already_answered:
+            failure = self.op.failure(job_id, decision.report)
+            receipt = self._emitter(job_id)("result", failure, delivery.info)
+        elif job_ctx is not None:
+            receipt = job_ctx.terminal_receipt
+        if receipt is not None:
+            receipt.wait(TERMINAL_CONFIRM_TIMEOUT)
+        if decision.outcome is Outcome.REQUEUE and error is not None and not isinstance(error, JobHandedBack):
+            time.sleep(min(30.0, 2.0 ** delivery.info.delivery_count))
+        self.handled += 1
+        self._call_on_io(lambda: self._settle(delivery, decision.outcome))
+
+    def _log_outcome(self, job_id: str | None, error: BaseException | None, decision: Decision) -> None:
+        prefix = f"[Handler] [{job_id or '?'}]"
+        if error is None:
+            log.info("%s Done", prefix, extra={"job_id": job_id, "op": self.op.name})
+        elif isinstance(error, AIServiceError):
+            log.warning(
+                "%s %s: %s -> %s",
+                prefix,
+                error.error_code,
+                error.message,
+                decision.outcome.value,
+                extra={"job_id": job_id, "op": self.op.name},
+            )
+        else:
+            log.error(
+                "%s Unexpected error -> %s",
+                prefix,
+                decision.outcome.value,
+                exc_info=error,
+                extra={"job_id": job_id, "op": self.op.name},
+            )
+
+    def _emitter(self, job_id: str) -> Emitter:
+        def emit(kind: str, message: _Message, delivery: DeliveryInfo) -> Receipt:
+            info = delivery
+            body = message.to_json_bytes()
+            msg_type = str(getattr(message, "type", ""))
+            if kind == "result" and info.reply_to:
+                return self.publisher.publish(
+                    "",
+                    info.reply_to,
+                    body,
+                    message_type=msg_type,
+                    correlation_id=info.correlation_id or job_id,
+                )
+            return self.publisher.publish(
+                self.settings.events_exchange,
+                routing_key(self.op.name, kind, job_id),
+                body,
+                message_type=msg_type,
+                correlation_id=info.correlation_id or job_id,
+            )
+
+        return emit
+
+    # --- settling (I/O thread) -------------------------------------------------------
+
+    def _ack_early(self, delivery: _Delivery) -> None:
+        """Stop consuming first (so no new job arrives while this one runs), then ack."""
+        if not self._usable(delivery):
+            return
+        self._cancel_consumer()
+        assert self._channel is not None
+        self._channel.basic_ack(delivery.tag)
+        delivery.acked = True
+
+    def _settle(self, delivery: _Delivery, outcome: Outcome) -> None:
+        with self._inflight_lock:
+            self._inflight.pop(delivery.tag, None)
+        if delivery.acked:
+            return
+        if not self._usable(delivery):
+            log.warning(
+                "[RMQ] Delivery %d belongs to a closed channel; the broker has already requeued it",
+                delivery.tag,
+            )
+            return
+        assert self._channel is not None
+        if outcome is Outcome.ACK:
+            self._channel.basic_ack(delivery.tag)
+        elif outcome is Outcome.REJECT:
+            self._channel.basic_reject(delivery.tag, requeue=False)
+        else:
+            self._channel.basic_nack(delivery.tag, requeue=True)
+
+    def _usable(self, delivery: _Delivery) -> bool:
+        return (
+            self._channel is not None
+            and self._channel.is_open
+            and delivery.generation == self._generation
+        )
+
+    def _hand_back_all(self) -> None:
+        with self._inflight_lock:
+            deliveries = list(self._inflight.values())
+            self._inflight.clear()
+        for d in deliveries:
+            if not d.acked and self._usable(d):
+                assert self._channel is not None
+                self._channel.basic_nack(d.tag, requeue=True)
+                log.warning("[RMQ] Forced stop: delivery %d handed back to the queue", d.tag)
+
+
+def readable_job_id_from(body: bytes) -> str | None:
+    try:
+        return readable_job_id(json.loads(body))
+    except (ValueError, UnicodeDecodeError):
+        return None

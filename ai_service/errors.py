@@ -1,0 +1,119 @@
+"""One rooted exception tree.
+
+Every error the service raises on purpose descends from :class:`AIServiceError` and
+falls in one of three families that decide what happens to a job or a delivery:
+
+* :class:`InvalidInput` -- the request itself is wrong; answer ``invalid_request``
+  (or a more precise code) and dead-letter it.  Retrying cannot help.
+* :class:`PermanentError` -- the job cannot succeed as asked (dataset missing,
+  training diverged, ...); answer ``*_failed`` with the error's code.
+* :class:`RetryableError` -- the world is temporarily broken (broker away, storage
+  timing out); the delivery is handed back and tried again.
+
+Each carries the contract's ``error_code`` and a message safe to show a BE: no secrets,
+no stack traces.
+"""
+
+from __future__ import annotations
+
+ERROR_CODES = (
+    "invalid_request",
+    "dataset_not_found",
+    "dataset_invalid",
+    "model_not_found",
+    "unsupported_format",
+    "storage_error",
+    "out_of_memory",
+    "cancelled",
+    "timeout",
+    "training_error",
+    "export_error",
+    "inference_error",
+    "internal_error",
+)
+
+
+class AIServiceError(Exception):
+    """Root of every error the service raises on purpose."""
+
+    error_code: str = "internal_error"
+
+    def __init__(self, message: str, *, error_code: str | None = None) -> None:
+        super().__init__(message)
+        if error_code is not None:
+            if error_code not in ERROR_CODES:
+                raise ValueError(f"unknown error_code {error_code!r}")
+            self.error_code = error_code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.error_code
+
+
+class InvalidInput(AIServiceError):
+    """The request is malformed or asks for something impossible; never retried."""
+
+    error_code = "invalid_request"
+
+
+class PermanentError(AIServiceError):
+    """The job cannot succeed as asked; it ends with a failure message."""
+
+    error_code = "internal_error"
+
+
+class RetryableError(AIServiceError):
+    """A temporary condition; the job or delivery should be tried again later."""
+
+    error_code = "internal_error"
+
+
+# --- broker boundary -----------------------------------------------------------------
+
+
+class BrokerError(RetryableError):
+    """Anything that went wrong talking to RabbitMQ (pika is wrapped into these)."""
+
+
+class ConnectionClosed(BrokerError):
+    """The connection or channel went away; reconnect and carry on."""
+
+
+class AuthenticationFailed(BrokerError):
+    """The broker refused our credentials (ACCESS_REFUSED); back off hard."""
+
+
+class SpoolFull(RetryableError):
+    """The publisher's on-disk spool reached its bound while the broker is away."""
+
+
+# --- storage boundary ----------------------------------------------------------------
+
+
+class StorageError(RetryableError):
+    """Storage could not be reached or answered with an unexpected error."""
+
+    error_code = "storage_error"
+
+
+class ObjectNotFound(PermanentError):
+    """A key (or prefix) that the request names does not exist."""
+
+    error_code = "model_not_found"
+
+
+class UnsafeKey(InvalidInput):
+    """A storage key that could escape its root: absolute, ``..``, backslash, NUL."""
+
+
+# --- job boundary --------------------------------------------------------------------
+
+
+class JobCancelled(PermanentError):
+    """The job was cancelled through the control exchange."""
+
+    error_code = "cancelled"
+
+
+class JobHandedBack(AIServiceError):
+    """The worker is shutting down and returns the job for another worker to resume."""

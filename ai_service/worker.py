@@ -1,0 +1,113 @@
+"""A worker process: settings -> logging -> publisher -> consumer, and rq's stop protocol.
+
+The first SIGTERM (or Ctrl-C) is warm: stop taking messages, let the running handler
+finish or hand its job back, flush the publisher, exit 0.  A second one forces: hand
+unfinished deliveries back to the queue and exit 1 at once.  supervisord's
+``stopwaitsecs`` is longer than the warm path needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from ai_service.broker import Topology
+from ai_service.config import Settings
+from ai_service.consumer import Consumer
+from ai_service.operation import Operation, Resources
+from ai_service.publisher import Publisher
+
+log = logging.getLogger("ai_service.worker")
+
+EXIT_OK = 0
+EXIT_FORCED = 1
+EXIT_CONFIG = 2
+
+#: How long a warm stop waits for the publisher to deliver what is queued.
+PUBLISHER_DRAIN_SECONDS = 15.0
+
+
+def spool_dir(settings: Settings) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.worker_name).strip("_") or "worker"
+    return settings.work_dir / "spool" / safe
+
+
+class StopSignals:
+    """Counts SIGTERM/SIGINT: the first asks for a warm stop, the second forces."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        self.count = 0
+        self.forced = threading.Event()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.count == 1:
+            log.warning("[RMQ] %s received: warm shutdown (finishing or handing back the running job); "
+                        "send it again to force", name)
+            self.consumer.request_stop()
+        else:
+            log.warning("[RMQ] %s received again: forced shutdown", name)
+            self.forced.set()
+            self.consumer.request_stop(force=True)
+
+
+def make_resources(settings: Settings) -> Resources:
+    from ai_service.storage import open_storage
+
+    return Resources(settings=settings, storage=open_storage(settings))
+
+
+def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation]) -> int:
+    """Run one operation's worker until stopped; returns the process exit code.
+
+    ``load`` builds the operation (importing its heavy libraries) only when messaging
+    is enabled, so a disabled worker exits at once and supervisord leaves it be.
+    """
+    if not settings.enable_rabbitmq:
+        log.warning("[RMQ] Messaging is disabled (ENABLE_RABBITMQ=false): the %s worker has nothing to do; exiting",
+                    op)
+        return EXIT_OK
+    operation = load(settings)
+    insecure = settings.insecurity()
+    if insecure:
+        log.warning("[RMQ] ⚠️ Insecure RabbitMQ configuration (%s): fine for development, not for production",
+                    insecure)
+    resources = make_resources(settings)
+    log.info("[Handler] %s worker %s, storage %s", operation.name, settings.worker_name,
+             resources.storage.describe() if resources.storage is not None else "-")
+    if operation.setup is not None:
+        operation.setup(resources)
+    topology = Topology(settings)
+    publisher = Publisher(settings, spool_dir=spool_dir(settings), topology=topology,
+                          client_name=f"ai-service {operation.name} publisher ({settings.worker_name})")
+    publisher.start()
+    consumer = Consumer(settings, operation, publisher, resources, topology)
+    signals = StopSignals(consumer)
+    signals.install()
+    log.info("[RMQ] 🐰 Initializing RabbitMQ consumer...")
+    consumer.start()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not (consumer.started.is_set() or consumer.first_attempt_done.is_set()):
+        time.sleep(0.05)
+    log.info("[RMQ] 🚀 Started RabbitMQ consumer in background thread")
+    while not consumer.join(0.5):
+        pass
+    if signals.forced.is_set():
+        publisher.stop(timeout=1.0)
+        log.warning("[RMQ] Forced exit")
+        return EXIT_FORCED
+    publisher.stop(timeout=PUBLISHER_DRAIN_SECONDS)
+    log.info("[RMQ] Worker stopped cleanly")
+    return EXIT_OK

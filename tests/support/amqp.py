@@ -1,0 +1,172 @@
+"""A BE stand-in for tests: unique queue names per test, publish requests, read answers.
+
+Each test gets its own set of queue and exchange names (through the same environment
+variables a real deployment uses), so tests can run in parallel on the shared broker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from ai_service.broker import Topology
+from ai_service.config import Settings
+
+
+@dataclass
+class Received:
+    body: dict[str, Any]
+    properties: pika.BasicProperties
+    routing_key: str
+    queue: str
+
+    @property
+    def type(self) -> str:
+        return str(self.body.get("type"))
+
+
+@dataclass
+class BrokerNames:
+    """Queue/exchange names for one test, as environment variables and settings."""
+
+    prefix: str
+    port: int = 5672
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        p = self.prefix
+        return {
+            "RABBITMQ_HOST": "127.0.0.1",
+            "RABBITMQ_PORT": str(self.port),
+            "TRAIN_REQUEST_QUEUE": f"{p}.train_request_q",
+            "TRAIN_UPDATE_QUEUE": f"{p}.train_update_q",
+            "TRAIN_RESULT_QUEUE": f"{p}.train_result_q",
+            "CONVERT_REQUEST_QUEUE": f"{p}.convert_request_q",
+            "CONVERT_UPDATE_QUEUE": f"{p}.convert_update_q",
+            "CONVERT_RESULT_QUEUE": f"{p}.convert_result_q",
+            "INFER_REQUEST_QUEUE": f"{p}.infer_request_q",
+            "INFER_RESULT_QUEUE": f"{p}.infer_result_q",
+            "EVENTS_EXCHANGE": f"{p}.events",
+            "CONTROL_EXCHANGE": f"{p}.control",
+            "DEAD_LETTER_EXCHANGE": f"{p}.dlx",
+            **self.extra,
+        }
+
+    def settings(self, **overrides: str) -> Settings:
+        return Settings.from_env({**self.env(), **overrides})
+
+
+def new_names(port: int = 5672, **extra: str) -> BrokerNames:
+    return BrokerNames(prefix=f"t{uuid.uuid4().hex[:10]}", port=port, extra=dict(extra))
+
+
+class BE:
+    """Publishes requests and reads what the service answered, like a backend would."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.connection = pika.BlockingConnection(
+            pika.ConnectionParameters(host=settings.rabbitmq_host, port=settings.rabbitmq_port, heartbeat=0)
+        )
+        self.channel: BlockingChannel = self.connection.channel()
+        Topology(settings).declare(self.connection)
+        self.channel.confirm_delivery()
+
+    def close(self) -> None:
+        try:
+            s = self.settings
+            ch = self.connection.channel()
+            for q in (
+                s.train_request_queue, s.train_update_queue, s.train_result_queue,
+                s.convert_request_queue, s.convert_update_queue, s.convert_result_queue,
+                s.infer_request_queue, s.infer_result_queue,
+            ):
+                for name in (q, f"{q}.dlq", f"{q}.lease"):
+                    ch.queue_delete(name)
+            for ex in (s.events_exchange, s.control_exchange, s.dead_letter_exchange):
+                ch.exchange_delete(ex)
+            self.connection.close()
+        except pika.exceptions.AMQPError:
+            pass
+
+    # --- sending ---------------------------------------------------------------------
+
+    def send(self, queue: str, body: dict[str, Any] | bytes | str, **props: Any) -> None:
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        raw = body if isinstance(body, bytes) else body.encode()
+        self.channel.basic_publish(
+            "", queue, raw, properties=pika.BasicProperties(delivery_mode=2, content_type="application/json", **props)
+        )
+
+    def send_train(self, body: dict[str, Any] | bytes | str) -> None:
+        self.send(self.settings.train_request_queue, body)
+
+    def cancel(self, job_id: str) -> None:
+        self.channel.basic_publish(
+            self.settings.control_exchange, "", json.dumps({"type": "cancel", "job_id": job_id}).encode()
+        )
+
+    # --- receiving -------------------------------------------------------------------
+
+    def get(self, queue: str) -> Received | None:
+        method, props, body = self.channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return None
+        return Received(json.loads(body), props, method.routing_key, queue)
+
+    def wait_for(
+        self,
+        queue: str,
+        predicate: Any = None,
+        timeout: float = 60.0,
+        collected: list[Received] | None = None,
+    ) -> Received:
+        """Read ``queue`` until a message matches ``predicate`` (default: any)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self.get(queue)
+            if msg is None:
+                self.connection.sleep(0.05)
+                continue
+            if collected is not None:
+                collected.append(msg)
+            if predicate is None or predicate(msg):
+                return msg
+        raise AssertionError(f"no matching message on {queue} within {timeout} s (got {collected or []!r})")
+
+    def drain(self, queue: str) -> list[Received]:
+        out = []
+        while (msg := self.get(queue)) is not None:
+            out.append(msg)
+        return out
+
+    def count(self, queue: str) -> int:
+        return int(self.channel.queue_declare(queue, passive=True).method.message_count)
+
+    def wait_count(self, queue: str, n: int, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            c = self.count(queue)
+            if c >= n:
+                return c
+            self.connection.sleep(0.1)
+        return self.count(queue)
+
+    def dlq_bodies(self, request_queue: str) -> list[bytes]:
+        out = []
+        while True:
+            method, _, body = self.channel.basic_get(f"{request_queue}.dlq", auto_ack=True)
+            if method is None:
+                return out
+            out.append(body)
+
+    def terminal(self, queue: str, job_id: str, timeout: float = 60.0) -> Received:
+        return self.wait_for(queue, lambda m: m.body.get("job_id") == job_id, timeout)
