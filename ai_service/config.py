@@ -39,8 +39,12 @@ def _int(name: str, raw: str, lo: int | None = None, hi: int | None = None) -> i
         value = int(raw.strip())
     except ValueError:
         raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"{name} must be between {lo} and {hi}, not {value}")
+    if lo is not None and value < lo:
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(f"{name} must be {bound}, not {value}")
+    if hi is not None and value > hi:
+        bound = f"between {lo} and {hi}" if lo is not None else f"at most {hi}"
+        raise ConfigError(f"{name} must be {bound}, not {value}")
     return value
 
 
@@ -165,7 +169,7 @@ class Settings:
         values["log_format"] = _choice("LOG_FORMAT", values.get("log_format", "text"), ("text", "json"))
         level = values.get("log_level", "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {level!r}")
+            raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {level!r}")
         values["log_level"] = level
         if values.get("storage_backend") == "s3" and not values.get("s3_bucket"):
             raise ConfigError("STORAGE_BACKEND=s3 needs S3_BUCKET")

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -52,8 +53,9 @@ from ai_service.errors import (
     PermanentError,
     RetryableError,
 )
+from ai_service.jobs import LEASE_HEADER
 from ai_service.messages import Cancel, InvalidRequest, _Message, parse_request, readable_job_id
-from ai_service.operation import DeliveryInfo, Emitter, JobContext, Operation, Resources
+from ai_service.operation import DeliveryInfo, JobContext, Operation, Resources
 from ai_service.publisher import Backoff, Publisher, Receipt
 
 log = logging.getLogger("ai_service.consumer")
@@ -347,7 +349,7 @@ class Consumer:
                 settings=self.settings,
                 resources=self.resources,
                 delivery=delivery.info,
-                emit=self._emitter(job_id),
+                outbox=DeliveryOutbox(self, job_id, delivery.info),
                 ack_now_cb=lambda: self._call_on_io(lambda: self._ack_early(delivery)),
             )
             if self._stop.is_set():
@@ -369,7 +371,7 @@ class Consumer:
         receipt: Receipt | None = None
         if decision.report is not None and job_id is not None and not already_answered:
             failure = self.op.failure(job_id, decision.report)
-            receipt = self._emitter(job_id)("result", failure, delivery.info)
+            receipt = DeliveryOutbox(self, job_id, delivery.info).emit("result", failure)
         elif job_ctx is not None:
             receipt = job_ctx.terminal_receipt
         if receipt is not None:
@@ -400,29 +402,6 @@ class Consumer:
                 exc_info=error,
                 extra={"job_id": job_id, "op": self.op.name},
             )
-
-    def _emitter(self, job_id: str) -> Emitter:
-        def emit(kind: str, message: _Message, delivery: DeliveryInfo) -> Receipt:
-            info = delivery
-            body = message.to_json_bytes()
-            msg_type = str(getattr(message, "type", ""))
-            if kind == "result" and info.reply_to:
-                return self.publisher.publish(
-                    "",
-                    info.reply_to,
-                    body,
-                    message_type=msg_type,
-                    correlation_id=info.correlation_id or job_id,
-                )
-            return self.publisher.publish(
-                self.settings.events_exchange,
-                routing_key(self.op.name, kind, job_id),
-                body,
-                message_type=msg_type,
-                correlation_id=info.correlation_id or job_id,
-            )
-
-        return emit
 
     # --- settling (I/O thread) -------------------------------------------------------
 
@@ -477,3 +456,56 @@ def readable_job_id_from(body: bytes) -> str | None:
         return readable_job_id(json.loads(body))
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+class DeliveryOutbox:
+    """Everything a handler publishes for one delivery goes through the shared publisher."""
+
+    def __init__(self, consumer: Consumer, job_id: str, info: DeliveryInfo) -> None:
+        self.publisher = consumer.publisher
+        self.settings = consumer.settings
+        self.names = consumer.names
+        self.op = consumer.op.name
+        self.job_id = job_id
+        self.info = info
+
+    def _correlation(self) -> str:
+        return self.info.correlation_id or self.job_id
+
+    def emit(self, kind: str, message: _Message, *, message_id: str | None = None) -> Receipt:
+        return self.republish(kind, message.to_json_dict(), str(getattr(message, "type", "")), message_id)
+
+    def republish(
+        self, kind: str, payload: dict[str, Any], message_type: str, message_id: str | None
+    ) -> Receipt:
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        if kind == "result" and self.info.reply_to:
+            exchange, key = "", self.info.reply_to
+        else:
+            exchange, key = self.settings.events_exchange, routing_key(self.op, kind, self.job_id)
+        return self.publisher.publish(
+            exchange, key, body, message_type=message_type, correlation_id=self._correlation(),
+            message_id=message_id,
+        )
+
+    def _request(self, exchange: str, key: str, **extra: Any) -> Receipt:
+        headers = {k: v for k, v in self.info.headers.items() if not k.startswith("x-") or k == LEASE_HEADER}
+        headers.update(extra.pop("headers", {}))
+        return self.publisher.publish(
+            exchange, key, self.info.body, message_type="request", correlation_id=self.info.correlation_id,
+            headers=headers or None, **extra,
+        )
+
+    def lease(self, token: str, ttl_ms: int) -> Receipt:
+        return self._request("", self.names.lease, headers={LEASE_HEADER: token}, expiration=str(ttl_ms))
+
+    def resubmit(self) -> Receipt:
+        headers = {k: v for k, v in self.info.headers.items() if k != LEASE_HEADER}
+        info, self.info = self.info, DeliveryInfo(**{**self.info.__dict__, "headers": headers})
+        try:
+            return self._request("", self.names.request)
+        finally:
+            self.info = info
+
+    def dead_letter(self) -> Receipt:
+        return self._request(self.settings.dead_letter_exchange, self.names.request)

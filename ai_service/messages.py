@@ -20,9 +20,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
     field_validator,
+    model_serializer,
 )
 
 from ai_service.errors import InvalidInput, UnsafeKey
@@ -36,7 +38,7 @@ OPERATIONS = ("train", "convert", "infer")
 
 def utc_now() -> str:
     """ISO 8601 UTC timestamp with offset (``2024-01-15T10:30:45.123456+00:00``)."""
-    return datetime.now(UTC).isoformat()
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def new_message_id() -> str:
@@ -76,12 +78,18 @@ class _Message(BaseModel):
     #: allows but does not require). Other None fields are sent as ``null``.
     omit_if_none: ClassVar[frozenset[str]] = frozenset()
 
-    def to_json_dict(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json")
+    @model_serializer(mode="wrap")
+    def _omit_unset_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A serializer (not a step in to_json_dict) so that nested messages -- an
+        # Artifact inside conversion_completed -- drop their unset extras too.
+        data: dict[str, Any] = handler(self)
         for name in self.omit_if_none:
             if data.get(name) is None:
                 data.pop(name, None)
         return data
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
     def to_json_bytes(self) -> bytes:
         return json.dumps(self.to_json_dict(), separators=(",", ":"), ensure_ascii=False).encode()
@@ -256,6 +264,7 @@ class ConversionStarted(_Message):
 
 
 class ConversionUpdate(_Message):
+    omit_if_none = frozenset({"artifact"})
     type: Literal["conversion_update"] = "conversion_update"
     job_id: str
     status: Literal["running"] = "running"
@@ -416,7 +425,7 @@ def readable_job_id(payload: Any) -> str | None:
     """The request's job_id when it is present and valid, for answering a bad request."""
     if isinstance(payload, dict):
         job_id = payload.get("job_id")
-        if isinstance(job_id, str) and JOB_ID_RE.match(job_id):
+        if isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id):
             return job_id
     return None
 
@@ -434,7 +443,9 @@ def parse_request(model: type[_ModelT], body: bytes, max_bytes: int) -> tuple[_M
         raise InvalidRequest(f"message body is {len(body)} bytes, over the {max_bytes}-byte limit", None)
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and Python's limit on
+        # integer digits; RecursionError a too deeply nested document.
         raise InvalidRequest(f"message body is not valid JSON ({exc.__class__.__name__})", None) from None
     if not isinstance(payload, dict):
         raise InvalidRequest("message body must be a JSON object", None)

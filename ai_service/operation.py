@@ -34,8 +34,23 @@ class DeliveryInfo:
     body: bytes = b""
 
 
-class Emitter(Protocol):
-    def __call__(self, kind: str, message: _Message, delivery: DeliveryInfo) -> "Receipt": ...
+class Outbox(Protocol):
+    """How a handler sends things, bound to one delivery; implemented by the consumer."""
+
+    def emit(self, kind: str, message: _Message, *, message_id: str | None = None) -> "Receipt":
+        """Publish ``message`` as this job's ``update`` or ``result``."""
+
+    def republish(self, kind: str, payload: dict[str, Any], message_type: str, message_id: str) -> "Receipt":
+        """Send a stored message again, identically (same ``message_id``)."""
+
+    def lease(self, token: str, ttl_ms: int) -> "Receipt":
+        """Put this request in the lease holding queue; it comes back after ``ttl_ms``."""
+
+    def resubmit(self) -> "Receipt":
+        """Put this request back in the request queue now (a job handed back)."""
+
+    def dead_letter(self) -> "Receipt":
+        """Put this request in the request queue's ``.dlq``."""
 
 
 class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg,unused-ignore]
@@ -56,7 +71,7 @@ class JobContext:
     settings: Settings
     resources: "Resources"
     delivery: DeliveryInfo
-    emit: Emitter
+    outbox: Outbox
     ack_now_cb: Callable[[], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     shutdown: threading.Event = field(default_factory=threading.Event)
@@ -78,11 +93,11 @@ class JobContext:
 
     def update(self, message: _Message) -> "Receipt":
         """Publish a progress message (``<op>.update.<job_id>``)."""
-        return self.emit("update", message, self.delivery)
+        return self.outbox.emit("update", message)
 
-    def result(self, message: _Message) -> "Receipt":
+    def result(self, message: _Message, *, message_id: str | None = None) -> "Receipt":
         """Publish the job's terminal message (``<op>.result.<job_id>`` or ``reply_to``)."""
-        receipt = self.emit("result", message, self.delivery)
+        receipt = self.outbox.emit("result", message, message_id=message_id)
         if is_terminal(message):
             self.terminal, self.terminal_receipt = message, receipt
         return receipt

@@ -123,13 +123,15 @@ class Publisher:
         headers: dict[str, Any] | None = None,
         mandatory: bool = True,
         block: bool = True,
+        message_id: str | None = None,
+        expiration: str | None = None,
     ) -> Receipt:
         """Queue a message for confirmed delivery; returns once it is in the spool.
 
         When the spool is full (broker away for long), waits for room (``block``) or
         raises :class:`SpoolFull`, and says so loudly in the log either way.
         """
-        message_id = new_message_id()
+        message_id = message_id or new_message_id()
         properties: dict[str, Any] = {
             "content_type": "application/json",
             "delivery_mode": 2,
@@ -141,6 +143,8 @@ class Publisher:
         }
         if headers:
             properties["headers"] = headers
+        if expiration is not None:
+            properties["expiration"] = expiration
         envelope = Envelope(exchange, routing_key, body, properties, mandatory)
         receipt = Receipt(message_id)
         with self._cond:

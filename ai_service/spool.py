@@ -70,7 +70,7 @@ class Spool:
         for path in sorted(self.directory.glob(f"*{self.SUFFIX}")):
             try:
                 left.append(self._read(path))
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("[RMQ] Dropping unreadable spooled message %s: %s", path.name, exc)
                 path.unlink(missing_ok=True)
         for tmp in self.directory.glob("*.tmp"):

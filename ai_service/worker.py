@@ -22,6 +22,7 @@ from ai_service.config import Settings
 from ai_service.consumer import Consumer
 from ai_service.operation import Operation, Resources
 from ai_service.publisher import Publisher
+from ai_service.spool import SpoolLocked
 
 log = logging.getLogger("ai_service.worker")
 
@@ -92,7 +93,11 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     topology = Topology(settings)
     publisher = Publisher(settings, spool_dir=spool_dir(settings), topology=topology,
                           client_name=f"ai-service {operation.name} publisher ({settings.worker_name})")
-    publisher.start()
+    try:
+        publisher.start()
+    except SpoolLocked as exc:
+        log.error("[RMQ] ❌ %s; give each worker process its own WORKER_NAME (or WORK_DIR)", exc)
+        return EXIT_CONFIG
     consumer = Consumer(settings, operation, publisher, resources, topology)
     signals = StopSignals(consumer)
     signals.install()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ai_service.config import Settings
 from tests.support.amqp import BE, BrokerNames, new_names
 from tests.support.procs import WorkerProcess, worker_args
+from tests.support.shared import build_once
 
 pytest_plugins = ["tests.support.fixtures"]
 
@@ -61,3 +63,58 @@ def start_worker(tmp_path: Path, worker_env: dict[str, str]) -> Iterator[WorkerF
         if proc.alive:
             proc.stop(timeout=20)
         proc.kill()
+
+
+# --- datasets and a model trained once per session ------------------------------------
+
+TRAINED_EPOCHS = 60
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated shapes dataset (64 train / 8 val images of 128 px), built once."""
+    from ai_service.shapes import generate_shapes_dataset
+
+    def build(target: Path) -> dict[str, Any]:
+        generate_shapes_dataset(target, n_train=64, n_val=8, size=128, seed=1)
+        return {"path": str(target)}
+
+    return Path(build_once(tmp_path_factory, "shapes", build)["path"])
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> dict[str, Any]:
+    """A model trained through the real worker long enough to find the shapes.
+
+    Returns ``{"model": <local .pt path>, "completed": <training_completed body>}``.
+    """
+    from ai_service.storage import LocalStorage
+
+    def build(target: Path) -> dict[str, Any]:
+        names = new_names()
+        env = {
+            **names.env(),
+            "WORK_DIR": str(target / "work"),
+            "STORAGE_DIR": str(target / "storage"),
+            "WORKER_NAME": "test/trained-model",
+        }
+        LocalStorage(target / "storage").upload_dir(shapes_dir, "datasets/shapes")
+        client = BE(Settings.from_env(env))
+        worker = WorkerProcess(worker_args("train"), env, target / "worker.log").start()
+        try:
+            client.send_train({
+                "job_id": "trained-model",
+                "dataset": {"s3_prefix": "datasets/shapes/", "name": "shapes"},
+                "output": {"prefix": "models", "model_name": "shapes.pt"},
+                "hyperparams": {"model": "yolov8n", "epochs": TRAINED_EPOCHS, "batch": 16, "imgsz": 128,
+                                "seed": 0},
+            })
+            done = client.terminal(client.settings.train_result_queue, "trained-model", timeout=900)
+        finally:
+            worker.stop()
+            client.close()
+        assert done.type == "training_completed", done.body
+        model = target / "storage" / done.body["model_path"]
+        return {"model": str(model), "completed": done.body}
+
+    return build_once(tmp_path_factory, "trained-model", build)

@@ -1,11 +1,440 @@
-"""Training worker (placeholder until the training handler lands)."""
+"""Training worker: dataset from storage -> Ultralytics training -> weights to storage.
+
+The handler publishes ``training_started``, one ``epoch_update`` per finished epoch (not
+for Ultralytics' final evaluation call), then ``training_completed`` with the storage
+key of the best weights, or ``training_failed`` with the contract's error code and the
+metrics of the last finished epoch.
+"""
 
 from __future__ import annotations
 
-from ai_service.errors import AIServiceError
-from ai_service.messages import TrainingFailed
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ai_service.config import Settings
+from ai_service.errors import (
+    AIServiceError,
+    InvalidInput,
+    JobHandedBack,
+    PermanentError,
+    StorageError,
+)
+from ai_service.jobs import JobRecord, LeaseLost, Ledger, LongJob, checkpoint_key
+from ai_service.messages import (
+    EpochUpdate,
+    TrainingCancelled,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingRequest,
+    TrainingStarted,
+)
+from ai_service.operation import JobContext, Operation, Resources
+from ai_service.storage import Storage, sync_prefix_report
+from workers import yolo
+
+#: Ultralytics callback name -> extra callbacks (tests inject faults through this).
+Callbacks = dict[str, list[Callable[[Any], None]]]
 
 
 def failure_message(job_id: str, error: AIServiceError) -> TrainingFailed:
     """The ``training_failed`` a BE gets when a request fails before training started."""
     return TrainingFailed(job_id=job_id, error_code=error.error_code, error_message=error.message)
+
+
+def operation(settings: Settings, *, callbacks: Callbacks | None = None) -> Operation:
+    """The training operation: prefetch 1, one job at a time per worker (and GPU)."""
+    extra = callbacks or {}
+
+    def handler(request: TrainingRequest, ctx: JobContext) -> None:
+        TrainingJob(request, ctx, extra).run()
+
+    return Operation(
+        name="train",
+        request_model=TrainingRequest,
+        handler=handler,
+        failure=failure_message,
+        prefetch=1,
+        setup=setup,
+    )
+
+
+def setup(resources: Resources) -> None:
+    """Make Ultralytics offline and safe, import it once, pick the device."""
+    settings = resources.settings
+    yolo.prepare_ultralytics(settings.work_dir)
+    import ultralytics  # noqa: F401 - pay the import once, before the first job
+
+    resources.extras["device"] = yolo.select_device(settings.device)
+
+
+class DatasetError(PermanentError):
+    error_code = "dataset_invalid"
+
+
+def prepare_dataset(storage: Storage, prefix: str, work_dir: Path, run_dir: Path) -> Path:
+    """Fetch (or reuse) the dataset and write a ``data.yaml`` pointing at the local copy.
+
+    Checks that ``data.yaml`` exists, names its classes, and that ``train``/``val`` are
+    relative paths that stay inside the dataset.  Label caches that came from storage are
+    removed: Ultralytics unpickles them.
+    """
+    report = sync_prefix_report(storage, prefix, work_dir / "datasets")
+    root = report.path.resolve()
+    data_file = root / "data.yaml"
+    if not data_file.is_file():
+        data_file = root / "data.yml"
+    if not data_file.is_file():
+        raise DatasetError(f"dataset {prefix!r} has no data.yaml at its top level")
+    try:
+        data = yaml.safe_load(data_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"data.yaml of {prefix!r} is not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise DatasetError("data.yaml must be a mapping with train, val and names")
+    names = data.get("names")
+    if not names or not isinstance(names, (list, dict)):
+        raise DatasetError("data.yaml must list the class names under 'names'")
+    for split in ("train", "val"):
+        value = data.get(split)
+        paths: list[Any] = value if isinstance(value, list) else [value]
+        if not value or not all(isinstance(p, str) for p in paths):
+            raise DatasetError(f"data.yaml must give a relative '{split}' path")
+        for rel in map(str, paths):
+            if rel.startswith("/") or "\\" in rel:
+                raise DatasetError(f"data.yaml '{split}' must be relative to the dataset, not {rel!r}")
+            target = (root / rel).resolve()
+            if not target.is_relative_to(root):
+                raise DatasetError(f"data.yaml '{split}' path {rel!r} points outside the dataset")
+            if not target.exists():
+                raise DatasetError(f"data.yaml '{split}' path {rel!r} does not exist in the dataset")
+    if data.get("test") is not None:
+        data.pop("test")  # never evaluated here; and it could point anywhere
+    for cache in root.rglob("*.cache"):
+        cache.unlink(missing_ok=True)  # may have come from storage: never unpickle those
+    data["path"] = str(root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    local_yaml = run_dir / "data.yaml"
+    local_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
+    return local_yaml
+
+
+@dataclass
+class Progress:
+    """What the callbacks learned so far; the failure message reads it."""
+
+    total_epochs: int
+    current_epoch: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    train_epoch_seen: int = -1
+    epoch_seconds: list[float] = field(default_factory=list)
+    stopped_by: str | None = None
+
+
+def _round(value: Any) -> float:
+    return round(float(value), 6)
+
+
+def epoch_metrics(trainer: Any) -> dict[str, float]:
+    """The contract's epoch metrics from an Ultralytics trainer at ``on_fit_epoch_end``."""
+    losses = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
+    box = float(losses.get("train/box_loss", 0.0))
+    cls = float(losses.get("train/cls_loss", 0.0))
+    dfl = float(losses.get("train/dfl_loss", 0.0))
+    m = trainer.metrics or {}
+    out = {
+        "train_loss": box + cls + dfl,
+        "mAP50": float(m.get("metrics/mAP50(B)", 0.0)),
+        "box_loss": box,
+        "cls_loss": cls,
+        "dfl_loss": dfl,
+        "mAP50_95": float(m.get("metrics/mAP50-95(B)", 0.0)),
+        "precision": float(m.get("metrics/precision(B)", 0.0)),
+        "recall": float(m.get("metrics/recall(B)", 0.0)),
+    }
+    for key in ("val/box_loss", "val/cls_loss", "val/dfl_loss"):
+        if key in m:
+            out[key.replace("/", "_")] = float(m[key])
+    return {k: _round(v) for k, v in out.items()}
+
+
+class TrainingJob:
+    """One training request, from taking it to its terminal message."""
+
+    def __init__(self, request: TrainingRequest, ctx: JobContext, callbacks: Callbacks) -> None:
+        self.request = request
+        self.ctx = ctx
+        self.callbacks = callbacks
+        hp = request.hyperparams
+        self.progress = Progress(total_epochs=hp.epochs)
+        self.run_dir = ctx.settings.work_dir / "runs" / f"{request.job_id}-{uuid.uuid4().hex[:8]}"
+        self.started = time.monotonic()
+        ledger = Ledger(ctx.storage, worker=ctx.worker, lease_seconds=ctx.settings.lease_seconds)
+        self.job = LongJob(ctx, ledger, cancelled_message=self._cancelled, failed_message=self._failed)
+        self.record: JobRecord | None = None
+
+    # --- the job -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        req, ctx = self.request, self.ctx
+        yaml_name = yolo.model_yaml(req.hyperparams.model)  # unknown model -> invalid_request
+        begin = self.job.begin()
+        if begin.record is None:
+            ctx.log.info("Nothing to run (%s)", begin.reason)
+            return
+        record = self.record = begin.record
+        self.progress.current_epoch = record.last_epoch
+        self.progress.last_metrics = dict(record.last_metrics)
+        ctx.update(TrainingStarted(job_id=req.job_id, total_epochs=req.hyperparams.epochs, worker=ctx.worker,
+                                   resumed_from_epoch=record.last_epoch))
+        if record.last_epoch:
+            ctx.log.info("Resuming from epoch %d (attempt %d)", record.last_epoch, record.attempt)
+        try:
+            best = self._train(yaml_name, record)
+            ctx.log.info("Uploading best weights to %s", req.output.model_key)
+            ctx.storage.upload_file(best, req.output.model_key)
+            final = self._final_metrics()
+            self.job.finish(record, "completed", TrainingCompleted(
+                job_id=req.job_id,
+                model_path=req.output.model_key,
+                final_metrics=final,
+                training_time=round(time.monotonic() - self.started, 3),
+            ))
+            ctx.log.info("Training completed: mAP50 %.3f after %d epochs", final["final_mAP50"],
+                         self.progress.current_epoch)
+        except JobHandedBack:
+            self.job.hand_back()
+        except LeaseLost:
+            ctx.log.warning("Stopped: another worker owns the job now")
+        except BaseException as exc:  # noqa: BLE001 - every failure ends in one terminal message
+            error = self._classify(exc)
+            if error.error_code == "cancelled":
+                ctx.log.info("Cancelled at epoch %d", self.progress.current_epoch)
+                self.job.finish(record, "cancelled", self._cancelled(record))
+                return
+            ctx.log.warning("Training failed at epoch %d: %s: %s", self.progress.current_epoch,
+                            error.error_code, error.message, exc_info=not isinstance(exc, AIServiceError))
+            self.job.finish(record, "failed", self._failed(record, error))
+            if isinstance(error, InvalidInput):
+                ctx.outbox.dead_letter().wait(30)
+        finally:
+            self.job.stop_renewing()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _cancelled(self, record: JobRecord) -> TrainingCancelled:
+        return TrainingCancelled(job_id=self.request.job_id, current_epoch=self.progress.current_epoch,
+                                 checkpoint_path=record.checkpoints.get("last"))
+
+    def _failed(self, record: JobRecord, error: AIServiceError) -> TrainingFailed:
+        return TrainingFailed(
+            job_id=self.request.job_id,
+            current_epoch=max(self.progress.current_epoch, record.last_epoch),
+            error_code=error.error_code,
+            error_message=error.message,
+            partial_metrics=self._partial_metrics() or _partial(record.last_metrics),
+        )
+
+    def _train(self, yaml_name: str, record: JobRecord) -> Path:
+        req, ctx = self.request, self.ctx
+        hp = req.hyperparams
+        data_yaml = prepare_dataset(ctx.storage, req.dataset.s3_prefix, ctx.settings.work_dir, self.run_dir)
+        save_dir = self.run_dir / "train"
+        if record.last_epoch >= hp.epochs and "best" in record.checkpoints:
+            best = save_dir / "weights" / "best.pt"  # trained to the end before the worker was lost
+            ctx.storage.download_file(record.checkpoints["best"], best)
+            return best
+        resume = record.last_epoch > 0 and "last" in record.checkpoints
+        model = self._resume_model(record, save_dir) if resume else self._build_model(yaml_name)
+        self._register_callbacks(model)
+        device = ctx.resources.extras.get("device")
+        args: dict[str, Any] = {
+            "data": str(data_yaml),
+            "save_dir": str(save_dir),
+            "plots": False,
+            "verbose": False,
+            "device": device if device is not None else "cpu",
+        }
+        if not resume:
+            args.update({
+                "epochs": hp.epochs,
+                "batch": hp.batch,
+                "imgsz": hp.imgsz,
+                "project": str(self.run_dir),
+                "name": "train",
+                "exist_ok": True,
+                **hp.ultralytics_overrides(),
+            })
+        if hp.workers is None and getattr(device, "type", "cpu") == "cpu":
+            args["workers"] = 0  # CPU workers: dataloader processes only compete with training
+        ctx.log.info("Training %s for %d epochs at %d px on %s", hp.model, hp.epochs, hp.imgsz, args["device"])
+        if resume:
+            model.train(resume=True, **args)
+        else:
+            model.train(**args)
+        trainer = model.trainer
+        if self.progress.stopped_by:
+            raise self._stopped_error()
+        best = Path(trainer.best)
+        if not best.exists():
+            best = Path(trainer.last)
+        if not best.exists():
+            raise PermanentError("training produced no weights", error_code="training_error")
+        return best
+
+    def _build_model(self, yaml_name: str) -> Any:
+        from ultralytics import YOLO
+
+        pretrained = self.request.hyperparams.pretrained
+        if pretrained is None:
+            return YOLO(yaml_name)
+        local = self.run_dir / "pretrained" / "model.pt"
+        self.ctx.storage.download_file(pretrained, local)
+        return yolo.safe_load_model(local)
+
+    def _resume_model(self, record: JobRecord, save_dir: Path) -> Any:
+        """Ultralytics' own resume from the last uploaded checkpoint, in a fresh run dir."""
+        storage = self.ctx.storage
+        local = self.run_dir / "resume" / "last.pt"
+        storage.download_file(record.checkpoints["last"], local)
+        if "best" in record.checkpoints:
+            storage.download_file(record.checkpoints["best"], save_dir / "weights" / "best.pt")
+        return yolo.safe_load_model(local)
+
+    # --- Ultralytics callbacks ---------------------------------------------------------
+
+    def _register_callbacks(self, model: Any) -> None:
+        model.add_callback("on_train_epoch_start", self._on_epoch_start)
+        model.add_callback("on_train_batch_end", self._on_batch_end)
+        model.add_callback("on_train_epoch_end", self._on_train_epoch_end)
+        model.add_callback("on_model_save", self._on_model_save)
+        model.add_callback("on_fit_epoch_end", self._on_fit_epoch_end)
+        for event, fns in self.callbacks.items():
+            for fn in fns:
+                model.add_callback(event, fn)
+
+    def _on_epoch_start(self, trainer: Any) -> None:
+        if getattr(trainer.device, "type", "cpu") == "cpu":
+            yolo.set_cpu_threads()  # Ultralytics leaves one core idle on the CPU
+
+    def _on_batch_end(self, trainer: Any) -> None:
+        """Cancellation and warm shutdown act within one batch.
+
+        A cancel lets Ultralytics stop (it still validates and saves, and that checkpoint
+        is uploaded).  A shutdown aborts at once: the last finished epoch's checkpoint is
+        already in storage, and the job is handed back to resume from it.
+        """
+        if self.ctx.cancelled.is_set() and not self.progress.stopped_by:
+            self.progress.stopped_by = "cancel"
+            trainer.stop = True
+        elif self.ctx.shutdown.is_set() and not self.progress.stopped_by:
+            self.progress.stopped_by = "shutdown"
+            raise JobHandedBack("worker is shutting down")
+        if self.job.lost.is_set():
+            raise LeaseLost("the job was taken over by another worker")
+
+    def _on_model_save(self, trainer: Any) -> None:
+        """After every epoch: last.pt (and best.pt when it improved) go to storage."""
+        job_id = self.request.job_id
+        storage = self.ctx.storage
+        record = self.record
+        if record is None:
+            return
+        checkpoints = dict(record.checkpoints)
+        checkpoints["last"] = checkpoint_key(job_id, "last.pt")
+        storage.upload_file(Path(trainer.last), checkpoints["last"])
+        if trainer.best_fitness == trainer.fitness and Path(trainer.best).exists():
+            checkpoints["best"] = checkpoint_key(job_id, "best.pt")
+            storage.upload_file(Path(trainer.best), checkpoints["best"])
+        self.job.renew(checkpoints=checkpoints)
+
+    def _on_train_epoch_end(self, trainer: Any) -> None:
+        self.progress.train_epoch_seen = int(trainer.epoch)
+
+    def _on_fit_epoch_end(self, trainer: Any) -> None:
+        epoch = int(trainer.epoch) + 1  # 1-based, as the BE counts
+        metrics = epoch_metrics(trainer)
+        if int(trainer.epoch) != self.progress.train_epoch_seen:
+            # Ultralytics' final evaluation of best.pt (epoch bumped by one): not an epoch.
+            self.progress.final_metrics = metrics
+            return
+        if self.progress.stopped_by or epoch <= self.progress.current_epoch:
+            return  # a cut-short epoch, or an epoch Ultralytics redid after NaN recovery
+        if trainer.epoch_time:
+            self.progress.epoch_seconds.append(float(trainer.epoch_time))
+        self.progress.current_epoch = epoch
+        self.progress.last_metrics = metrics
+        self.job.renew(last_epoch=epoch, last_metrics=metrics)  # durable before the BE hears of it
+        total = self.progress.total_epochs
+        self.ctx.update(
+            EpochUpdate(
+                job_id=self.request.job_id,
+                current_epoch=epoch,
+                total_epochs=total,
+                progress=round(100.0 * epoch / total, 2),
+                metrics=metrics,
+                eta_seconds=self._eta(total - epoch),
+            )
+        )
+
+    def _eta(self, epochs_left: int) -> float | None:
+        recent = self.progress.epoch_seconds[-5:]
+        if not recent:
+            return None
+        return round(epochs_left * sum(recent) / len(recent), 1)
+
+    # --- results -----------------------------------------------------------------------
+
+    def _final_metrics(self) -> dict[str, float | int]:
+        final = self.progress.final_metrics or self.progress.last_metrics
+        last = self.progress.last_metrics
+        return {
+            "final_mAP50": final.get("mAP50", 0.0),
+            "final_loss": last.get("train_loss", 0.0),
+            "training_epochs": self.progress.current_epoch,
+            "final_mAP50_95": final.get("mAP50_95", 0.0),
+            "final_precision": final.get("precision", 0.0),
+            "final_recall": final.get("recall", 0.0),
+        }
+
+    def _partial_metrics(self) -> dict[str, float]:
+        return _partial(self.progress.last_metrics)
+
+    def _stopped_error(self) -> AIServiceError:
+        if self.progress.stopped_by == "cancel":
+            return PermanentError("training was cancelled", error_code="cancelled")
+        return PermanentError("worker shut down during training", error_code="internal_error")
+
+    def _classify(self, exc: BaseException) -> AIServiceError:
+        """Map any failure to the contract's error codes, with a message fit for a BE."""
+        if isinstance(exc, AIServiceError):
+            return exc
+        if yolo.is_out_of_memory(exc):
+            where = "GPU" if "CUDA" in str(exc) or "cuda" in type(exc).__name__.lower() else "memory"
+            return PermanentError(
+                f"out of {where} memory at epoch {self.progress.current_epoch + 1}: "
+                "lower hyperparams.batch or hyperparams.imgsz",
+                error_code="out_of_memory",
+            )
+        if _is_storage_failure(exc):
+            return StorageError(f"storage failed during training: {type(exc).__name__}")
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return PermanentError(f"training failed: {type(exc).__name__}: {detail}", error_code="training_error")
+
+
+def _partial(last: dict[str, float]) -> dict[str, float]:
+    if not last:
+        return {}
+    return {"last_loss": last.get("train_loss", 0.0), "last_mAP50": last.get("mAP50", 0.0)}
+
+
+def _is_storage_failure(exc: BaseException) -> bool:
+    module = type(exc).__module__
+    return module.startswith(("botocore", "boto3", "s3transfer"))
+

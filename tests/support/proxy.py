@@ -38,6 +38,10 @@ class CuttableProxy:
                 client.close()
                 continue
             upstream.settimeout(None)
+            # Without TCP_NODELAY every small AMQP frame waits for a delayed ACK (~40 ms
+            # per confirmed publish through the proxy instead of ~0.3 ms direct).
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):

@@ -1,0 +1,325 @@
+"""Settings from the environment (CONTRACT.md, "Configuration"), and the pika parameters built from them."""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ai_service.broker import connection_parameters, describe_endpoint
+from ai_service.config import ConfigError, Settings
+
+REPO = Path(__file__).resolve().parents[1]
+PASSWORD = "Sup3r-S3cret-pw"
+
+CONTRACT_DEFAULTS = {
+    "enable_rabbitmq": True,
+    "rabbitmq_host": "localhost",
+    "rabbitmq_port": 5672,
+    "rabbitmq_user": "guest",
+    "rabbitmq_password": "guest",
+    "rabbitmq_vhost": "/",
+    "rabbitmq_ssl": False,
+    "rabbitmq_ca_file": None,
+    "rabbitmq_cert_file": None,
+    "rabbitmq_key_file": None,
+    "rabbitmq_heartbeat": 60,
+    "rabbitmq_queue_type": "quorum",
+    "rabbitmq_delivery_limit": 5,
+    "train_request_queue": "train_request_q",
+    "train_update_queue": "train_update_q",
+    "train_result_queue": "train_result_q",
+    "convert_request_queue": "convert_request_q",
+    "convert_update_queue": "convert_update_q",
+    "convert_result_queue": "convert_result_q",
+    "infer_request_queue": "infer_request_q",
+    "infer_result_queue": "infer_result_q",
+    "events_exchange": "ai.events",
+    "control_exchange": "ai.control",
+    "dead_letter_exchange": "ai.dlx",
+    "storage_backend": "local",
+    "storage_dir": Path("./data"),
+    "s3_bucket": None,
+    "work_dir": Path("./.work"),
+    "device": "auto",
+    "log_format": "text",
+    "log_level": "INFO",
+    "metrics_port": None,
+    "max_message_bytes": 16 * 1024 * 1024,
+}
+
+# Every variable CONTRACT.md names, a distinct non-default value, the field and what it becomes.
+CONTRACT_VARIABLES: dict[str, tuple[str, str, object]] = {
+    "ENABLE_RABBITMQ": ("false", "enable_rabbitmq", False),
+    "RABBITMQ_HOST": ("rabbit.example.com", "rabbitmq_host", "rabbit.example.com"),
+    "RABBITMQ_PORT": ("5999", "rabbitmq_port", 5999),
+    "RABBITMQ_USER": ("svc-ai", "rabbitmq_user", "svc-ai"),
+    "RABBITMQ_PASSWORD": (PASSWORD, "rabbitmq_password", PASSWORD),
+    "RABBITMQ_VHOST": ("ai", "rabbitmq_vhost", "ai"),
+    "RABBITMQ_SSL": ("true", "rabbitmq_ssl", True),
+    "RABBITMQ_CA_FILE": ("/etc/ai/ca.pem", "rabbitmq_ca_file", "/etc/ai/ca.pem"),
+    "RABBITMQ_CERT_FILE": ("/etc/ai/cert.pem", "rabbitmq_cert_file", "/etc/ai/cert.pem"),
+    "RABBITMQ_KEY_FILE": ("/etc/ai/key.pem", "rabbitmq_key_file", "/etc/ai/key.pem"),
+    "RABBITMQ_HEARTBEAT": ("30", "rabbitmq_heartbeat", 30),
+    "RABBITMQ_QUEUE_TYPE": ("classic", "rabbitmq_queue_type", "classic"),
+    "RABBITMQ_DELIVERY_LIMIT": ("7", "rabbitmq_delivery_limit", 7),
+    "TRAIN_REQUEST_QUEUE": ("q1", "train_request_queue", "q1"),
+    "TRAIN_UPDATE_QUEUE": ("q2", "train_update_queue", "q2"),
+    "TRAIN_RESULT_QUEUE": ("q3", "train_result_queue", "q3"),
+    "CONVERT_REQUEST_QUEUE": ("q4", "convert_request_queue", "q4"),
+    "CONVERT_UPDATE_QUEUE": ("q5", "convert_update_queue", "q5"),
+    "CONVERT_RESULT_QUEUE": ("q6", "convert_result_queue", "q6"),
+    "INFER_REQUEST_QUEUE": ("q7", "infer_request_queue", "q7"),
+    "INFER_RESULT_QUEUE": ("q8", "infer_result_queue", "q8"),
+    "EVENTS_EXCHANGE": ("x1", "events_exchange", "x1"),
+    "CONTROL_EXCHANGE": ("x2", "control_exchange", "x2"),
+    "DEAD_LETTER_EXCHANGE": ("x3", "dead_letter_exchange", "x3"),
+    "STORAGE_BACKEND": ("s3", "storage_backend", "s3"),
+    "STORAGE_DIR": ("/srv/ai/data", "storage_dir", Path("/srv/ai/data")),
+    "S3_BUCKET": ("ai-bucket", "s3_bucket", "ai-bucket"),
+    "WORKER_NAME": ("host-a/gpu0", "worker_name", "host-a/gpu0"),
+    "WORK_DIR": ("/srv/ai/work", "work_dir", Path("/srv/ai/work")),
+    "DEVICE": ("cuda:1", "device", "cuda:1"),
+    "LOG_FORMAT": ("json", "log_format", "json"),
+    "LOG_LEVEL": ("debug", "log_level", "DEBUG"),
+    "METRICS_PORT": ("9100", "metrics_port", 9100),
+    "MAX_MESSAGE_BYTES": ("1048576", "max_message_bytes", 1048576),
+}
+
+
+def contract_file() -> Path | None:
+    for candidate in (REPO / "docs", REPO / "shared", REPO.parent / "shared"):
+        candidate = candidate / "CONTRACT.md"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def test_defaults_are_the_contracts() -> None:
+    settings = Settings.from_env({})
+
+    for name, value in CONTRACT_DEFAULTS.items():
+        assert getattr(settings, name) == value, name
+    assert settings == Settings()
+
+
+def test_the_default_port_is_5671_with_tls() -> None:
+    assert Settings.from_env({"RABBITMQ_SSL": "true"}).rabbitmq_port == 5671
+    assert Settings.from_env({"RABBITMQ_SSL": "true", "RABBITMQ_PORT": "5673"}).rabbitmq_port == 5673
+    assert Settings.from_env({"RABBITMQ_SSL": "false"}).rabbitmq_port == 5672
+
+
+def test_every_contract_variable_is_read() -> None:
+    env = {name: raw for name, (raw, _, _) in CONTRACT_VARIABLES.items()}
+
+    settings = Settings.from_env(env)
+
+    for name, (_, field, expected) in CONTRACT_VARIABLES.items():
+        assert getattr(settings, field) == expected, name
+
+
+def test_settings_are_read_from_the_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRAIN_REQUEST_QUEUE", "from-os-environ")
+
+    assert Settings.from_env().train_request_queue == "from-os-environ"
+
+
+def test_blank_variables_count_as_unset() -> None:
+    settings = Settings.from_env({"RABBITMQ_PORT": "", "RABBITMQ_HOST": "  ", "METRICS_PORT": ""})
+
+    assert (settings.rabbitmq_port, settings.rabbitmq_host, settings.metrics_port) == (5672, "localhost", None)
+
+
+def test_the_contract_names_no_variable_the_settings_do_not_read() -> None:
+    path = contract_file()
+    if path is None:
+        pytest.skip("CONTRACT.md not found next to the repository")
+    text = path.read_text()
+    names = set(re.findall(r"`([A-Z][A-Z0-9_]{2,})`", text))
+    names = {n for n in names if not n.startswith("AWS_") and n != "ACCESS_REFUSED"}
+
+    assert names <= set(CONTRACT_VARIABLES), sorted(names - set(CONTRACT_VARIABLES))
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"RABBITMQ_PORT": "abc"}, "RABBITMQ_PORT"),
+        ({"RABBITMQ_PORT": "0"}, "RABBITMQ_PORT"),
+        ({"RABBITMQ_PORT": "70000"}, "RABBITMQ_PORT"),
+        ({"RABBITMQ_QUEUE_TYPE": "stream"}, "RABBITMQ_QUEUE_TYPE"),
+        ({"ENABLE_RABBITMQ": "maybe"}, "ENABLE_RABBITMQ"),
+        ({"RABBITMQ_SSL": "sometimes"}, "RABBITMQ_SSL"),
+        ({"RABBITMQ_HEARTBEAT": "-1"}, "RABBITMQ_HEARTBEAT"),
+        ({"RABBITMQ_HEARTBEAT": "1m"}, "RABBITMQ_HEARTBEAT"),
+        ({"RABBITMQ_DELIVERY_LIMIT": "0"}, "RABBITMQ_DELIVERY_LIMIT"),
+        ({"STORAGE_BACKEND": "s3"}, "S3_BUCKET"),
+        ({"STORAGE_BACKEND": "gcs"}, "STORAGE_BACKEND"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
+        ({"METRICS_PORT": "on"}, "METRICS_PORT"),
+        ({"METRICS_PORT": "70000"}, "METRICS_PORT"),
+        ({"MAX_MESSAGE_BYTES": "16MiB"}, "MAX_MESSAGE_BYTES"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+
+    assert variable in str(info.value)
+    assert "None" not in str(info.value)
+
+
+def test_config_error_messages_do_not_echo_the_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"RABBITMQ_PASSWORD": PASSWORD, "RABBITMQ_PORT": "x"})
+
+    assert PASSWORD not in str(info.value)
+
+
+@pytest.mark.parametrize("raw", ["1", "true", "TRUE", "yes", "on"])
+def test_true_spellings_are_accepted(raw: str) -> None:
+    assert Settings.from_env({"RABBITMQ_SSL": raw}).rabbitmq_ssl is True
+
+
+@pytest.mark.parametrize("raw", ["0", "false", "False", "no", "off"])
+def test_false_spellings_are_accepted(raw: str) -> None:
+    assert Settings.from_env({"ENABLE_RABBITMQ": raw}).enable_rabbitmq is False
+
+
+def test_guest_credentials_on_a_remote_host_are_called_insecure() -> None:
+    settings = Settings.from_env({"RABBITMQ_HOST": "rabbit.example.com", "RABBITMQ_SSL": "true"})
+
+    warning = settings.insecurity()
+
+    assert warning is not None and "guest" in warning
+
+
+def test_no_tls_to_a_remote_host_is_called_insecure() -> None:
+    settings = Settings.from_env(
+        {"RABBITMQ_HOST": "10.0.0.5", "RABBITMQ_USER": "svc", "RABBITMQ_PASSWORD": PASSWORD}
+    )
+
+    warning = settings.insecurity()
+
+    assert warning is not None and "TLS" in warning
+    assert PASSWORD not in warning
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "::1"])
+def test_guest_without_tls_on_localhost_is_fine(host: str) -> None:
+    assert Settings.from_env({"RABBITMQ_HOST": host}).insecurity() is None
+
+
+def test_real_credentials_over_tls_to_a_remote_host_are_fine() -> None:
+    env = {"RABBITMQ_HOST": "rabbit.example.com", "RABBITMQ_SSL": "true", "RABBITMQ_USER": "svc",
+           "RABBITMQ_PASSWORD": PASSWORD}
+
+    assert Settings.from_env(env).insecurity() is None
+
+
+def test_the_password_never_appears_in_repr_or_redacted() -> None:
+    settings = Settings.from_env({"RABBITMQ_USER": "svc", "RABBITMQ_PASSWORD": PASSWORD})
+
+    redacted = settings.redacted()
+
+    assert PASSWORD not in repr(settings)
+    assert PASSWORD not in str(settings)
+    assert PASSWORD not in repr(redacted)
+    assert redacted["rabbitmq_password"] == "***"
+    assert redacted["rabbitmq_user"] == "svc"
+    assert redacted["storage_dir"] == "data"
+
+
+def test_for_program_names_the_worker_after_host_and_program_when_unset() -> None:
+    settings = Settings.from_env({}).for_program("train")
+
+    assert settings.worker_name == f"{socket.gethostname()}/train"
+
+
+def test_for_program_keeps_an_explicit_worker_name() -> None:
+    settings = Settings.from_env({"WORKER_NAME": "host-a/gpu0"})
+
+    assert settings.for_program("train") is settings
+    assert settings.for_program("train").worker_name == "host-a/gpu0"
+
+
+# --- broker parameters ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed CA (certificate, key) made with the openssl CLI."""
+    directory = tmp_path_factory.mktemp("ca")
+    cert, key = directory / "ca.pem", directory / "ca.key"
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=ai-service test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE"],
+            check=True, capture_output=True, timeout=30,
+        )
+    except FileNotFoundError:
+        pytest.skip("openssl CLI not installed")
+    return cert, key
+
+
+def test_tls_parameters_verify_the_brokers_certificate(ca: tuple[Path, Path]) -> None:
+    cert, _ = ca
+    settings = Settings.from_env(
+        {"RABBITMQ_SSL": "true", "RABBITMQ_CA_FILE": str(cert), "RABBITMQ_HOST": "rabbit.example.com"}
+    )
+
+    params = connection_parameters(settings, client_name="test/train")
+
+    assert params.ssl_options is not None
+    context = params.ssl_options.context
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    assert params.ssl_options.server_hostname == "rabbit.example.com"
+    assert any(
+        ("commonName", "ai-service test CA") in rdn for ca_cert in context.get_ca_certs() for rdn in ca_cert["subject"]
+    )
+    assert (params.host, params.port) == ("rabbit.example.com", 5671)
+
+
+def test_tls_parameters_load_a_client_certificate(ca: tuple[Path, Path]) -> None:
+    cert, key = ca
+    env = {"RABBITMQ_SSL": "true", "RABBITMQ_CA_FILE": str(cert), "RABBITMQ_CERT_FILE": str(cert),
+           "RABBITMQ_KEY_FILE": str(key)}
+
+    params = connection_parameters(Settings.from_env(env), client_name="test/train")
+
+    assert params.ssl_options is not None
+    assert params.ssl_options.context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_plain_parameters_carry_the_settings_without_tls() -> None:
+    settings = Settings.from_env({"RABBITMQ_VHOST": "ai", "RABBITMQ_HEARTBEAT": "30", "RABBITMQ_USER": "svc",
+                                  "RABBITMQ_PASSWORD": PASSWORD})
+
+    params = connection_parameters(settings, client_name="host/train")
+
+    assert params.ssl_options is None
+    assert (params.port, params.virtual_host, params.heartbeat) == (5672, "ai", 30)
+    assert params.client_properties is not None
+    assert params.client_properties["connection_name"] == "host/train"
+    assert PASSWORD not in repr(params)
+
+
+@pytest.mark.parametrize("ssl_on", [False, True])
+def test_describe_endpoint_never_contains_the_password(ssl_on: bool) -> None:
+    settings = Settings.from_env(
+        {"RABBITMQ_HOST": "rabbit.example.com", "RABBITMQ_USER": "svc", "RABBITMQ_PASSWORD": PASSWORD,
+         "RABBITMQ_VHOST": "ai", "RABBITMQ_SSL": str(ssl_on).lower()}
+    )
+
+    endpoint = describe_endpoint(settings)
+
+    assert PASSWORD not in endpoint
+    scheme, port = ("amqps", 5671) if ssl_on else ("amqp", 5672)
+    assert endpoint == f"{scheme}://svc@rabbit.example.com:{port}/ai"

@@ -1,0 +1,335 @@
+"""The shared publisher through the real broker: confirms, properties, concurrency,
+an unreachable broker (through a cuttable proxy), the spool's bound, and the on-disk
+spool surviving a killed process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ai_service.broker import Topology
+from ai_service.config import Settings
+from ai_service.errors import SpoolFull
+from ai_service.publisher import Publisher, Receipt
+from ai_service.worker import EXIT_CONFIG, spool_dir
+from tests.conftest import WorkerFactory
+from tests.support.amqp import BE, Received
+from tests.support.procs import REPO
+from tests.support.proxy import CuttableProxy
+
+PublisherFactory = Callable[..., Publisher]
+
+
+@pytest.fixture
+def proxy() -> Iterator[CuttableProxy]:
+    p = CuttableProxy(5672)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def make_publisher(tmp_path: Path, worker_env: dict[str, str]) -> Iterator[PublisherFactory]:
+    """In-process Publishers on this test's names; stopped after the test."""
+    publishers: list[Publisher] = []
+
+    def factory(port: int = 5672, **env: str) -> Publisher:
+        settings = Settings.from_env({**worker_env, "RABBITMQ_PORT": str(port), "RECONNECT_MAX_DELAY": "1", **env})
+        publisher = Publisher(settings, spool_dir=tmp_path / f"spool-{len(publishers)}", topology=Topology(settings))
+        publishers.append(publisher)
+        publisher.start()
+        assert publisher.wait_connected(15), "publisher did not connect"
+        return publisher
+
+    yield factory
+    for publisher in publishers:
+        publisher.stop(timeout=2)
+
+
+def publish_numbered(publisher: Publisher, n: int, tag: str = "job", **kwargs: Any) -> Receipt:
+    s = publisher.settings
+    body = json.dumps({"type": "epoch_update", "job_id": f"{tag}-{n}", "tag": tag, "n": n}).encode()
+    return publisher.publish(
+        s.events_exchange, f"train.update.{tag}-{n}", body,
+        message_type="epoch_update", correlation_id=f"{tag}-{n}", **kwargs,
+    )
+
+
+def collect(be: BE, queue: str, distinct: int, timeout: float = 30.0, quiet: float = 0.5) -> list[Received]:
+    """Consume ``queue`` until ``distinct`` different message_ids arrived and it stays quiet."""
+    out: list[Received] = []
+    ids: set[str] = set()
+    deadline = time.monotonic() + timeout
+    channel: Any = be.channel  # pika-stubs type consume() as returning None
+    try:
+        for method, props, body in channel.consume(queue, auto_ack=True, inactivity_timeout=quiet):
+            if method is not None:
+                out.append(Received(json.loads(body), props, str(method.routing_key), queue))
+                ids.add(str(props.message_id))
+            elif len(ids) >= distinct:
+                return out
+            if time.monotonic() > deadline:
+                break
+    finally:
+        channel.cancel()
+    raise AssertionError(f"{len(ids)} of {distinct} messages arrived on {queue} within {timeout} s")
+
+
+def first_occurrences(messages: list[Received]) -> list[Received]:
+    """The messages in arrival order, each message_id once; checks duplicates are identical."""
+    seen: dict[str, Received] = {}
+    for m in messages:
+        mid = str(m.properties.message_id)
+        if mid in seen:
+            assert seen[mid].body == m.body, f"message_id {mid} reused for a different message"
+            continue
+        seen[mid] = m
+    return list(seen.values())
+
+
+# --- in-process publisher ------------------------------------------------------------
+
+
+def test_a_published_message_is_confirmed_and_arrives_with_every_contract_property(
+    be: BE, make_publisher: PublisherFactory
+) -> None:
+    publisher = make_publisher()
+    before = int(time.time())
+    receipt = publish_numbered(publisher, 1)
+    assert receipt.wait(10) and receipt.confirmed and not receipt.unroutable
+    other = publish_numbered(publisher, 2)
+    assert other.wait(10)
+    first, second = collect(be, be.settings.train_update_queue, 2, timeout=10)
+    p = first.properties
+    assert first.body == {"type": "epoch_update", "job_id": "job-1", "tag": "job", "n": 1}
+    assert first.routing_key == "train.update.job-1"
+    assert p.content_type == "application/json"
+    assert p.delivery_mode == 2
+    assert p.message_id == receipt.message_id and len(p.message_id) >= 16
+    assert second.properties.message_id == other.message_id != p.message_id
+    assert p.correlation_id == "job-1"
+    assert p.type == "epoch_update"
+    assert isinstance(p.timestamp, int) and before - 1 <= p.timestamp <= time.time() + 1
+    assert p.app_id == "ai-service"
+    assert publisher.pending == 0 and len(publisher.spool) == 0
+
+
+def test_two_hundred_messages_from_four_threads_all_arrive_in_per_thread_order_without_duplicates(
+    be: BE, make_publisher: PublisherFactory
+) -> None:
+    publisher = make_publisher()
+    receipts: dict[str, list[Receipt]] = {}
+    barrier = threading.Barrier(4)
+
+    def sender(tag: str) -> None:
+        barrier.wait()
+        receipts[tag] = [publish_numbered(publisher, i, tag) for i in range(50)]
+
+    threads = [threading.Thread(target=sender, args=(f"t{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(receipts) == 4
+    assert all(r.wait(30) for rs in receipts.values() for r in rs)
+    got = collect(be, be.settings.train_update_queue, 200, timeout=30)
+    assert len(got) == 200
+    ids = [m.properties.message_id for m in got]
+    assert len(set(ids)) == 200
+    assert set(ids) == {r.message_id for rs in receipts.values() for r in rs}
+    for tag in receipts:
+        assert [m.body["n"] for m in got if m.body["tag"] == tag] == list(range(50)), tag
+    # The threads really interleaved (otherwise this test proves little).
+    tags = [m.body["tag"] for m in got]
+    assert sum(a != b for a, b in zip(tags, tags[1:], strict=False)) > 3
+
+
+def test_messages_published_while_the_broker_is_unreachable_all_arrive_in_order_after_it_returns(
+    be: BE, make_publisher: PublisherFactory, proxy: CuttableProxy
+) -> None:
+    publisher = make_publisher(port=proxy.port)
+    assert publish_numbered(publisher, -1, "warm").wait(10)
+    proxy.cut()
+    receipts = [publish_numbered(publisher, i, "cut") for i in range(50)]
+    time.sleep(1.5)  # the publisher notices and retries against a refusing endpoint
+    assert not any(r.confirmed for r in receipts)
+    assert publisher.pending == 50 and len(publisher.spool) == 50
+    proxy.restore()
+    assert all(r.wait(20) for r in receipts), "not every message was confirmed after the broker returned"
+    got = collect(be, be.settings.train_update_queue, 51, timeout=20)
+    unique = [m for m in first_occurrences(got) if m.body["tag"] == "cut"]
+    assert [m.body["n"] for m in unique] == list(range(50))
+    assert [m.properties.message_id for m in unique] == [r.message_id for r in receipts]
+    assert publisher.reconnects >= 1
+    assert publisher.pending == 0 and len(publisher.spool) == 0
+
+
+def test_a_connection_cut_in_the_middle_of_a_burst_loses_nothing_and_repeats_only_same_message_ids(
+    be: BE, make_publisher: PublisherFactory, proxy: CuttableProxy, record_property: Any
+) -> None:
+    publisher = make_publisher(port=proxy.port)
+    count = 500
+    receipts = [publish_numbered(publisher, i, "burst") for i in range(count)]
+    deadline = time.monotonic() + 10
+    while publisher.confirmed_count < 50 and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    proxy.cut()
+    in_flight = publisher.pending
+    assert 0 < in_flight < count, "the cut did not land in the middle of the burst"
+    time.sleep(0.5)
+    proxy.restore()
+    assert all(r.wait(20) for r in receipts), "not every message was confirmed after the broker returned"
+    got = collect(be, be.settings.train_update_queue, count, timeout=20)
+    unique = first_occurrences(got)
+    assert [m.body["n"] for m in unique] == list(range(count))
+    assert [m.properties.message_id for m in unique] == [r.message_id for r in receipts]
+    record_property("duplicates_after_cut", len(got) - count)
+    record_property("unconfirmed_at_cut", in_flight)
+    assert len(got) - count <= 1, "more than the one message whose confirm was lost came twice"
+    assert publisher.reconnects >= 1
+
+
+def test_a_full_spool_refuses_non_blocking_publishes_loudly_and_blocking_ones_resume_after_restore(
+    be: BE, make_publisher: PublisherFactory, proxy: CuttableProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ai_service.publisher")
+    publisher = make_publisher(port=proxy.port, SPOOL_MAX_MESSAGES="5")
+    proxy.cut()
+    receipts = [publish_numbered(publisher, i, "full", block=False) for i in range(5)]
+    with pytest.raises(SpoolFull):
+        publish_numbered(publisher, 5, "full", block=False)
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR and "FULL" in r.getMessage()]
+    assert len(loud) == 1, caplog.text
+    assert "5 messages unconfirmed" in loud[0].getMessage()
+
+    blocked: list[Receipt] = []
+    waiter = threading.Thread(target=lambda: blocked.append(publish_numbered(publisher, 5, "full")))
+    waiter.start()
+    waiter.join(1.5)
+    assert waiter.is_alive(), "a blocking publish into a full spool returned while the broker was away"
+    proxy.restore()
+    waiter.join(20)
+    assert not waiter.is_alive() and blocked, "the blocking publish did not resume after the broker returned"
+    assert all(r.wait(20) for r in [*receipts, *blocked])
+    got = first_occurrences(collect(be, be.settings.train_update_queue, 6, timeout=20))
+    assert [m.body["n"] for m in got] == list(range(6))
+
+
+# --- the spool across processes ------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Script:
+    """``tests/support/publish_script.py`` in a subprocess, its output in a file."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], label: str, *args: str) -> None:
+        self.out = tmp_path / f"{label}.out"
+        with open(self.out, "wb") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.publish_script", *args],
+                cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=fh, stderr=subprocess.STDOUT,
+            )
+
+    def text(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait_for(self, marker: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.text():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {marker!r} from the script (rc={self.proc.poll()}):\n{self.text()[-3000:]}")
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> Iterator[Callable[..., Script]]:
+    started: list[Script] = []
+
+    def run(env: dict[str, str], label: str, *args: str) -> Script:
+        s = Script(tmp_path, env, label, *args)
+        started.append(s)
+        return s
+
+    yield run
+    for s in started:
+        s.kill()
+
+
+def test_a_spool_left_by_a_killed_process_is_re_sent_in_order_with_the_same_message_ids(
+    be: BE, worker_env: dict[str, str], scripts: Callable[..., Script]
+) -> None:
+    env = {**worker_env, "WORKER_NAME": "test/spooler", "RECONNECT_MAX_DELAY": "1"}
+    spooler = scripts({**env, "RABBITMQ_PORT": str(closed_port())}, "spool", "spool", "30")
+    spooler.wait_for("SPOOLED")
+    spooled = json.loads(next(line for line in spooler.text().splitlines() if line.startswith("{")))
+    assert spooled["pending"] == 30 and len(set(spooled["spooled"])) == 30
+    directory = spool_dir(Settings.from_env(env))
+    assert len(list(directory.glob("*.msg"))) == 30
+    spooler.kill()
+
+    drainer = scripts(env, "drain", "drain")
+    assert drainer.wait(60) == 0, drainer.text()
+    assert "DRAINED 0" in drainer.text()
+    assert "Re-sending 30 message(s) left unconfirmed by a previous run" in drainer.text()
+    got = first_occurrences(collect(be, be.settings.train_result_queue, 30, timeout=15))
+    assert [m.body["n"] for m in got] == list(range(30))
+    assert [m.properties.message_id for m in got] == spooled["spooled"]
+    assert [m.properties.correlation_id for m in got] == [f"spool-{i}" for i in range(30)]
+    assert all(m.properties.type == "training_completed" and m.properties.app_id == "ai-service"
+               and m.properties.delivery_mode == 2 for m in got)
+    assert list(directory.glob("*.msg")) == []
+
+
+def test_a_second_process_on_a_spool_in_use_fails_clearly_with_spool_locked(
+    be: BE, worker_env: dict[str, str], scripts: Callable[..., Script], start_worker: WorkerFactory
+) -> None:
+    env = {**worker_env, "WORKER_NAME": "test/spooler", "RECONNECT_MAX_DELAY": "1"}
+    holder = scripts({**env, "RABBITMQ_PORT": str(closed_port())}, "hold", "spool", "3")
+    holder.wait_for("SPOOLED")
+
+    intruder = scripts(env, "intruder", "drain")
+    assert intruder.wait(30) != 0
+    assert "SpoolLocked" in intruder.text() and "is in use by another process" in intruder.text()
+
+    # A real worker with the same WORK_DIR and WORKER_NAME exits with a configuration
+    # error and one clear log line (not a traceback that a JSON log pipeline would mangle).
+    worker = start_worker(module="tests.support.sleepy_worker", env={"WORKER_NAME": "test/spooler"},
+                          wait_started=False, name="intruder-worker")
+    assert worker.wait(timeout=60) == EXIT_CONFIG
+    lines = [line for line in worker.log().splitlines() if "is in use by another process" in line]
+    assert len(lines) == 1 and "[RMQ]" in lines[0] and "WORKER_NAME" in lines[0], worker.log()
+    assert "Traceback" not in worker.log()
+
+    # The holder's messages are still safe on disk, and go out once it is gone.
+    holder.kill()
+    drainer = scripts(env, "drain", "drain")
+    assert drainer.wait(60) == 0, drainer.text()
+    got = first_occurrences(collect(be, be.settings.train_result_queue, 3, timeout=15))
+    assert [m.body["n"] for m in got] == [0, 1, 2]

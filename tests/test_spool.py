@@ -1,0 +1,194 @@
+"""The publisher's on-disk spool: durable, ordered, bounded, one process at a time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ai_service.spool import Envelope, Spool, SpoolLocked
+
+
+def envelope(n: int) -> Envelope:
+    return Envelope(
+        exchange="ai.events",
+        routing_key=f"train.update.job{n}",
+        body=f'{{"n": {n}, "bytes": "\\n\\u00e9"}}'.encode() + b"\n\xff raw",
+        properties={"message_id": f"m{n}", "correlation_id": f"job{n}", "delivery_mode": 2},
+        mandatory=n % 2 == 0,
+    )
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def spool(spool_dir: Path) -> Iterator[Spool]:
+    s = Spool(spool_dir, max_messages=100)
+    assert s.open() == []
+    yield s
+    s.close()
+
+
+def reopen(directory: Path, max_messages: int = 100) -> tuple[Spool, list[Envelope]]:
+    s = Spool(directory, max_messages)
+    return s, s.open()
+
+
+def test_add_and_remove_track_the_length(spool: Spool) -> None:
+    first, second = envelope(1), envelope(2)
+
+    spool.add(first)
+    spool.add(second)
+    assert len(spool) == 2
+    assert (first.seq, second.seq) == (1, 2)
+
+    spool.remove(first)
+    assert len(spool) == 1
+    spool.remove(first)  # removing twice is harmless
+    assert len(spool) == 1
+    spool.remove(second)
+    assert len(spool) == 0
+
+
+def test_leftovers_come_back_in_order_with_their_content(spool_dir: Path, spool: Spool) -> None:
+    sent = [envelope(n) for n in range(1, 13)]  # past 9 and 10: numeric order, not text order
+    for e in sent:
+        spool.add(e)
+    spool.remove(sent[3])
+    spool.close()
+
+    again, left = reopen(spool_dir)
+    try:
+        expected = [e for e in sent if e is not sent[3]]
+        assert [e.seq for e in left] == [e.seq for e in expected]
+        assert [(e.exchange, e.routing_key, e.body, e.properties, e.mandatory) for e in left] == [
+            (e.exchange, e.routing_key, e.body, e.properties, e.mandatory) for e in expected
+        ]
+        assert len(again) == len(expected)
+    finally:
+        again.close()
+
+
+def test_a_reopened_spool_numbers_new_messages_after_the_leftovers(spool_dir: Path, spool: Spool) -> None:
+    for n in range(3):
+        spool.add(envelope(n))
+    spool.close()
+
+    again, left = reopen(spool_dir)
+    try:
+        new = envelope(99)
+        again.add(new)
+        assert new.seq == left[-1].seq + 1 == 4
+        again.close()
+
+        third, left = reopen(spool_dir)
+        third.close()
+        assert [e.seq for e in left] == [1, 2, 3, 4]
+        assert left[-1].routing_key == "train.update.job99"
+    finally:
+        again.close()
+
+
+def test_a_second_open_on_the_same_directory_is_refused_while_the_first_holds_it(spool_dir: Path,
+                                                                                   spool: Spool) -> None:
+    spool.add(envelope(1))
+
+    with pytest.raises(SpoolLocked):
+        reopen(spool_dir)
+
+    assert len(spool) == 1
+
+
+def test_the_lock_is_released_on_close(spool_dir: Path, spool: Spool) -> None:
+    spool.close()
+
+    again, _ = reopen(spool_dir)
+    again.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"not json\nbody", id="garbage-header"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b'{"exchange": "x"}\nbody', id="missing-keys"),
+        pytest.param(b"[1, 2]\nbody", id="header-not-an-object"),
+        pytest.param(b"\xff\xfe\x00\nbody", id="binary"),
+    ],
+)
+def test_a_corrupt_file_is_dropped_with_an_error_log(
+    spool_dir: Path, spool: Spool, caplog: pytest.LogCaptureFixture, content: bytes
+) -> None:
+    spool.add(envelope(1))
+    spool.add(envelope(2))
+    spool.close()
+    corrupt = spool_dir / f"{2:016d}{Spool.SUFFIX}"
+    corrupt.write_bytes(content)
+
+    with caplog.at_level(logging.ERROR, logger="ai_service.spool"):
+        again, left = reopen(spool_dir)
+    again.close()
+
+    assert [e.seq for e in left] == [1]
+    assert not corrupt.exists()
+    assert any(r.levelno == logging.ERROR and corrupt.name in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_with_a_non_numeric_name_is_dropped(spool_dir: Path, spool: Spool,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    spool.close()
+    stray = spool_dir / f"stray{Spool.SUFFIX}"
+    stray.write_bytes(b'{"exchange": "", "routing_key": "q", "properties": {}}\nbody')
+
+    with caplog.at_level(logging.ERROR, logger="ai_service.spool"):
+        again, left = reopen(spool_dir)
+    again.close()
+
+    assert left == []
+    assert not stray.exists()
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
+
+
+def test_half_written_files_are_cleaned_up_on_open(spool_dir: Path, spool: Spool) -> None:
+    spool.add(envelope(1))
+    spool.close()
+    (spool_dir / f"{2:016d}.tmp").write_bytes(b"half")
+
+    again, left = reopen(spool_dir)
+    again.close()
+
+    assert [e.seq for e in left] == [1]
+    assert list(spool_dir.glob("*.tmp")) == []
+
+
+def test_full_at_max_messages(spool_dir: Path) -> None:
+    s = Spool(spool_dir, max_messages=2)
+    s.open()
+    try:
+        first, second = envelope(1), envelope(2)
+        assert not s.full
+        s.add(first)
+        assert not s.full
+        s.add(second)
+        assert s.full
+        s.remove(first)
+        assert not s.full
+    finally:
+        s.close()
+
+
+def test_leftovers_count_towards_full(spool_dir: Path, spool: Spool) -> None:
+    spool.add(envelope(1))
+    spool.add(envelope(2))
+    spool.close()
+
+    again, _ = reopen(spool_dir, max_messages=2)
+    try:
+        assert again.full
+    finally:
+        again.close()

@@ -1,0 +1,203 @@
+"""Training end to end: real broker, real worker process, real Ultralytics on the CPU,
+real SeaweedFS S3 server (and the local backend)."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ai_service.storage import LocalStorage, S3Storage, Storage
+from tests.conftest import WorkerFactory
+from tests.support.amqp import BE, Received
+from tests.support.s3 import S3Server
+
+TRAIN_WORKER = "tests.support.training_worker"
+EPOCH_FIELDS = {"type", "job_id", "status", "current_epoch", "total_epochs", "progress", "metrics", "timestamp"}
+METRIC_FIELDS = {"train_loss", "mAP50", "box_loss", "cls_loss", "dfl_loss"}
+
+
+def train_request(job_id: str, *, prefix: str = "datasets/shapes/", model: str = "yolov8n", epochs: int = 2,
+                  imgsz: int = 64, **extra: Any) -> dict[str, Any]:
+    """A request in the specification's exact format."""
+    return {
+        "job_id": job_id,
+        "dataset": {"s3_prefix": prefix, "name": "shapes"},
+        "output": {"prefix": "models/yolov8n", "model_name": f"{job_id}.pt"},
+        "hyperparams": {"model": model, "epochs": epochs, "batch": 8, "imgsz": imgsz, **extra},
+    }
+
+
+def follow(be: BE, job_id: str, timeout: float = 240) -> tuple[list[Received], Received]:
+    """Every update of one job, then its terminal message."""
+    result = be.terminal(be.settings.train_result_queue, job_id, timeout=timeout)
+    updates = [m for m in be.drain(be.settings.train_update_queue) if m.body["job_id"] == job_id]
+    return updates, result
+
+
+def assert_progress(updates: list[Received], epochs: int) -> None:
+    assert updates[0].type == "training_started"
+    started = updates[0].body
+    assert started["total_epochs"] == epochs and started["resumed_from_epoch"] == 0 and started["worker"]
+    epoch_updates = [u.body for u in updates if u.type == "epoch_update"]
+    assert [u["current_epoch"] for u in epoch_updates] == list(range(1, epochs + 1))
+    progress = [u["progress"] for u in epoch_updates]
+    assert progress == sorted(set(progress)) and progress[-1] == 100.0
+    for u in epoch_updates:
+        assert EPOCH_FIELDS <= set(u), u
+        assert METRIC_FIELDS <= set(u["metrics"]), u
+        m = u["metrics"]
+        assert m["train_loss"] == pytest.approx(m["box_loss"] + m["cls_loss"] + m["dfl_loss"], abs=1e-4)
+        assert u["status"] == "running" and u["total_epochs"] == epochs
+        assert u["timestamp"].endswith("+00:00")
+
+
+def load_model(path: Path, work: Path) -> Any:
+    from workers import yolo
+
+    yolo.prepare_ultralytics(work)
+    return yolo.safe_load_model(path)
+
+
+@pytest.fixture
+def s3_storage(s3_server: S3Server, s3_bucket: str) -> Storage:
+    return S3Storage(s3_bucket, client=s3_server.client())
+
+
+def test_a_spec_format_request_trains_end_to_end_from_s3(
+    be: BE, start_worker: WorkerFactory, s3_server: S3Server, s3_bucket: str, s3_storage: Storage,
+    shapes_dir: Path, tmp_path: Path,
+) -> None:
+    s3_storage.upload_dir(shapes_dir, "datasets/shapes")
+    start_worker(module=TRAIN_WORKER, env={**s3_server.env(), "STORAGE_BACKEND": "s3", "S3_BUCKET": s3_bucket})
+    be.send_train(train_request("s3job1", epochs=3))
+    updates, result = follow(be, "s3job1")
+    assert_progress(updates, 3)
+    done = result.body
+    assert done["type"] == "training_completed" and done["status"] == "completed" and done["progress"] == 100.0
+    assert done["model_path"] == "models/yolov8n/s3job1.pt"
+    assert {"final_mAP50", "final_loss", "training_epochs"} <= set(done["final_metrics"])
+    assert done["final_metrics"]["training_epochs"] == 3 and done["training_time"] > 0
+    local = tmp_path / "downloaded" / "model.pt"
+    s3_storage.download_file(done["model_path"], local)
+    assert load_model(local, tmp_path / "yolo").names == {0: "circle", 1: "square"}
+
+
+def test_a_spec_format_request_trains_end_to_end_on_local_storage(
+    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], shapes_dir: Path, tmp_path: Path,
+) -> None:
+    storage = LocalStorage(Path(worker_env["STORAGE_DIR"]))
+    storage.upload_dir(shapes_dir, "datasets/shapes")
+    probe = tmp_path / "probe.txt"
+    start_worker(module=TRAIN_WORKER, env={"CUDA_VISIBLE_DEVICES": "3", "TEST_ENV_PROBE": str(probe)})
+    be.send_train(train_request("localjob1", epochs=2))
+    updates, result = follow(be, "localjob1")
+    assert_progress(updates, 2)
+    assert result.type == "training_completed"
+    path = Path(worker_env["STORAGE_DIR"]) / result.body["model_path"]
+    assert load_model(path, tmp_path / "yolo").names == {0: "circle", 1: "square"}
+    # The GPU pin supervisord sets is untouched by a job.
+    assert probe.read_text().split() == ["localjob1", "3"]
+    # Partial run files are cleaned up; the dataset cache stays for the next job.
+    runs = Path(worker_env["WORK_DIR"]) / "runs"
+    assert not runs.exists() or list(runs.iterdir()) == []
+
+
+def test_a_model_trained_long_enough_finds_the_shapes(trained_model: dict[str, Any], shapes_dir: Path,
+                                                      tmp_path: Path) -> None:
+    final = trained_model["completed"]["final_metrics"]
+    assert final["final_mAP50"] > 0.5, final
+    model = load_model(Path(trained_model["model"]), tmp_path / "yolo")
+    data = tmp_path / "data.yaml"
+    data.write_text((shapes_dir / "data.yaml").read_text() + f"\npath: {shapes_dir}\n")
+    metrics = model.val(data=str(data), imgsz=128, batch=8, plots=False, verbose=False, device="cpu",
+                        project=str(tmp_path / "val"))
+    assert metrics.box.map50 > 0.5
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_failures_each_end_with_one_training_failed_and_the_worker_goes_on(
+    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], shapes_dir: Path, tmp_path: Path,
+) -> None:
+    root = Path(worker_env["STORAGE_DIR"])
+    storage = LocalStorage(root)
+    storage.upload_dir(shapes_dir, "datasets/shapes")
+    # a dataset whose data.yaml points outside its prefix
+    shutil.copytree(shapes_dir, root / "datasets/escape")
+    (root / "datasets/escape/data.yaml").write_text("train: ../shapes/images/train\nval: images/val\nnames: [a, b]\n")
+    # a dataset without names
+    shutil.copytree(shapes_dir, root / "datasets/nonames")
+    (root / "datasets/nonames/data.yaml").write_text("train: images/train\nval: images/val\n")
+    # a .pt whose pickle would write a marker file
+    marker = tmp_path / "marker"
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    with open(root / "models/evil.pt", "wb") as fh:
+        pickle.dump({"model": _Evil(marker)}, fh)
+    start_worker(module=TRAIN_WORKER, env={"TEST_FAULT": "oom@2"})
+    cases = [
+        ("missing", train_request("missing", prefix="datasets/nope/"), "dataset_not_found"),
+        ("escape", train_request("escape", prefix="datasets/escape/"), "dataset_invalid"),
+        ("nonames", train_request("nonames", prefix="datasets/nonames/"), "dataset_invalid"),
+        ("badmodel", train_request("badmodel", model="resnet50"), "invalid_request"),
+        ("segmodel", train_request("segmodel", model="yolov8n-seg"), "invalid_request"),
+        ("evil", train_request("evil", pretrained="models/evil.pt"), "invalid_request"),
+        ("nopre", train_request("nopre", pretrained="models/absent.pt"), "model_not_found"),
+        ("oom", train_request("oom", epochs=3), "out_of_memory"),
+    ]
+    for _, body, _ in cases:
+        be.send_train(body)
+    for job_id, _, code in cases:
+        failed = be.terminal(be.settings.train_result_queue, job_id, timeout=180).body
+        assert failed["type"] == "training_failed", failed
+        assert failed["error_code"] == code, (job_id, failed)
+        assert failed["error_message"] and "Traceback" not in failed["error_message"]
+    oom = [m for m in be.drain(be.settings.train_result_queue)]
+    assert oom == [], "one terminal message per job"
+    assert not marker.exists(), "the malicious pickle ran"
+    # The worker takes the next job (OOM only hits epoch 2; this job has 1 epoch).
+    be.send_train(train_request("after", epochs=1))
+    assert be.terminal(be.settings.train_result_queue, "after", timeout=120).type == "training_completed"
+
+
+def test_the_oom_failure_carries_the_last_finished_epoch_and_its_metrics(
+    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], shapes_dir: Path,
+) -> None:
+    LocalStorage(Path(worker_env["STORAGE_DIR"])).upload_dir(shapes_dir, "datasets/shapes")
+    start_worker(module=TRAIN_WORKER, env={"TEST_FAULT": "oom@3"})
+    be.send_train(train_request("oom2", epochs=4))
+    failed = be.terminal(be.settings.train_result_queue, "oom2", timeout=180).body
+    assert failed["error_code"] == "out_of_memory" and failed["current_epoch"] == 2
+    assert set(failed["partial_metrics"]) == {"last_loss", "last_mAP50"}
+    assert "batch" in failed["error_message"]
+
+
+def test_s3_going_away_mid_job_ends_with_storage_error_and_the_worker_goes_on(
+    be: BE, start_worker: WorkerFactory, s3_server: S3Server, s3_bucket: str, s3_storage: Storage,
+    shapes_dir: Path,
+) -> None:
+    s3_storage.upload_dir(shapes_dir, "datasets/shapes")
+    env = {**s3_server.env(), "STORAGE_BACKEND": "s3", "S3_BUCKET": s3_bucket, "AWS_MAX_ATTEMPTS": "2"}
+    worker = start_worker(module=TRAIN_WORKER, env=env)
+    be.send_train(train_request("s3gone", epochs=6))
+    be.wait_for(be.settings.train_update_queue,
+                lambda m: m.body["job_id"] == "s3gone" and m.body.get("current_epoch") == 1, timeout=120)
+    s3_server.stop()
+    try:
+        failed = be.terminal(be.settings.train_result_queue, "s3gone", timeout=180).body
+    finally:
+        s3_server.start()
+    assert failed["error_code"] == "storage_error", failed
+    be.send_train(train_request("s3back", epochs=1))
+    assert be.terminal(be.settings.train_result_queue, "s3back", timeout=120).type == "training_completed"
+    assert worker.alive
+    assert s3_server.secret_key not in worker.log()
