@@ -126,6 +126,13 @@ class Settings:
     max_images: int = 64
     max_inline_image_bytes: int = 8 * 1024 * 1024
     model_cache_size: int = 4
+    # inference worker (ours, documented in workers/inference.py)
+    infer_prefetch: int = 16  # deliveries in flight = handler threads feeding the batcher
+    infer_threads: int = 0  # torch CPU threads for .pt/.torchscript; 0 = every core the process may use
+    model_cache_max_mb: int = 2048  # estimated memory of the cached models
+    max_image_bytes: int = 16 * 1024 * 1024  # one stored image object
+    max_image_pixels: int = 40_000_000  # one image, checked on its header before decoding
+    max_request_pixels: int = 64_000_000  # all images of one request together
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":

@@ -115,6 +115,10 @@ class _Delivery:
     ctx: JobContext | None = None
     acked: bool = False
 
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.generation, self.tag)
+
 
 class Consumer:
     """Consumes one operation's request queue and the control exchange."""
@@ -135,7 +139,9 @@ class Consumer:
         self.topology = topology or Topology(settings)
         self._pool = ThreadPoolExecutor(max_workers=operation.prefetch, thread_name_prefix=f"{operation.name}-job")
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._inflight: dict[int, _Delivery] = {}
+        #: Keyed by (channel generation, delivery tag): tags restart at 1 on every new
+        #: channel, while a handler from before a reconnect may still be running.
+        self._inflight: dict[tuple[int, int], _Delivery] = {}
         self._inflight_lock = threading.Lock()
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
@@ -332,7 +338,7 @@ class Consumer:
         )
         delivery = _Delivery(tag=method.delivery_tag or 0, generation=self._generation, info=info)
         with self._inflight_lock:
-            self._inflight[delivery.tag] = delivery
+            self._inflight[delivery.key] = delivery
         self._pool.submit(self._handle, delivery)
 
     # --- handler threads -------------------------------------------------------------
@@ -416,7 +422,7 @@ class Consumer:
 
     def _settle(self, delivery: _Delivery, outcome: Outcome) -> None:
         with self._inflight_lock:
-            self._inflight.pop(delivery.tag, None)
+            self._inflight.pop(delivery.key, None)
         if delivery.acked:
             return
         if not self._usable(delivery):

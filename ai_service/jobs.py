@@ -36,7 +36,7 @@ from typing import Any
 
 from ai_service.errors import AIServiceError, ObjectNotFound
 from ai_service.messages import _Message, new_message_id
-from ai_service.operation import JobContext
+from ai_service.operation import JobContext, Resources
 from ai_service.storage import Storage
 
 log = logging.getLogger("ai_service.jobs")
@@ -333,3 +333,11 @@ class LongJob:
         if not record.terminal_sent:
             record.terminal_sent = True
             self.ledger.save(record)
+
+
+def record_cancel(job_id: str, resources: Resources) -> None:
+    """``Operation.on_cancel`` for long jobs: leave a marker any worker will honour,
+    also when no worker runs the job right now (cancelled before start, or while its
+    worker is gone)."""
+    settings = resources.settings
+    Ledger(resources.storage, worker=settings.worker_name, lease_seconds=settings.lease_seconds).request_cancel(job_id)

@@ -125,6 +125,20 @@ def test_a_published_message_is_confirmed_and_arrives_with_every_contract_proper
     assert publisher.pending == 0 and len(publisher.spool) == 0
 
 
+def test_a_message_no_queue_is_bound_for_is_reported_unroutable_and_does_not_hold_up_the_next(
+    be: BE, make_publisher: PublisherFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ai_service.publisher")
+    publisher = make_publisher()
+    lost = publisher.publish(publisher.settings.events_exchange, "nobody.listens.here", b"{}", message_type="x")
+    after = publish_numbered(publisher, 1)
+    assert lost.wait(10) and lost.unroutable
+    assert after.wait(10) and not after.unroutable
+    assert [m.body["n"] for m in collect(be, be.settings.train_update_queue, 1, timeout=10)] == [1]
+    assert "unroutable" in caplog.text and lost.message_id in caplog.text
+    assert publisher.pending == 0 and len(publisher.spool) == 0
+
+
 def test_two_hundred_messages_from_four_threads_all_arrive_in_per_thread_order_without_duplicates(
     be: BE, make_publisher: PublisherFactory
 ) -> None:

@@ -9,6 +9,8 @@ broker is never touched.
 
 from __future__ import annotations
 
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +18,13 @@ from typing import Any
 import pika
 import pytest
 
+from ai_service.broker import Topology
 from ai_service.config import Settings
+from ai_service.consumer import Consumer
+from ai_service.errors import AIServiceError, JobCancelled
+from ai_service.messages import TrainingFailed, TrainingRequest
+from ai_service.operation import JobContext, Operation, Resources
+from ai_service.publisher import Publisher
 from ai_service.worker import spool_dir
 from tests.conftest import WorkerFactory
 from tests.support import rabbit
@@ -77,6 +85,23 @@ def terminal_types(results: list[Received]) -> dict[str, list[str]]:
     return out
 
 
+def wait_acked(queue: str, timeout: float = 15.0) -> None:
+    """Wait until ``queue`` has no unacknowledged delivery (read-only rabbitmqctl query).
+
+    A BE sees a job's result before the worker's ack reaches the broker (publish, wait
+    for the confirm, then ack): a cut in between redelivers the job.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name",
+                              "messages_unacknowledged"], capture_output=True, text=True, check=True).stdout
+        counts = dict(line.split("\t")[:2] for line in out.splitlines() if "\t" in line)
+        if counts.get(queue) == "0":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{queue} still has unacknowledged deliveries after {timeout} s")
+
+
 def runs_of(worker: WorkerProcess, job_id: str) -> int:
     return worker.log().count(f"[{job_id}] sleeping")
 
@@ -88,6 +113,7 @@ def test_a_worker_cut_off_from_the_broker_reconnects_and_keeps_consuming(
     results: list[Received] = []
     be.send_train(request("cut-1"))
     wait_job(be, "cut-1", results)
+    wait_acked(be.settings.train_request_queue)
 
     # Cut while idle: the worker notices, retries against the refusing proxy, reconnects.
     proxy.cut()
@@ -143,7 +169,7 @@ def test_a_worker_rides_out_a_broker_restart_and_what_it_published_meanwhile_arr
     be.send_train(request("rs-1"))
     wait_job(be, "rs-1", results)
 
-    be.send_train(request("rs-2", tenths=50))
+    be.send_train(request("rs-2", tenths=70))  # outlasts the broker stop (~2 s), even on a busy machine
     worker.wait_log("[rs-2] sleeping")
     be.connection.close()
     private_broker.stop()
@@ -208,3 +234,57 @@ def test_a_request_queue_that_exists_with_other_arguments_gets_one_warning_and_i
             probe.close()
     finally:
         be.close()
+
+
+def test_a_job_redelivered_while_its_cut_off_first_run_still_ends_stays_tracked_and_cancellable(
+    proxy: CuttableProxy, be: BE, worker_env: dict[str, str], tmp_path: Any
+) -> None:
+    """prefetch > 1: delivery tags restart at 1 on the new channel, so the redelivered job
+    can carry the same tag as its first run, which is still ending on the old channel."""
+    settings = Settings.from_env({**worker_env, "RABBITMQ_PORT": str(proxy.port), **FAST_RECONNECT})
+    runs: list[JobContext] = []
+    first_run_may_end = threading.Event()
+
+    def handle(request: TrainingRequest, ctx: JobContext) -> None:
+        runs.append(ctx)
+        if len(runs) == 1:
+            first_run_may_end.wait(20)
+            return
+        if not ctx.cancelled.wait(10):
+            raise AssertionError("never cancelled")
+        raise JobCancelled("cancelled")
+
+    def failure(job_id: str, error: AIServiceError) -> TrainingFailed:
+        return TrainingFailed(job_id=job_id, error_code=error.error_code, error_message=error.message)
+
+    op = Operation(name="train", request_model=TrainingRequest, handler=handle, failure=failure, prefetch=2)
+    direct = Settings.from_env(worker_env)
+    publisher = Publisher(direct, spool_dir=tmp_path / "spool", topology=Topology(direct))
+    publisher.start()
+    consumer = Consumer(settings, op, publisher, Resources(settings=settings), Topology(settings))
+    consumer.start()
+    try:
+        assert consumer.started.wait(15)
+        be.send_train(request("twice"))
+        deadline = time.monotonic() + 10
+        while not runs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proxy.cut()
+        time.sleep(0.3)
+        proxy.restore()
+        deadline = time.monotonic() + 15
+        while len(runs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(runs) == 2 and runs[1].delivery.redelivered, "the job was not redelivered after the cut"
+        first_run_may_end.set()
+        time.sleep(1.0)  # the first run settles (on a channel that is gone)
+        assert consumer.busy == 1, "the redelivered job is no longer tracked as in flight"
+        be.cancel("twice")
+        assert runs[1].cancelled.wait(5), "a cancel did not reach the redelivered job"
+        done = be.terminal(be.settings.train_result_queue, "twice", timeout=15)
+        assert done.body["error_code"] == "cancelled"
+    finally:
+        first_run_may_end.set()
+        consumer.request_stop(force=True)
+        consumer.join(10)
+        publisher.stop(timeout=2)

@@ -26,7 +26,7 @@ from ai_service.errors import (
     PermanentError,
     StorageError,
 )
-from ai_service.jobs import JobRecord, LeaseLost, Ledger, LongJob, checkpoint_key
+from ai_service.jobs import JobRecord, LeaseLost, Ledger, LongJob, checkpoint_key, record_cancel
 from ai_service.messages import (
     EpochUpdate,
     TrainingCancelled,
@@ -62,6 +62,7 @@ def operation(settings: Settings, *, callbacks: Callbacks | None = None) -> Oper
         failure=failure_message,
         prefetch=1,
         setup=setup,
+        on_cancel=record_cancel,
     )
 
 
