@@ -9,6 +9,13 @@ PYTEST_WORKERS ?= 3
 
 export STORAGE_DIR ?= $(CURDIR)/data
 export WORK_DIR ?= $(CURDIR)/.work
+# GPU split for supervisord.conf: one worker of each kind on GPU 0 (or the CPU).
+export AI_TRAIN_GPUS ?= 1
+export AI_TRAIN_FIRST_GPU ?= 0
+export AI_CONVERT_GPUS ?= 1
+export AI_CONVERT_FIRST_GPU ?= 0
+export AI_INFER_GPUS ?= 1
+export AI_INFER_FIRST_GPU ?= 0
 
 .PHONY: install test lint typecheck run run-train-worker run-convert-worker run-infer-worker \
         rabbitmq bench soak clean help
@@ -46,15 +53,18 @@ typecheck: install
 
 run: install rabbitmq
 	@mkdir -p logs $(STORAGE_DIR) $(WORK_DIR)
+	@echo "Starting every worker under supervisord (Ctrl-C stops them warmly)."
+	@echo "  status: $(BIN)/supervisorctl -c $(CONF) status   logs: logs/   storage: $(STORAGE_DIR)"
+	@echo "  try it: $(BIN)/ai-service demo"
 	$(BIN)/supervisord -n -c $(CONF)
 
-run-train-worker: install
+run-train-worker: install rabbitmq
 	$(BIN)/ai-service worker train
 
-run-convert-worker: install
+run-convert-worker: install rabbitmq
 	$(BIN)/ai-service worker convert
 
-run-infer-worker: install
+run-infer-worker: install rabbitmq
 	$(BIN)/ai-service worker infer
 
 clean:

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     try:
-        settings = Settings.from_env().for_program(args.op)
+        # under supervisord the program is its process name (train-gpu0), else the op
+        program = os.environ.get("SUPERVISOR_PROCESS_NAME") or args.op
+        settings = Settings.from_env().for_program(program)
     except ConfigError as exc:
         print(f"ai-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -48,7 +50,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         operation: Operation = importlib.import_module(WORKER_MODULES[args.op]).operation(settings)
         return operation
 
-    return exit_now_if_forced(run_worker(settings, args.op, load))
+    supervised = os.environ.get("SUPERVISOR_ENABLED") == "1"
+    return exit_now_if_forced(run_worker(settings, args.op, load, supervised=supervised))
 
 
 def exit_now_if_forced(code: int) -> int:

@@ -55,6 +55,7 @@ from ai_service.errors import (
 )
 from ai_service.jobs import LEASE_HEADER
 from ai_service.messages import Cancel, InvalidRequest, _Message, parse_request, readable_job_id
+from ai_service.metrics import CONNECTED, CONSUMING, DISCONNECTED
 from ai_service.operation import DeliveryInfo, JobContext, Operation, Resources
 from ai_service.publisher import Backoff, Publisher, Receipt
 
@@ -153,7 +154,9 @@ class Consumer:
         self.started = threading.Event()  # consuming for the first time
         self.first_attempt_done = threading.Event()
         self.consuming = threading.Event()
+        self.connected = threading.Event()
         self.handled = 0
+        self.metrics = resources.metrics
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -201,6 +204,8 @@ class Consumer:
                     log.error("[RMQ] ❌ Failed to connect to RabbitMQ: %s", message)
             finally:
                 self.consuming.clear()
+                self.connected.clear()
+                self.metrics.consumer_state.set(DISCONNECTED)
                 self.first_attempt_done.set()
                 self._close_connection()
             if self._stop.is_set() and (self._force.is_set() or not self._inflight):
@@ -230,9 +235,12 @@ class Consumer:
         control_queue = str(control.method.queue)
         channel.queue_bind(control_queue, self.settings.control_exchange)
         channel.basic_consume(control_queue, self._on_control, auto_ack=True)
-        if backoff.attempt:
+        if self.started.is_set():
             log.info("[RMQ] Reconnected to %s", describe_endpoint(self.settings))
+            self.metrics.reconnects.labels("consumer").inc()
         backoff.reset()
+        self.connected.set()
+        self.metrics.consumer_state.set(CONNECTED)
         while not self._stop.is_set():
             if self._consumer_tag is None and self.busy < self.op.prefetch and not self._paused():
                 self._consumer_tag = channel.basic_consume(self.names.request, self._on_message)
@@ -245,6 +253,7 @@ class Consumer:
                     )
                     self.started.set()
                 self.consuming.set()
+                self.metrics.consumer_state.set(CONSUMING)
             pump(connection, 0.5)
             self._drain_calls()
             if not channel.is_open:
@@ -268,6 +277,7 @@ class Consumer:
     def _cancel_consumer(self) -> None:
         if self._consumer_tag is not None and self._channel is not None and self._channel.is_open:
             self._channel.basic_cancel(self._consumer_tag)
+            self.metrics.consumer_state.set(CONNECTED)
         self._consumer_tag = None
 
     def _close_connection(self) -> None:
@@ -344,6 +354,7 @@ class Consumer:
     # --- handler threads -------------------------------------------------------------
 
     def _handle(self, delivery: _Delivery) -> None:
+        started = time.monotonic()
         error: BaseException | None = None
         job_id: str | None = None
         try:
@@ -385,7 +396,19 @@ class Consumer:
         if decision.outcome is Outcome.REQUEUE and error is not None and not isinstance(error, JobHandedBack):
             time.sleep(min(30.0, 2.0 ** delivery.info.delivery_count))
         self.handled += 1
+        self._count(delivery, decision, started)
         self._call_on_io(lambda: self._settle(delivery, decision.outcome))
+
+    def _count(self, delivery: _Delivery, decision: Decision, started: float) -> None:
+        ctx = delivery.ctx
+        if ctx is not None and ctx.terminal is not None:
+            status = str(getattr(ctx.terminal, "status", "completed"))
+        elif decision.report is not None:
+            status = "invalid" if decision.outcome is Outcome.REJECT else "failed"
+        else:
+            status = "requeued" if decision.outcome is Outcome.REQUEUE else "no_result"
+        self.metrics.jobs.labels(self.op.name, status).inc()
+        self.metrics.job_seconds.labels(self.op.name).observe(time.monotonic() - started)
 
     def _log_outcome(self, job_id: str | None, error: BaseException | None, decision: Decision) -> None:
         prefix = f"[Handler] [{job_id or '?'}]"

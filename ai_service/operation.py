@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ai_service.config import Settings
 from ai_service.errors import AIServiceError
 from ai_service.messages import JobRequest, _Message, is_terminal
+from ai_service.metrics import Metrics
 
 if TYPE_CHECKING:
     from ai_service.publisher import Receipt
@@ -115,6 +116,7 @@ class Resources:
 
     settings: Settings
     storage: Any = None
+    metrics: Metrics = field(default_factory=Metrics)
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -95,6 +95,7 @@ class Publisher:
         self._stop_deadline = 0.0
         self._thread: threading.Thread | None = None
         self._connected = threading.Event()
+        self._ever_connected = False
         self._full_warned = False
         self._on_state = on_state or (lambda state: None)
         self.reconnects = 0
@@ -217,12 +218,14 @@ class Publisher:
                     self.topology.declare(connection)
                 channel = connection.channel()
                 channel.confirm_delivery()
-                if backoff.attempt:
+                reconnected = self._ever_connected
+                if reconnected:
                     log.info("[RMQ] Publisher reconnected to %s", describe_endpoint(self.settings))
                     self.reconnects += 1
                 backoff.reset()
+                self._ever_connected = True
                 self._connected.set()
-                self._on_state("connected")
+                self._on_state("reconnected" if reconnected else "connected")
                 self._pump(connection, channel)
             except AuthenticationFailed as exc:
                 log.error("[RMQ] ❌ Publisher failed to connect to RabbitMQ: %s", exc.message)

@@ -20,6 +20,7 @@ from types import FrameType
 from ai_service.broker import Topology
 from ai_service.config import Settings
 from ai_service.consumer import Consumer
+from ai_service.metrics import HealthServer, Metrics
 from ai_service.operation import Operation, Resources
 from ai_service.publisher import Publisher
 from ai_service.spool import SpoolLocked
@@ -29,6 +30,9 @@ log = logging.getLogger("ai_service.worker")
 EXIT_OK = 0
 EXIT_FORCED = 1
 EXIT_CONFIG = 2
+
+#: Longer than supervisord.conf's ``startsecs`` (5).
+SUPERVISED_MIN_UPTIME = 6.0
 
 #: How long a warm stop waits for the publisher to deliver what is queued.
 PUBLISHER_DRAIN_SECONDS = 15.0
@@ -70,7 +74,7 @@ def make_resources(settings: Settings) -> Resources:
     return Resources(settings=settings, storage=open_storage(settings))
 
 
-def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation]) -> int:
+def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation], *, supervised: bool = False) -> int:
     """Run one operation's worker until stopped; returns the process exit code.
 
     ``load`` builds the operation (importing its heavy libraries) only when messaging
@@ -79,6 +83,10 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     if not settings.enable_rabbitmq:
         log.warning("[RMQ] Messaging is disabled (ENABLE_RABBITMQ=false): the %s worker has nothing to do; exiting",
                     op)
+        if supervised:
+            # supervisord counts an exit before `startsecs` as a failed start and retries;
+            # outlive it so that the exit is recorded as the expected, final one.
+            time.sleep(SUPERVISED_MIN_UPTIME)
         return EXIT_OK
     operation = load(settings)
     insecure = settings.insecurity()
@@ -91,14 +99,17 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     if operation.setup is not None:
         operation.setup(resources)
     topology = Topology(settings)
+    metrics = resources.metrics
     publisher = Publisher(settings, spool_dir=spool_dir(settings), topology=topology,
-                          client_name=f"ai-service {operation.name} publisher ({settings.worker_name})")
+                          client_name=f"ai-service {operation.name} publisher ({settings.worker_name})",
+                          on_state=lambda state: publisher_state(metrics, state))
     try:
         publisher.start()
     except SpoolLocked as exc:
         log.error("[RMQ] ❌ %s; give each worker process its own WORKER_NAME (or WORK_DIR)", exc)
         return EXIT_CONFIG
     consumer = Consumer(settings, operation, publisher, resources, topology)
+    health = start_health(settings, metrics, consumer, publisher)
     signals = StopSignals(consumer)
     signals.install()
     log.info("[RMQ] 🐰 Initializing RabbitMQ consumer...")
@@ -109,6 +120,8 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     log.info("[RMQ] 🚀 Started RabbitMQ consumer in background thread")
     while not consumer.join(0.5):
         pass
+    if health is not None:
+        health.stop()
     if signals.forced.is_set():
         publisher.stop(timeout=1.0)
         log.warning("[RMQ] Forced exit")
@@ -116,3 +129,31 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     publisher.stop(timeout=PUBLISHER_DRAIN_SECONDS)
     log.info("[RMQ] Worker stopped cleanly")
     return EXIT_OK
+
+
+def publisher_state(metrics: Metrics, state: str) -> None:
+    if state == "connected":
+        metrics.publisher_connected.set(1)
+    elif state == "reconnected":
+        metrics.publisher_connected.set(1)
+        metrics.reconnects.labels("publisher").inc()
+    else:
+        metrics.publisher_connected.set(0)
+
+
+def start_health(settings: Settings, metrics: Metrics, consumer: Consumer, publisher: Publisher) -> HealthServer | None:
+    """Serve /metrics, /healthz, /readyz when METRICS_PORT is set."""
+    if settings.metrics_port is None:
+        return None
+
+    def ready() -> tuple[bool, str]:
+        if not consumer.connected.is_set():
+            return False, "consumer not connected to RabbitMQ"
+        if not publisher.connected:
+            return False, "publisher not connected to RabbitMQ"
+        return True, "consuming" if consumer.consuming.is_set() else "connected (running a job)"
+
+    server = HealthServer(settings.metrics_port, metrics, ready,
+                          refresh=lambda: metrics.spool_depth.set(publisher.pending))
+    server.start()
+    return server

@@ -46,6 +46,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -640,6 +641,7 @@ def setup(resources: Resources) -> None:
     """Make Ultralytics offline, pip-free and safe, import the exporter once, pick the device."""
     settings = resources.settings
     yolo.prepare_ultralytics(settings.work_dir)
+    block_openvino_telemetry()
     from ultralytics.engine import exporter  # noqa: F401 - pay the import once, before the first job
     from ultralytics.utils import checks
 
@@ -647,6 +649,18 @@ def setup(resources: Resources) -> None:
         checks.AUTOINSTALL = False
     resources.extras["device"] = yolo.select_device(settings.device)
     resources.extras["formats"] = export_table()
+
+
+def block_openvino_telemetry() -> None:
+    """Make ``import openvino_telemetry`` fail in this process, whatever is installed.
+
+    OpenVINO's converter sends usage analytics through that package during every export,
+    whatever ``YOLO_OFFLINE`` says (FIELD-NOTES); ``make install`` uninstalls it, and this
+    covers a worker installed another way: every OpenVINO import of it is guarded by
+    ``except ImportError`` and falls back to a no-op stub.
+    """
+    if "openvino_telemetry" not in sys.modules or sys.modules["openvino_telemetry"] is None:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
 
 
 @dataclass
