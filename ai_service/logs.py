@@ -49,4 +49,7 @@ def setup_logging(settings: Settings, op: str | None = None) -> None:
     root.setLevel(settings.log_level)
     for name in _NOISY:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # pika logs a traceback for every failed connection attempt; our own [RMQ] lines
+    # already say what failed and that we retry.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     logging.getLogger("ultralytics").setLevel(max(logging.WARNING, root.level))
