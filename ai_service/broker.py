@@ -147,7 +147,7 @@ class Topology:
             for op in self.ops:
                 names = queue_names(s, op)
                 channel = self._queue(connection, channel, names.request, self.request_arguments(names))
-                channel = self._queue(connection, channel, names.dlq, self._typed({}))
+                channel = self._queue(connection, channel, names.dlq, self.dlq_arguments())
                 channel.queue_bind(names.dlq, s.dead_letter_exchange, routing_key=names.request)
                 channel = self._queue(
                     connection,
@@ -174,6 +174,13 @@ class Topology:
         if self.settings.rabbitmq_queue_type == "quorum":
             args["x-delivery-limit"] = self.settings.rabbitmq_delivery_limit
         return self._typed(args)
+
+    def dlq_arguments(self) -> dict[str, Any]:
+        """Dead letters are inspected (and returned) by people: never drop them for
+        having been looked at too often (RabbitMQ 4 gives quorum queues a limit of 20)."""
+        if self.settings.rabbitmq_queue_type == "quorum":
+            return self._typed({"x-delivery-limit": 1_000_000})
+        return self._typed({})
 
     def _typed(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"x-queue-type": self.settings.rabbitmq_queue_type, **args}

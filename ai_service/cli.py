@@ -2,7 +2,8 @@
 
 ``worker train|convert|infer`` runs a worker; the operation's module is imported by name
 (``workers.<module>``), so this package never imports the workers statically and the
-BE-side subcommands start without torch or Ultralytics.
+BE-side subcommands (``submit``, ``cancel``, ``status``, ``dlq``, ``demo``,
+``asyncapi``, in :mod:`ai_service.commands`) start without torch or Ultralytics.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ai_service.commands import EXIT_CODES_HELP, add_commands, run_command
 from ai_service.config import ConfigError, Settings
-from ai_service.logs import setup_logging
-from ai_service.operation import Operation
 
 #: operation name -> module under ``workers`` that defines ``operation()``.
 WORKER_MODULES = {"train": "workers.training", "convert": "workers.conversion", "infer": "workers.inference"}
@@ -27,31 +27,39 @@ EXIT_USAGE = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ai-service",
-        description="YOLO training, conversion and inference workers driven by RabbitMQ.",
+        description="YOLO training, conversion and inference workers driven by RabbitMQ, and the BE-side "
+        "tools to talk to them. Settings come from the environment (see README / CONTRACT.md).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    worker = sub.add_parser("worker", help="run one worker process (what supervisord runs)")
+    worker = sub.add_parser(
+        "worker", help="run one worker process (what supervisord runs)",
+        description="Consume the operation's request queue until SIGTERM (warm stop) or a second signal.",
+    )
     worker.add_argument("op", choices=sorted(WORKER_MODULES), help="which operation this worker serves")
+    worker.set_defaults(func=None)
+    add_commands(sub)
     return parser
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     try:
-        # under supervisord the program is its process name (train-gpu0), else the op
-        program = os.environ.get("SUPERVISOR_PROCESS_NAME") or args.op
-        settings = Settings.from_env().for_program(program)
+        settings = Settings.from_env().for_program(args.op)
     except ConfigError as exc:
         print(f"ai-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(settings, op=args.op)
+    from ai_service.logs import setup_logging
+    from ai_service.operation import Operation
     from ai_service.worker import run_worker
+
+    setup_logging(settings, op=args.op)
 
     def load(settings: Settings) -> Operation:
         operation: Operation = importlib.import_module(WORKER_MODULES[args.op]).operation(settings)
         return operation
 
-    supervised = os.environ.get("SUPERVISOR_ENABLED") == "1"
-    return exit_now_if_forced(run_worker(settings, args.op, load, supervised=supervised))
+    return exit_now_if_forced(run_worker(settings, args.op, load))
 
 
 def exit_now_if_forced(code: int) -> int:
@@ -69,8 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "worker":
         return cmd_worker(args)
-    logging.getLogger("ai_service").error("unknown command %s", args.command)
-    return EXIT_USAGE
+    return run_command(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

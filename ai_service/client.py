@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,11 +57,6 @@ class Event:
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL_TYPES
-
-
-def new_job_id(op: str) -> str:
-    """A fresh job id (``train-3f9c2a1b7d4e``): valid under the contract's rules."""
-    return f"{op}-{uuid.uuid4().hex[:12]}"
 
 
 def request_queue(settings: Settings, name: str) -> str:
@@ -122,7 +116,7 @@ class BrokerClient:
             raise ConnectionClosed(describe_pika_error(exc)) from None
         try:
             frame = channel.queue_declare(queue, passive=True)
-            return int(frame.method.consumer_count)
+            return int(frame.method.consumer_count or 0)
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 404:
                 return None
@@ -222,7 +216,8 @@ class BrokerClient:
         (so the caller can check a deadline or redraw).  Heartbeats are answered while
         it waits."""
         try:
-            for method, props, body in self.channel.consume(queue, auto_ack=True, inactivity_timeout=tick):
+            channel: Any = self.channel  # pika-stubs type consume() as returning None
+            for method, props, body in channel.consume(queue, auto_ack=True, inactivity_timeout=tick):
                 if method is None:
                     yield None
                     continue
@@ -286,7 +281,7 @@ class BrokerClient:
 
     def _fetch(self, channel: BlockingChannel, dlq: str, limit: int) -> tuple[int, list[tuple[DeadLetter, int]]]:
         try:
-            count = int(channel.queue_declare(dlq, passive=True).method.message_count)
+            count = int(channel.queue_declare(dlq, passive=True).method.message_count or 0)
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 404:
                 raise QueueNotFound(f"queue {dlq!r} does not exist") from None
@@ -299,7 +294,7 @@ class BrokerClient:
                 method, props, body = channel.basic_get(dlq, auto_ack=False)
                 if method is None:
                     break
-                out.append((DeadLetter.parse(len(out) + 1, cast(pika.BasicProperties, props), body),
+                out.append((DeadLetter.parse(len(out) + 1, cast(pika.BasicProperties, props), cast(bytes, body)),
                             int(method.delivery_tag or 0)))
         except pika.exceptions.AMQPError as exc:
             raise ConnectionClosed(describe_pika_error(exc)) from None

@@ -105,7 +105,8 @@ class ProgressView:
         extra = f", resumed from epoch {resumed}" if resumed else ""
         self.say(f"training started{where} ({m.get('total_epochs', '?')} epochs{extra})")
         self._epoch_started = time.monotonic()
-        self._draw(f"epoch {resumed}/{m.get('total_epochs', '?')} {bar(0)}   0%  waiting for the first epoch...")
+        if self.live:
+            self._draw(f"epoch {resumed}/{m.get('total_epochs', '?')} {bar(0)}   0%  waiting for the first epoch...")
 
     def _on_epoch_update(self, m: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -131,7 +132,7 @@ class ProgressView:
         if self._eta_at is None:
             return self._epoch_base
         eta, since = self._eta_at
-        return f"{self._epoch_base}  ETA {format_duration(eta - (time.monotonic() - since))}"
+        return f"{self._epoch_base}  ETA {format_duration(max(0.0, eta - (time.monotonic() - since)))}"
 
     def _on_training_completed(self, m: dict[str, Any]) -> None:
         final = m.get("final_metrics") or {}
