@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,19 @@ def download_artifact(storage: Storage, path: str, dest: Path) -> Path:
     return target
 
 
-def classes_on(model: Any, image: Any) -> list[int]:
-    result = model.predict([image], imgsz=IMGSZ, conf=0.25, device="cpu", verbose=False)[0]
-    return sorted(int(c) for c in result.boxes.cls.tolist())
+def predicted(model: Any, images: list[np.ndarray]) -> list[list[tuple[int, float]]]:
+    """``(class, confidence)`` of each image's detections at Ultralytics' default conf."""
+    results = model.predict(images, imgsz=IMGSZ, conf=0.25, device="cpu", verbose=False)
+    return [list(zip(r.boxes.cls.int().tolist(), r.boxes.conf.tolist(), strict=True)) for r in results]
+
+
+def assert_same_objects(source: list[list[tuple[int, float]]], exported: list[list[tuple[int, float]]]) -> None:
+    """What one side finds confidently (>= 0.35), the other finds too (>= 0.25): a detection
+    near the threshold may fall on either side of it through rounding alone."""
+    for ours, theirs in ((source, exported), (exported, source)):
+        for confident, found in zip(ours, theirs, strict=True):
+            wanted = Counter(c for c, p in confident if p >= 0.35)
+            assert not wanted - Counter(c for c, _ in found), (source, exported)
 
 
 @pytest.fixture
@@ -120,6 +131,7 @@ def yolo_ready(tmp_path: Path) -> Iterator[None]:
 # --- end to end ------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
 def test_torchscript_onnx_and_openvino_from_s3_are_verified_and_load_and_engine_fails_alone(
     be: BE, start_worker: WorkerFactory, s3_server: S3Server, s3_bucket: str, s3_storage: Storage,
     trained_model: dict[str, Any], shapes_dir: Path, tmp_path: Path, yolo_ready: None,
@@ -157,16 +169,16 @@ def test_torchscript_onnx_and_openvino_from_s3_are_verified_and_load_and_engine_
     from tests.test_training import load_model
 
     source = load_model(Path(trained_model["model"]), tmp_path / "yolo")
-    image = np.asarray(draw_shapes_image(IMGSZ, 7)[0])[:, :, ::-1].copy()
-    expected = classes_on(source, image)
-    assert expected, "the trained model should find the shapes on a generated image"
+    images = [np.asarray(draw_shapes_image(IMGSZ, seed)[0])[:, :, ::-1].copy() for seed in (0, 2, 8)]
+    expected = predicted(source, images)
+    assert any(p >= 0.35 for found in expected for _, p in found), "the trained model should find shapes"
     for fmt, artifact in artifacts.items():
         assert set(artifact) == ARTIFACT_FIELDS, artifact  # verified: no note
         assert artifact["verified"] is True, artifact
         assert object_digest(s3_storage, artifact["path"]) == (artifact["size_bytes"], artifact["sha256"]), fmt
         local = download_artifact(s3_storage, artifact["path"], tmp_path / "downloads" / fmt)
         exported = YOLO(str(local), task="detect")
-        assert classes_on(exported, image) == expected, fmt
+        assert_same_objects(expected, predicted(exported, images))
         assert exported.names == {0: "circle", 1: "square"}
 
     # engine (TensorRT) needs a GPU: that format fails alone, the others are still done and listed.

@@ -38,6 +38,11 @@ the format's :class:`Tolerance`); a detection within the confidence tolerance of
 threshold may be on one side only.  When the source detects nothing at all, the raw
 head outputs of the two are compared instead (boxes and class scores of the source's
 top anchors).  ``verified`` says whether they agreed; when not, ``verification`` says why.
+
+Each job exports in its own folder under ``WORK_DIR/runs`` (one sub-folder per format),
+removed at the end.  On the CPU, torch gets every core while exporting (Ultralytics
+leaves one idle); ONNX Runtime and OpenVINO pick their own threads when verifying.  A
+warm shutdown lets the running conversion finish.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -62,7 +68,7 @@ from ai_service.config import Settings
 from ai_service.errors import (
     AIServiceError,
     InvalidInput,
-    JobHandedBack,
+    ObjectNotFound,
     PermanentError,
     StorageError,
 )
@@ -642,6 +648,9 @@ def setup(resources: Resources) -> None:
     settings = resources.settings
     yolo.prepare_ultralytics(settings.work_dir)
     block_openvino_telemetry()
+    # torch.jit.trace/load are deprecated in favour of torch.export, but Ultralytics' torchscript
+    # export and loader still use them; one FutureWarning per format is only noise in the log.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
     from ultralytics.engine import exporter  # noqa: F401 - pay the import once, before the first job
     from ultralytics.utils import checks
 
@@ -720,8 +729,6 @@ class ConversionJob:
                     conversion_time=round(time.monotonic() - self.started, 3),
                 ))
                 ctx.log.info("Conversion completed: %s", ", ".join(a.format for a in self.artifacts))
-        except JobHandedBack:
-            self.job.hand_back()
         except LeaseLost:
             ctx.log.warning("Stopped: another worker owns the job now")
         except BaseException as exc:  # noqa: BLE001 - every failure ends in one terminal message
@@ -770,11 +777,13 @@ class ConversionJob:
         self.current = None
 
     def _checkpoint(self) -> None:
-        """A safe point: stop here when cancelled, shutting down, or no longer ours."""
+        """A safe point: stop here when cancelled or no longer ours.
+
+        A warm shutdown does not stop a conversion: it is short next to training, so the
+        job is finished first (README, Operations) rather than handed back and redone.
+        """
         if self.ctx.cancelled.is_set():
             raise PermanentError("conversion was cancelled", error_code="cancelled")
-        if self.ctx.shutdown.is_set():
-            raise JobHandedBack("worker is shutting down")
         if self.job.lost.is_set():
             raise LeaseLost("the job was taken over by another worker")
 
@@ -782,8 +791,23 @@ class ConversionJob:
         """Download the model under a neutral local name and load it without running its pickle."""
         local = self.run_dir / "source" / "model.pt"
         self.ctx.log.info("Fetching %s", self.request.model.path)
-        self.ctx.storage.download_file(self.request.model.path, local)
-        return yolo.safe_load_model(local)
+        key = self.request.model.path
+        try:
+            self.ctx.storage.download_file(key, local)
+        except ObjectNotFound as exc:
+            raise ObjectNotFound(f"model.path {key!r} does not exist: {exc.message}") from None
+        try:
+            model = yolo.safe_load_model(local)
+        except InvalidInput:  # its message names the neutral local file; the BE knows the key
+            raise InvalidInput(
+                f"model.path {key!r} is not a valid Ultralytics .pt checkpoint (not a model, corrupt, or a "
+                "pickle that would run code on load)"
+            ) from None
+        if getattr(self.device, "type", "cpu") == "cpu":
+            # The exporter's select_device() just set torch to cpu_count - 1 threads (1 of 2 cores
+            # here); tracing, the dry run and the ONNX/OpenVINO conversion then use every core.
+            model.add_callback("on_export_start", lambda exporter: yolo.set_cpu_threads())
+        return model
 
     # --- one format --------------------------------------------------------------------
 
