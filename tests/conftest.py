@@ -67,7 +67,7 @@ def start_worker(tmp_path: Path, worker_env: dict[str, str]) -> Iterator[WorkerF
 
 # --- datasets and a model trained once per session ------------------------------------
 
-TRAINED_EPOCHS = 60
+TRAINED_EPOCHS = 80
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +118,13 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) ->
         return {"model": str(model), "completed": done.body}
 
     return build_once(tmp_path_factory, "trained-model", build)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_model_first(request: pytest.FixtureRequest) -> None:
+    """In a parallel run, train the shared model before anything else competes for the
+    two cores: every xdist worker waits on its lock, so it trains on an idle machine
+    (about a minute) instead of crawling under load. Single-process runs train it lazily.
+    """
+    if request.config.getoption("dist", default="no") != "no":
+        request.getfixturevalue("trained_model")
