@@ -24,6 +24,9 @@ help:
 	@echo "make run            all workers under supervisord (foreground, local storage in ./data)"
 	@echo "make test           the whole test suite (installs, starts RabbitMQ if needed)"
 	@echo "make run-train-worker | run-convert-worker | run-infer-worker   one worker, foreground"
+	@echo "make bench          benchmarks: prints a table, writes bench/results/<date>.json and docs/PERFORMANCE.md"
+	@echo "                    (BENCH_QUICK=1 for fewer repeats)"
+	@echo "make soak           fault run (kills, cuts, broker restart, hostile messages, load): docs/RELIABILITY.md"
 	@echo "make lint | typecheck | install | clean"
 
 install: $(STAMP)
@@ -46,10 +49,19 @@ test: install rabbitmq
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 lint: install
-	$(BIN)/ruff check ai_service workers tests
+	$(BIN)/ruff check ai_service workers tests bench soak
 
 typecheck: install
 	$(BIN)/mypy
+
+# awscli is only the benchmark's point of comparison (aws s3 sync), so it is installed here,
+# not with the service; its botocore pin follows the one boto3 already has.
+bench: install rabbitmq
+	test -x $(BIN)/aws || $(BIN)/python -m pip install -q 'awscli>=1.34,<2'
+	$(BIN)/python -m bench.run
+
+soak: install rabbitmq
+	$(BIN)/python -m soak.run
 
 run: install rabbitmq
 	@mkdir -p logs $(STORAGE_DIR) $(WORK_DIR)

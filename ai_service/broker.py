@@ -75,6 +75,8 @@ def connect(settings: Settings, *, client_name: str) -> pika.BlockingConnection:
         raise ConnectionClosed(describe_pika_error(exc)) from None
     except (OSError, ssl.SSLError) as exc:
         raise ConnectionClosed(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - e.g. AMQPConnectorStackTimeout is no AMQPError
+        raise ConnectionClosed(describe_pika_error(exc)) from None
 
 
 def describe_pika_error(exc: BaseException) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the worker does (workers/inference.py)
 
 from ai_service.shapes import draw_shapes_image  # noqa: E402
 
@@ -42,7 +43,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def line(name: str, count: int, seconds: float, latencies_ms: list[float]) -> str:
-    return (f"{name:<44} {count / seconds:8.1f} img/s   p50 {percentile(latencies_ms, 50):7.1f} ms   "
+    return (f"{name:<48} {count / seconds:8.1f} img/s   p50 {percentile(latencies_ms, 50):7.1f} ms   "
             f"p99 {percentile(latencies_ms, 99):7.1f} ms")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import struct
 import subprocess
 import sys
@@ -53,9 +54,25 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
+def sample_images() -> list[tuple[str | None, bytes, list[Box]]]:
+    """Eight new images: (storage key or None for inline, the bytes sent, the drawn shapes).
+
+    Four are stored PNGs, three inline PNGs, one an inline JPEG.
+    """
+    out: list[tuple[str | None, bytes, list[Box]]] = []
+    for i in range(8):
+        raw, truth = shapes(i)
+        if i == 7:
+            raw = encode(Image.open(io.BytesIO(raw)), "JPEG")
+        out.append((f"images/{i}.png" if i < 4 else None, raw, truth))
+    return out
+
+
+PARAMS = {"conf": 0.1, "iou": 0.7, "imgsz": IMGSZ, "max_det": 300, "classes": None}
+
+
 def request(job_id: str, model: str, images: list[dict[str, str]], **params: Any) -> dict[str, Any]:
-    return {"job_id": job_id, "model": {"path": model}, "images": images,
-            "params": {"conf": 0.25, "iou": 0.7, "imgsz": IMGSZ, "max_det": 300, "classes": None, **params}}
+    return {"job_id": job_id, "model": {"path": model}, "images": images, "params": {**PARAMS, **params}}
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
@@ -89,36 +106,37 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def score(result: dict[str, Any], truth: list[Box], names: dict[int, str]) -> tuple[int, int]:
-    """(drawn shapes found with the right class and IoU >= 0.6, confident detections of nothing)."""
-    found, used = 0, set()
-    dets = result["detections"]
-    for cls, box in truth:
-        for i, det in enumerate(dets):
-            b = det["box"]
-            overlap = iou(box, (b["x1"], b["y1"], b["x2"], b["y2"]))
-            if i not in used and det["class_name"] == names[cls] and overlap >= 0.6:
-                used.add(i)
-                found += 1
-                break
-    false = sum(1 for i, det in enumerate(dets) if i not in used and det["confidence"] >= 0.5)
-    return found, false
+def _xyxy(det: dict[str, Any]) -> tuple[float, float, float, float]:
+    b = det["box"]
+    return (b["x1"], b["y1"], b["x2"], b["y2"])
 
 
 def assert_finds_shapes(done: dict[str, Any], truths: list[list[Box]], names: dict[int, str]) -> None:
+    """Detections are well-formed, carry the model's class names and box the drawn shapes.
+
+    The bar fits the session's briefly trained model: it boxes most shapes (62-76% at
+    IoU >= 0.5 and conf >= 0.1 on 123 new shapes, 60 and 80 epochs) but tells circles from
+    squares on new images little better than chance (50-58%), so class names are checked
+    against the model's own answers instead: the service must return exactly what a
+    direct predict call returns (``reference``), names included.
+    """
     assert done["type"] == "inference_completed" and done["status"] == "completed", done
     assert len(done["results"]) == len(truths)
-    found = false = total = 0
+    boxed = total = 0
     for result, truth in zip(done["results"], truths, strict=True):
         assert (result["width"], result["height"]) == (IMGSZ, IMGSZ)
-        for det in result["detections"]:
+        dets = result["detections"]
+        for det in dets:
             assert set(det) == {"class_id", "class_name", "confidence", "box"}
             assert names[det["class_id"]] == det["class_name"] and 0 < det["confidence"] <= 1
-            b = det["box"]
-            assert 0 <= b["x1"] < b["x2"] <= IMGSZ and 0 <= b["y1"] < b["y2"] <= IMGSZ
-        f, x = score(result, truth, names)
-        found, false, total = found + f, false + x, total + len(truth)
-    assert found >= 0.85 * total and false <= 1, (found, total, false, done["results"])
+            x1, y1, x2, y2 = _xyxy(det)
+            assert 0 <= x1 < x2 <= IMGSZ and 0 <= y1 < y2 <= IMGSZ
+            if det["confidence"] >= 0.5:
+                assert any(iou(box, (x1, y1, x2, y2)) >= 0.5 for _, box in truth), ("nothing there", det, truth)
+        for _, box in truth:
+            total += 1
+            boxed += any(iou(box, _xyxy(d)) >= 0.5 for d in dets)
+    assert boxed >= 0.5 * total, (boxed, total, done["results"])
 
 
 def same_detections(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -129,7 +147,7 @@ def same_detections(a: dict[str, Any], b: dict[str, Any]) -> None:
         da = sorted(ra["detections"], key=lambda d: -d["confidence"])
         db = sorted(rb["detections"], key=lambda d: -d["confidence"])
         # detections right at the confidence threshold may flip; compare the confident ones
-        da, db = ([d for d in ds if d["confidence"] >= 0.3] for ds in (da, db))
+        da, db = ([d for d in ds if d["confidence"] >= 0.15] for ds in (da, db))
         assert len(da) == len(db), (ra, rb)
         for x, y in zip(da, db, strict=True):
             assert x["class_id"] == y["class_id"]
@@ -164,74 +182,350 @@ def worker_pid_rss_mb(pid: int) -> float:
 # --- models ------------------------------------------------------------------------------
 
 _EXPORT = r"""
-import importlib.util, shutil, sys
+import importlib.util, io, json, shutil, sys
 from pathlib import Path
 from workers import yolo
 
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 yolo.prepare_ultralytics(out / "work")
+import numpy as np
+from PIL import Image
+from tests.test_inference import IMGSZ, PARAMS, sample_images
+
 shutil.copy(src, out / "shapes.pt")
-model = yolo.safe_load_model(out / "shapes.pt")
-model.export(format="onnx", imgsz=128)
-model = yolo.safe_load_model(out / "shapes.pt")
-model.export(format="torchscript", imgsz=128)
-if importlib.util.find_spec("openvino") is not None:
-    yolo.safe_load_model(out / "shapes.pt").export(format="openvino", imgsz=128)
+files = {"pt": out / "shapes.pt"}
+for fmt in ["onnx", "torchscript"] + (["openvino"] if importlib.util.find_spec("openvino") else []):
+    files[fmt] = Path(yolo.safe_load_model(out / "shapes.pt").export(format=fmt, imgsz=IMGSZ))
 import torch
 ckpt = torch.load(out / "shapes.pt", map_location="cpu", weights_only=False)  # our own file
 ckpt["model"].names = {0: "ring", 1: "box"}
 torch.save(ckpt, out / "renamed.pt")
+
+# What each format says when Ultralytics is called directly, image by image.
+from ultralytics import YOLO
+arrays = [np.ascontiguousarray(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))[:, :, ::-1])
+          for _, raw, _ in sample_images()]
+reference = {}
+for fmt, path in files.items():
+    model = yolo.safe_load_model(path) if fmt == "pt" else YOLO(str(path), task="detect")
+    reference[fmt] = []
+    for array in arrays:
+        r = model.predict(array, verbose=False, device="cpu", **PARAMS)[0]
+        reference[fmt].append([
+            {"class_id": int(c), "class_name": r.names[int(c)], "confidence": float(p),
+             "box": dict(zip(("x1", "y1", "x2", "y2"), b))}
+            for b, p, c in zip(r.boxes.xyxy.tolist(), r.boxes.conf.tolist(), r.boxes.cls.tolist())])
+json.dump({"files": {k: str(v) for k, v in files.items()}, "reference": reference},
+          open(out / "models.json", "w"))
 """
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory, trained_model: dict[str, Any]) -> dict[str, Path]:
-    """The trained model as .pt, .onnx, .torchscript (and OpenVINO when installed), and a
-    copy whose classes are named differently; exported once per session, in a subprocess."""
+def models(tmp_path_factory: pytest.TempPathFactory, trained_model: dict[str, Any]) -> dict[str, Any]:
+    """The trained model as .pt, .onnx, .torchscript (and OpenVINO when installed), a copy
+    whose classes are named differently, and each format's direct-predict detections of
+    :func:`sample_images`; built once per session, in a subprocess."""
 
     def build(target: Path) -> dict[str, Any]:
-        subprocess.run([sys.executable, "-c", _EXPORT, trained_model["model"], str(target)], cwd=REPO,
-                       check=True, timeout=600, capture_output=True)
-        found = {"pt": target / "shapes.pt", "onnx": target / "shapes.onnx",
-                 "torchscript": target / "shapes.torchscript", "renamed": target / "renamed.pt",
-                 "openvino": target / "shapes_openvino_model"}
-        return {k: str(v) for k, v in found.items() if v.exists()}
+        done = subprocess.run([sys.executable, "-c", _EXPORT, trained_model["model"], str(target)], cwd=REPO,
+                              timeout=600, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        data: dict[str, Any] = json.loads((target / "models.json").read_text())
+        data["files"]["renamed"] = str(target / "renamed.pt")
+        return data
 
-    return {k: Path(v) for k, v in build_once(tmp_path_factory, "inference-models", build).items()}
+    return build_once(tmp_path_factory, "inference-models", build)
 
 
-def put_model(storage: Storage, path: Path, key: str) -> None:
+def put_model(storage: Storage, models: dict[str, Any], name: str, key: str) -> None:
+    path = Path(models["files"][name])
     if path.is_dir():
         storage.upload_dir(path, key)
     else:
         storage.upload_file(path, key)
 
 
-# --- tests -------------------------------------------------------------------------------
+# --- units: images, the batcher and the cache, without a model -------------------------
+
+
+def decode(raw: bytes, **limits: int) -> tuple[Any, int, int]:
+    from workers.inference import decode_image
+
+    return decode_image(raw, "images[0]", max_pixels=limits.get("max_pixels", 10**8),
+                        pixels_left=limits.get("pixels_left", 10**8))
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("JPEG", "RGB"), ("WEBP", "RGB"), ("TIFF", "RGB"),
+                                      ("BMP", "RGB"), ("GIF", "P"), ("PNG", "L"), ("PNG", "RGBA"),
+                                      ("PNG", "I;16")])
+def test_images_of_every_supported_format_and_mode_decode_to_bgr(fmt: str, mode: str) -> None:
+    image = Image.new("RGB", (40, 30), (200, 100, 50))
+    image = image.convert(mode) if mode != "I;16" else Image.new("I;16", (40, 30), 40000)
+    array, width, height = decode(encode(image, fmt))
+    assert (width, height) == (40, 30) and array.shape == (30, 40, 3) and str(array.dtype) == "uint8"
+    if mode == "RGB" and fmt in ("PNG", "TIFF", "BMP"):
+        assert tuple(array[0, 0]) == (50, 100, 200)  # BGR, as Ultralytics expects from numpy
+
+
+def test_the_exif_orientation_is_applied_and_reported() -> None:
+    image = Image.new("RGB", (40, 30), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    array, width, height = decode(buffer.getvalue())
+    assert (width, height) == (30, 40) and array.shape == (40, 30, 3)
+
+
+@pytest.mark.parametrize("raw,limits,words", [
+    (b"not an image" * 20, {}, "not an image in a supported format"),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n", {}, "not an image in a supported format"),  # Ghostscript never runs
+    (png_claiming(30000, 30000), {}, "900000000 pixels"),
+    (png_claiming(5000, 5000), {"max_pixels": 10**7}, "5000x5000 is 25000000 pixels"),
+    (png_claiming(100, 100), {"pixels_left": 9999}, "MAX_REQUEST_PIXELS"),
+], ids=["garbage", "eps", "bomb", "over-max-pixels", "over-request-pixels"])
+def test_images_are_refused_before_decoding(raw: bytes, limits: dict[str, int], words: str) -> None:
+    from ai_service.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=words):
+        decode(raw, **limits)
+
+
+def test_truncated_and_corrupted_images_are_refused() -> None:
+    from ai_service.errors import InvalidInput
+
+    good = shapes(0)[0]
+    for raw in (good[: len(good) // 2], good[:-20], good[:60] + b"\0" * 40 + good[100:]):
+        with pytest.raises(InvalidInput, match="truncated or corrupt"):
+            decode(raw)
+    jpeg = encode(Image.open(io.BytesIO(good)), "JPEG")
+    with pytest.raises(InvalidInput, match="truncated or corrupt"):
+        decode(jpeg[: len(jpeg) // 2])
+
+
+def test_inline_size_is_the_decoded_length() -> None:
+    from workers.inference import inline_size
+
+    for n in range(0, 40):
+        assert inline_size(b64(b"x" * n)) == n
+
+
+class FakeBoxes:
+    def __init__(self, rows: list[tuple[float, float, float, float, float, float]]) -> None:
+        import numpy as np
+
+        data = np.array(rows, dtype=float).reshape(-1, 6)
+        self.xyxy, self.conf, self.cls = data[:, :4], data[:, 4], data[:, 5]
+
+    def __len__(self) -> int:
+        return len(self.xyxy)
+
+
+class FakeYolo:
+    """Answers one detection per image whose x1 is the image's first pixel value;
+    fails on an image whose first pixel is 255."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[int, ...]]] = []
+
+    def predict(self, images: list[Any], **kwargs: Any) -> list[Any]:
+        from types import SimpleNamespace
+
+        self.calls.append([image.shape for image in images])
+        if any(int(image[0, 0, 0]) == 255 for image in images):
+            raise RuntimeError("poisoned")
+        return [SimpleNamespace(names={0: "thing"}, boxes=FakeBoxes([(float(image[0, 0, 0]), 0, 5, 5, 0.9, 0)]))
+                for image in images]
+
+
+def fake_engine(**kwargs: Any) -> Any:
+    from types import SimpleNamespace
+
+    from workers.inference import Engine
+
+    defaults = {"max_batch": 8, "window_s": 0.0, "cpu_threads": 1}
+    return Engine(SimpleNamespace(type="test"), **{**defaults, **kwargs})  # type: ignore[arg-type]
+
+
+def fake_job(model: Any, values: list[int], shape: tuple[int, int] = (8, 8), conf: float = 0.25) -> Any:
+    from concurrent.futures import Future
+
+    import numpy as np
+
+    from workers.inference import Job, Params
+
+    images = [np.full((*shape, 3), v, dtype=np.uint8) for v in values]
+    return Job(model, Params(conf, 0.7, 640, 300, None), images, Future())
+
+
+def fake_model(key: str = "m.pt") -> Any:
+    from workers.inference import LoadedModel, ModelRef
+
+    return LoadedModel(ModelRef(key, "pt", "v1", 1), FakeYolo(), Path("/nonexistent"), 1)
+
+
+def test_queued_requests_for_the_same_model_and_params_run_as_one_batch_each_with_its_answer() -> None:
+    engine = fake_engine(max_batch=8)
+    model, other = fake_model(), fake_model("other.pt")
+    jobs = [fake_job(model, [1]), fake_job(model, [2, 3]), fake_job(other, [4]), fake_job(model, [5], conf=0.5),
+            fake_job(model, [6])]
+    for job in jobs:
+        engine.enter()
+        engine.submit(job)
+    engine.start()
+    outcomes = [job.future.result(5) for job in jobs]
+    assert [[d.box.x1 for d in per_image] for o in outcomes for per_image in o.detections] == \
+        [[1], [2], [3], [4], [5], [6]]
+    assert model.yolo.calls == [[(8, 8, 3)] * 4, [(8, 8, 3)]]  # 1, 2, 3, 6 together; conf 0.5 alone
+    assert other.yolo.calls == [[(8, 8, 3)]]
+    assert (outcomes[0].batch_requests, outcomes[0].batch_images) == (3, 4)
+
+
+def test_images_are_grouped_by_shape_and_chunked_to_max_batch_and_batching_can_be_off() -> None:
+    engine = fake_engine(max_batch=4)
+    engine.start()
+    model = fake_model()
+    job = fake_job(model, [1] * 6)
+    job.images += fake_job(model, [2] * 4, shape=(8, 6)).images
+    engine.enter()
+    outcome = engine.submit(job).result(5)
+    assert [len(c) for c in model.yolo.calls] == [4, 2, 4]
+    assert [d[0].box.x1 for d in outcome.detections] == [1] * 6 + [2] * 4
+    off = fake_engine(max_batch=1)
+    jobs = [fake_job(model, [7]), fake_job(model, [8])]
+    for j in jobs:
+        off.enter()
+        off.submit(j)
+    off.start()
+    assert [j.future.result(5).batch_requests for j in jobs] == [1, 1]
+
+
+def test_the_batcher_waits_only_for_requests_being_prepared() -> None:
+    engine = fake_engine(max_batch=8, window_s=2.0)
+    engine.start()
+    model = fake_model()
+    started = time.monotonic()
+    engine.enter()
+    assert engine.submit(fake_job(model, [1])).result(5).batch_requests == 1
+    assert time.monotonic() - started < 1.0, "a lone request does not wait for the window"
+    engine.enter()
+    engine.enter()
+    first = engine.submit(fake_job(model, [2]))
+    time.sleep(0.2)  # the second handler is still decoding
+    second = engine.submit(fake_job(model, [3]))
+    assert first.result(5).batch_requests == 2 and second.result(5).batch_requests == 2
+    engine.enter()
+    engine.enter()
+    lone = engine.submit(fake_job(model, [4]))
+    time.sleep(0.2)
+    engine.leave()  # the other request failed while decoding: no need to wait longer
+    assert lone.result(1.5).batch_requests == 1
+
+
+def test_a_failing_request_in_a_batch_fails_alone() -> None:
+    from workers.inference import InferenceError
+
+    engine = fake_engine(max_batch=8)
+    model = fake_model()
+    jobs = [fake_job(model, [1]), fake_job(model, [255]), fake_job(model, [3])]
+    for job in jobs:
+        engine.enter()
+        engine.submit(job)
+    engine.start()
+    assert jobs[0].future.result(5).detections[0][0].box.x1 == 1
+    assert jobs[2].future.result(5).detections[0][0].box.x1 == 3
+    with pytest.raises(InferenceError, match="RuntimeError"):
+        jobs[1].future.result(5)
+
+
+def test_the_model_cache_is_lru_by_count_and_memory_and_reloads_changed_objects(tmp_path: Path) -> None:
+    from ai_service.errors import ObjectNotFound
+    from ai_service.metrics import Metrics
+    from workers.inference import ModelCache
+
+    storage = LocalStorage(tmp_path / "storage")
+    for name in ("a", "b", "c"):
+        storage.write_bytes(f"models/{name}.pt", b"x" * 100)
+    storage.write_bytes("models/ov_openvino_model/model.xml", b"<xml/>")
+    storage.write_bytes("models/ov_openvino_model/model.bin", b"\0" * 10)
+    loads: list[tuple[str, str]] = []
+    gate = threading.Event()
+
+    def loader(path: Path, ref: Any, imgsz: int) -> Any:
+        gate.wait(5)
+        loads.append((ref.key, path.name))
+        if ref.key == "models/c.pt" and path.read_bytes() == b"bad":
+            raise RuntimeError("cannot load")
+        return object()
+
+    engine = fake_engine()
+    engine.start()
+    log = logging.getLogger("test")
+    metrics = Metrics()
+    cache = ModelCache(storage, tmp_path / "models", engine, max_models=2, max_bytes=10_000, loader=loader,
+                       metrics=metrics)
+    # concurrent first requests for one model: one download, one load
+    threads = [threading.Thread(target=cache.get, args=("models/a.pt", 640, log)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert loads == [("models/a.pt", "model.pt")] and cache.downloads == 1
+    first = cache.get("models/a.pt", 640, log)
+    cache.get("models/b.pt", 640, log)
+    assert cache.get("models/a.pt", 640, log) is first  # a is now the most recently used
+    cache.get("models/ov_openvino_model/", 640, log)  # evicts b (count bound)
+    assert ("models/ov_openvino_model/", "model_openvino_model") in loads
+    assert cache.downloads == 3
+    cache.get("models/b.pt", 640, log)
+    assert cache.downloads == 4
+    time.sleep(0.01)
+    storage.write_bytes("models/a.pt", b"y" * 100)  # a new version
+    assert cache.get("models/a.pt", 640, log) is not first and cache.downloads == 5
+    counted = {r: metrics.registry.get_sample_value("ai_model_cache_total", {"result": r}) for r in ("hit", "miss")}
+    assert counted == {"hit": 5.0, "miss": 5.0}  # 3 waiting handlers and 2 gets found it cached
+    assert len(list((tmp_path / "models").iterdir())) == 2, "evicted models leave no files"
+    # memory bound: 3 x 400 estimated bytes > 1000 keeps fewer models
+    small = ModelCache(storage, tmp_path / "small", engine, max_models=8, max_bytes=1000, loader=loader)
+    for name in ("a", "b"):
+        small.get(f"models/{name}.pt", 640, log)
+    assert len(small._entries) == 2
+    small.get("models/c.pt", 640, log)
+    assert len(small._entries) == 2 and small.nbytes <= 1000
+    # failures are not cached and leave no files
+    storage.write_bytes("models/c.pt", b"bad")
+    with pytest.raises(RuntimeError):
+        cache.get("models/c.pt", 640, log)
+    with pytest.raises(RuntimeError):
+        cache.get("models/c.pt", 640, log)
+    with pytest.raises(ObjectNotFound):
+        cache.get("models/nope.pt", 640, log)
+    assert len(list((tmp_path / "models").iterdir())) == 2
+
+
+# --- end to end: the worker process ------------------------------------------------------
 
 NAMES = {0: "circle", 1: "square"}
 
 
 def test_from_s3_every_format_finds_the_shapes_and_models_are_cached(
-    be: BE, start_worker: WorkerFactory, s3_server: S3Server, s3_bucket: str, models: dict[str, Path],
+    be: BE, start_worker: WorkerFactory, s3_server: S3Server, s3_bucket: str, models: dict[str, Any],
 ) -> None:
     storage = S3Storage(s3_bucket, client=s3_server.client())
-    formats = {"pt": "models/shapes.pt", "onnx": "models/exports/shapes.onnx",
-               "torchscript": "models/exports/shapes.torchscript"}
-    if "openvino" in models:
-        formats["openvino"] = "models/exports/shapes_openvino_model/"
+    keys = {"pt": "models/shapes.pt", "onnx": "models/exports/shapes.onnx",
+            "torchscript": "models/exports/shapes.torchscript", "openvino": "models/exports/shapes_openvino_model/"}
+    formats = {fmt: key for fmt, key in keys.items() if fmt in models["files"]}
     for fmt, key in formats.items():
-        put_model(storage, models[fmt], key)
-    images, truths = [], []
-    for i in range(6):
-        raw, truth = shapes(i)
-        truths.append(truth)
-        if i < 3:
-            storage.write_bytes(f"images/{i}.png", raw)
-            images.append({"path": f"images/{i}.png"})
-        else:  # inline, one of them as JPEG
-            image = Image.open(io.BytesIO(raw))
-            images.append({"data": b64(encode(image, "JPEG") if i == 5 else raw)})
+        put_model(storage, models, fmt, key)
+    samples = sample_images()
+    images: list[dict[str, str]] = []
+    for key, raw, _ in samples:
+        if key is not None:
+            storage.write_bytes(key, raw)
+        images.append({"path": key} if key is not None else {"data": b64(raw)})
+    truths = [truth for _, _, truth in samples]
     worker = start_worker("infer", env={**BASE_ENV, **s3_server.env(), "STORAGE_BACKEND": "s3",
                                         "S3_BUCKET": s3_bucket, "MODEL_CACHE_SIZE": "8"})
     for fmt, key in formats.items():
@@ -241,14 +535,19 @@ def test_from_s3_every_format_finds_the_shapes_and_models_are_cached(
         msg = got[f"shapes-{fmt}"]
         done = msg.body
         assert_finds_shapes(done, truths, NAMES)
-        assert done["model_path"] == key and done["inference_time_ms"] > 0
-        assert [r["image"] for r in done["results"]] == ["images/0.png", "images/1.png", "images/2.png", "3", "4", "5"]
+        expected = {"type": "inference_completed", "status": "completed", "results": done["results"],
+                    "inference_time_ms": done["inference_time_ms"], "job_id": f"shapes-{fmt}", "model_path": key,
+                    "timestamp": done["timestamp"]}
+        assert done == expected and done["inference_time_ms"] > 0
+        assert [r["image"] for r in done["results"]] == [key or str(i) for i, (key, _, _) in enumerate(samples)]
+        # exactly what the model says when called directly
+        same_detections(done, {"results": [{**r, "detections": ref} for r, ref
+                                           in zip(done["results"], models["reference"][fmt], strict=True)]})
         assert msg.routing_key == f"infer.result.shapes-{fmt}"
         props = msg.properties
         assert (props.correlation_id, props.type) == (f"shapes-{fmt}", "inference_completed")
-        assert props.app_id == "ai-service"
-        assert props.delivery_mode == 2 and props.message_id and props.content_type == "application/json"
-    same_detections(got["shapes-pt"].body, got["shapes-onnx"].body)
+        assert props.app_id == "ai-service" and props.delivery_mode == 2 and props.message_id
+        assert props.content_type == "application/json"
     downloads = worker.log().count("Downloading model")
     assert downloads == len(formats)
 
@@ -259,12 +558,12 @@ def test_from_s3_every_format_finds_the_shapes_and_models_are_cached(
     assert worker.log().count("Downloading model") == downloads
     assert "[again] Model models/shapes.pt (version" in worker.log()
 
-    # Replacing the object in storage: the next request uses the new model, once.
-    put_model(storage, models["renamed"], formats["pt"])
+    # Replacing the object in storage: the next request uses the new model, loaded once.
+    put_model(storage, models, "renamed", formats["pt"])
     for job_id in ("renamed1", "renamed2"):
-        be.send(be.settings.infer_request_queue, request(job_id, formats["pt"], images[:3]))
+        be.send(be.settings.infer_request_queue, request(job_id, formats["pt"], images))
         done = answers(be, [job_id])[job_id].body
-        assert_finds_shapes(done, truths[:3], {0: "ring", 1: "box"})
+        assert_finds_shapes(done, truths, {0: "ring", 1: "box"})
     assert worker.log().count("Downloading model") == downloads + 1
     assert "Evicted model models/shapes.pt" in worker.log()
 
@@ -307,9 +606,9 @@ class RpcClient:
 
 
 def test_rpc_50_concurrent_requests_are_each_answered_once_to_their_caller(
-    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], models: dict[str, Path],
+    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], models: dict[str, Any],
 ) -> None:
-    put_model(LocalStorage(Path(worker_env["STORAGE_DIR"])), models["pt"], "models/shapes.pt")
+    put_model(LocalStorage(Path(worker_env["STORAGE_DIR"])), models, "pt", "models/shapes.pt")
     worker = start_worker("infer", env={**BASE_ENV, "INFER_PREFETCH": "16"})
     clients = [RpcClient(be.settings) for _ in range(5)]
     images = [b64(shapes(i)[0]) for i in range(10)]
@@ -350,9 +649,9 @@ def test_rpc_50_concurrent_requests_are_each_answered_once_to_their_caller(
 
 
 def test_answers_are_the_same_with_batching_on_and_off(
-    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], models: dict[str, Path],
+    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], models: dict[str, Any],
 ) -> None:
-    put_model(LocalStorage(Path(worker_env["STORAGE_DIR"])), models["pt"], "models/shapes.pt")
+    put_model(LocalStorage(Path(worker_env["STORAGE_DIR"])), models, "pt", "models/shapes.pt")
     samples = [shapes(i) for i in range(12)]
     odd = Image.open(io.BytesIO(samples[0][0])).crop((0, 0, 128, 96))  # another shape in the same batch
     bodies = [request(f"b{i}", "models/shapes.pt", [{"data": b64(raw)}]) for i, (raw, _) in enumerate(samples)]
@@ -372,18 +671,16 @@ def test_answers_are_the_same_with_batching_on_and_off(
         worker.stop()
     for job_id in job_ids:
         same_detections(runs["on"][job_id].body, runs["off"][job_id].body)
-    for i, (_, truth) in enumerate(samples):
-        assert score(runs["on"][f"b{i}"].body["results"][0], truth, NAMES)[0] >= len(truth) - 1
     multi = runs["on"]["multi"].body["results"]
     assert [(r["width"], r["height"]) for r in multi] == [(128, 128)] * 3 + [(128, 96)]
 
 
 def test_each_bad_input_fails_alone_and_the_worker_stays_small(
-    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], models: dict[str, Path], tmp_path: Path,
+    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], models: dict[str, Any], tmp_path: Path,
 ) -> None:
     root = Path(worker_env["STORAGE_DIR"])
     storage = LocalStorage(root)
-    put_model(storage, models["pt"], "models/shapes.pt")
+    put_model(storage, models, "pt", "models/shapes.pt")
     storage.write_bytes("images/bomb.png", png_bomb())
     storage.write_bytes("models/shapes.tflite", b"not really")
     storage.write_bytes("models/broken.onnx", b"\x08\x07garbage" * 100)
@@ -392,9 +689,9 @@ def test_each_bad_input_fails_alone_and_the_worker_stays_small(
     storage.write_bytes("models/evil.pt", evil)
     worker = start_worker("infer", env={**BASE_ENV, "INFER_PREFETCH": "16", "MAX_IMAGES": "4",
                                         "MAX_INLINE_IMAGE_BYTES": "100000", "BATCH_WINDOW_MS": "50"})
-    good, truth = shapes(0)
+    good, _ = shapes(0)
     be.send(be.settings.infer_request_queue, request("warm", "models/shapes.pt", [{"data": b64(good)}]))
-    answers(be, ["warm"])
+    warm = answers(be, ["warm"])["warm"].body
     rss_before = worker_pid_rss_mb(worker.proc.pid) if worker.proc else 0.0
     image = {"data": b64(good)}
     cases: list[tuple[str, dict[str, Any], str | None]] = [
@@ -424,14 +721,15 @@ def test_each_bad_input_fails_alone_and_the_worker_stays_small(
         if code is None:
             assert body["type"] == "inference_completed", body
             for result in body["results"]:
-                assert score(result, truth, NAMES)[0] == len(truth)
+                assert result["detections"] == warm["results"][0]["detections"]
         else:
             assert body["type"] == "inference_failed" and body["status"] == "failed", body
             assert body["error_code"] == code, body
             assert body["error_message"] and "Traceback" not in body["error_message"]
     messages = {job_id: got[job_id].body.get("error_message", "") for job_id, _, _ in cases}
     assert "images[1]" in messages["garbage"] and "truncated" in messages["truncated"]
-    assert "30000x30000" in messages["bombhdr"] and "30000x30000" in messages["bomb"]
+    for bomb in ("bombhdr", "bomb"):
+        assert "900000000 pixels" in messages[bomb] and "MAX_IMAGE_PIXELS" in messages[bomb]
     assert "MAX_IMAGES" in messages["toomany"] and "MAX_INLINE_IMAGE_BYTES" in messages["toobig"]
     assert "images/absent.png" in messages["noimage"] and "models/absent.pt" in messages["nomodel"]
     assert not marker.exists(), "the malicious pickle ran"

@@ -100,18 +100,18 @@ def test_supervisord_runs_every_worker_pinned_to_its_own_gpu_and_restarts_one_al
     supervisor: Supervisor,
 ) -> None:
     names = {"ai:train-gpu0", "ai:train-gpu1", "ai:convert-gpu2", "ai:infer-gpu3"}
-    pids = supervisor.wait_running(names)
+    pids = supervisor.wait_running(names, timeout=300)
     for name, pid in pids.items():
         assert environ_of(pid)["CUDA_VISIBLE_DEVICES"] == name[-1], name
     # Each one really started consuming (the contract's start-up line).
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline and supervisor.logs().count("✅ RabbitMQ consumer started") < 4:
         time.sleep(1)
     assert supervisor.logs().count("✅ RabbitMQ consumer started") == 4, supervisor.logs()
 
     # Restarting one worker leaves the others alone.
     supervisor.ctl("restart", "ai:train-gpu0")
-    after = supervisor.wait_running(names)
+    after = supervisor.wait_running(names, timeout=300)
     assert after["ai:train-gpu0"] != pids["ai:train-gpu0"]
     assert {n: p for n, p in after.items() if n != "ai:train-gpu0"} == {
         n: p for n, p in pids.items() if n != "ai:train-gpu0"

@@ -1,0 +1,119 @@
+"""Dataset download: the service's S3 prefix sync vs ``aws s3 sync``, cold and cached.
+
+One generated shapes dataset (``TRAIN`` + ``VAL`` PNG images of ``SIZE`` px and their
+label files, a few tens of MB) is uploaded to the SeaweedFS bucket.  Then, each in a
+fresh process (what a worker or an operator pays):
+
+* the service: :func:`ai_service.storage.sync_prefix_report` into an empty cache
+  directory (cold), then again into the same one (cached: one listing, nothing
+  downloaded);
+* ``aws s3 sync s3://<bucket>/<prefix> <dir> --endpoint-url ...`` into an empty
+  directory, then again (it compares size and modification time).
+
+Timed from process spawn to exit; :mod:`bench.sync_probe` also reports the time spent
+inside the sync call itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from bench.common import run_module
+from bench.context import Bench, Section
+
+PREFIX = "datasets/bench-download/"
+SIZE = 320
+
+
+def sizes(quick: bool) -> tuple[int, int]:
+    return (160, 40) if quick else (400, 100)
+
+
+def files_in(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def service_sync(bench: Bench, cache: Path) -> tuple[float, float, int]:
+    env = {**os.environ, **bench.s3.env(), "S3_BUCKET": bench.bucket}
+    started = time.perf_counter()
+    out = run_module("bench.sync_probe", PREFIX, str(cache), env=env, timeout=600)
+    wall = time.perf_counter() - started
+    if out.returncode != 0:
+        raise RuntimeError(f"sync_probe failed: {out.stderr[-2000:]}")
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    return wall, float(info["sync_s"]), int(info["downloaded"])
+
+
+def aws_sync(bench: Bench, dest: Path) -> float:
+    assert bench.aws is not None
+    env = {**os.environ, **bench.s3.env(), "AWS_EC2_METADATA_DISABLED": "true"}
+    started = time.perf_counter()
+    out = subprocess.run([bench.aws, "s3", "sync", f"s3://{bench.bucket}/{PREFIX}", str(dest), "--endpoint-url",
+                          bench.s3.endpoint_url, "--only-show-errors", "--no-progress"], env=env, capture_output=True,
+                         text=True, timeout=600, check=False)
+    wall = time.perf_counter() - started
+    if out.returncode != 0:
+        raise RuntimeError(f"aws s3 sync failed ({out.returncode}): {out.stderr[-2000:]}")
+    return wall
+
+
+def run(bench: Bench) -> list[Section]:
+    from ai_service.shapes import generate_shapes_dataset
+
+    n_train, n_val = sizes(bench.quick)
+    root = bench.path("download-dataset")
+    generate_shapes_dataset(root, n_train=n_train, n_val=n_val, size=SIZE, seed=7)
+    count, total = files_in(root)
+    bench.storage().upload_dir(root, PREFIX.rstrip("/"))
+    section = Section("download", f"Dataset download from SeaweedFS S3 ({count} objects, {total / 2**20:.1f} MiB)")
+    aws_cold = section.figure("aws_cold", "aws s3 sync, empty directory (process wall)", "s")
+    svc_cold = section.figure("service_cold", "service sync_prefix, empty cache (process wall)", "s",
+                              baseline="aws_cold")
+    svc_cold_in = section.figure("service_cold_call", "  … of which inside sync_prefix_report()", "s")
+    aws_warm = section.figure("aws_warm", "aws s3 sync, second run (nothing changed)", "s")
+    svc_warm = section.figure("service_warm", "service sync_prefix, second run (cache hit)", "s",
+                              baseline="aws_warm")
+    svc_warm_in = section.figure("service_warm_call", "  … of which inside sync_prefix_report()", "s")
+    repeats = bench.repeats + (0 if bench.quick else 2)
+    for r in range(repeats):
+        order = ("svc", "aws") if r % 2 == 0 else ("aws", "svc")
+        for which in order:
+            if which == "svc":
+                cache = bench.root / f"sync-cache-{r}"
+                wall, inside, downloaded = service_sync(bench, cache)
+                if downloaded != count:
+                    raise RuntimeError(f"the service downloaded {downloaded} of {count} objects")
+                svc_cold.add(wall)
+                svc_cold_in.add(inside)
+                wall, inside, downloaded = service_sync(bench, cache)
+                if downloaded != 0:
+                    raise RuntimeError(f"the cached sync downloaded {downloaded} objects again")
+                svc_warm.add(wall)
+                svc_warm_in.add(inside)
+                shutil.rmtree(cache, ignore_errors=True)
+            elif bench.aws is not None:
+                dest = bench.root / f"aws-{r}"
+                aws_cold.add(aws_sync(bench, dest))
+                got, _ = files_in(dest)
+                if got != count:
+                    raise RuntimeError(f"aws s3 sync fetched {got} of {count} objects")
+                aws_warm.add(aws_sync(bench, dest))
+                shutil.rmtree(dest, ignore_errors=True)
+    section.notes += [
+        f"{n_train} train + {n_val} val PNG images of {SIZE} px with their label files and data.yaml; "
+        f"{repeats} runs of each, alternating which goes first.",
+        "Both run as a fresh process (Python start-up included: the service's probe imports boto3 and the "
+        "storage module, the CLI imports botocore). The service fetches 8 objects at a time "
+        "(TRANSFER_WORKERS), the CLI 10 (its default max_concurrent_requests).",
+        "The cached run: the service lists the prefix and compares ETag and size with its manifest; aws s3 sync "
+        "lists it and compares size and modification time.",
+    ]
+    if bench.aws is None:
+        section.notes.append("awscli was not installed: the aws rows are empty (make bench installs it).")
+    return [section]

@@ -1,0 +1,164 @@
+"""The real worker with timing probes: ``python -m bench.instrumented train|convert|infer``.
+
+It is ``ai-service worker <op>`` -- same settings, same operation, same runtime -- with
+thin wrappers that append one JSON line per event to the file named by
+``BENCH_EVENTS`` (opened ``O_APPEND`` and written with one ``write`` per line, so lines
+from several processes do not mix and a SIGKILL loses at most the line being written):
+
+* ``publish``: every message handed to the shared publisher (it is in the on-disk spool
+  when this is written): ``mid`` (message_id), ``type``, ``ex``, ``rk``;
+* training only: ``take`` (LongJob.begin: job record, lease, ack), ``download``
+  (dataset sync and data.yaml), ``train_start`` / ``train_end`` (Ultralytics callbacks),
+  ``train_epoch_start`` / ``train_epoch_end`` (an epoch's training pass), ``ckpt`` (the service's
+  ``on_model_save``: checkpoint upload and record renewal), ``fit_epoch_end`` (the
+  service's ``on_fit_epoch_end``: record renewal and the ``epoch_update`` publish),
+  ``upload`` (every ``Storage.upload_file``), ``finish`` (terminal message recorded,
+  published and confirmed), ``job`` (the whole handler).
+
+Every event has ``t`` (wall clock when it started), ``pid`` and, for wrapped calls,
+``dur`` (seconds).  The wrappers add a few microseconds per call; nothing else differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ai_service.cli import WORKER_MODULES, exit_now_if_forced
+from ai_service.config import ConfigError, Settings
+from ai_service.logs import setup_logging
+from ai_service.operation import Operation
+
+EVENTS_ENV = "BENCH_EVENTS"
+
+
+class Journal:
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.pid = os.getpid()
+
+    def write(self, ev: str, t: float | None = None, **fields: Any) -> None:
+        record = {"t": time.time() if t is None else t, "pid": self.pid, "ev": ev, **fields}
+        os.write(self.fd, (json.dumps(record, default=str) + "\n").encode())
+
+
+def _timed(journal: Journal, owner: Any, name: str, ev: str,
+           describe: Callable[..., dict[str, Any]] = lambda *a, **k: {}) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            fields = describe(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - a probe must never change behaviour
+            fields = {}
+        t0, p0 = time.time(), time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            journal.write(ev, t=t0, dur=round(time.perf_counter() - p0, 6), **fields)
+
+    setattr(owner, name, wrapper)
+
+
+def install_publish_probe(journal: Journal) -> None:
+    from ai_service.publisher import Publisher, Receipt
+
+    original = Publisher.publish
+
+    @functools.wraps(original)
+    def publish(self: Publisher, exchange: str, routing_key: str, body: bytes, **kwargs: Any) -> Receipt:
+        receipt = original(self, exchange, routing_key, body, **kwargs)
+        journal.write("publish", mid=receipt.message_id, type=kwargs.get("message_type"), ex=exchange,
+                      rk=routing_key)
+        return receipt
+
+    Publisher.publish = publish  # type: ignore[method-assign]
+
+
+def training_probes(journal: Journal) -> dict[str, list[Callable[[Any], None]]]:
+    """Wrap the training job's steps; return the extra Ultralytics callbacks to register."""
+    from ai_service import jobs, storage
+    from workers import training
+
+    def job_of(job: Any, *rest: Any, **kw: Any) -> dict[str, Any]:
+        return {"job": job.request.job_id}
+
+    def epoch_of(job: Any, trainer: Any, *rest: Any, **kw: Any) -> dict[str, Any]:
+        final = int(trainer.epoch) != job.progress.train_epoch_seen
+        return {"job": job.request.job_id, "epoch": int(trainer.epoch) + 1, "final_eval": final}
+
+    def epoch_plain(job: Any, trainer: Any, *rest: Any, **kw: Any) -> dict[str, Any]:
+        return {"job": job.request.job_id, "epoch": int(trainer.epoch) + 1}
+
+    def ctx_job(job: Any, *rest: Any, **kw: Any) -> dict[str, Any]:
+        return {"job": job.ctx.job_id}
+
+    def upload_of(store: Any, src: Any, key: str, *rest: Any, **kw: Any) -> dict[str, Any]:
+        return {"key": key}
+
+    def prepare_of(store: Any, prefix: str, *rest: Any, **kw: Any) -> dict[str, Any]:
+        return {"prefix": prefix}
+
+    TJ = training.TrainingJob  # noqa: N806 - a class
+    _timed(journal, TJ, "run", "job", job_of)
+    _timed(journal, TJ, "_on_model_save", "ckpt", epoch_of)
+    _timed(journal, TJ, "_on_fit_epoch_end", "fit_epoch_end", epoch_of)
+    _timed(journal, TJ, "_on_train_epoch_end", "train_epoch_end", epoch_plain)
+    _timed(journal, jobs.LongJob, "begin", "take", ctx_job)
+    _timed(journal, jobs.LongJob, "finish", "finish", ctx_job)
+    _timed(journal, storage.Storage, "upload_file", "upload", upload_of)
+    _timed(journal, training, "prepare_dataset", "download", prepare_of)
+
+    def on_train_start(trainer: Any) -> None:
+        journal.write("train_start")
+
+    def on_train_epoch_start(trainer: Any) -> None:
+        journal.write("train_epoch_start", epoch=int(trainer.epoch) + 1)
+
+    def on_train_end(trainer: Any) -> None:
+        journal.write("train_end")
+
+    return {"on_train_start": [on_train_start], "on_train_epoch_start": [on_train_epoch_start],
+            "on_train_end": [on_train_end]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in WORKER_MODULES:
+        print(f"usage: python -m bench.instrumented {{{','.join(sorted(WORKER_MODULES))}}}", file=sys.stderr)
+        return 2
+    op = args[0]
+    try:
+        settings = Settings.from_env().for_program(op)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings, op=op)
+    path = os.environ.get(EVENTS_ENV)
+    journal = Journal(path) if path else None
+    if journal is not None:
+        install_publish_probe(journal)
+        journal.write("process_start", op=op)
+
+    def load(settings: Settings) -> Operation:
+        module = importlib.import_module(WORKER_MODULES[op])
+        if op == "train" and journal is not None:
+            operation: Operation = module.operation(settings, callbacks=training_probes(journal))
+            return operation
+        operation = module.operation(settings)
+        return operation
+
+    from ai_service.worker import run_worker
+
+    return exit_now_if_forced(run_worker(settings, op, load))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

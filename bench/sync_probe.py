@@ -1,0 +1,29 @@
+"""``python -m bench.sync_probe PREFIX CACHE_DIR``: the service's dataset sync in a fresh process.
+
+The bucket (``S3_BUCKET``) and the endpoint come from the environment, as for a worker.  Prints one JSON
+line: ``sync_s`` (inside :func:`ai_service.storage.sync_prefix_report`), ``objects``,
+``downloaded``, ``bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    prefix, cache = sys.argv[1], Path(sys.argv[2])
+    from ai_service.storage import S3Storage, sync_prefix_report
+
+    storage = S3Storage(os.environ["S3_BUCKET"])
+    started = time.perf_counter()
+    report = sync_prefix_report(storage, prefix, cache)
+    print(json.dumps({"sync_s": time.perf_counter() - started, "objects": report.objects,
+                      "downloaded": report.downloaded, "bytes": report.bytes_downloaded}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""``make soak``: a bounded fault run against real worker processes (see :mod:`soak.run`)."""
