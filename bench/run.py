@@ -143,7 +143,8 @@ def document(sections: list[Section], meta: dict[str, Any]) -> str:
         "min and max; ratios compare medians measured in the same run on the same machine, so they travel "
         "between machines better than the absolute times.",
         "",
-        f"- **Date:** {meta['date']} ({'quick' if meta['quick'] else 'full'} run, {meta['seconds'] / 60:.1f} min)",
+        f"- **Date:** {meta['date']} ({'quick' if meta['quick'] else 'full'} run, {meta['seconds'] / 60:.1f} min"
+        + (f"; results file `bench/results/{meta['source']}`" if meta.get("source") else "") + ")",
         f"- **Machine:** {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {m['ram_gib']} GiB RAM, "
         f"Linux {m['kernel']}; {m['gpu']}",
         "- **Versions:** " + ", ".join(f"{k} {val}" for k, val in v.items()),
@@ -186,6 +187,31 @@ def document(sections: list[Section], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def load_sections(data: dict[str, Any]) -> list[Section]:
+    sections = []
+    for raw in data["sections"]:
+        section = Section(raw["key"], raw["title"], notes=list(raw.get("notes", [])), extra=raw.get("extra", {}),
+                          error=raw.get("error"), seconds=raw.get("seconds", 0.0))
+        for f in raw["figures"]:
+            section.figures.append(Figure(key=f["key"], name=f["name"], unit=f["unit"], values=list(f["values"]),
+                                          note=f.get("note", ""), baseline=f.get("baseline")))
+        sections.append(section)
+    return sections
+
+
+def render_saved(path: Path) -> int:
+    data = json.loads(path.read_text())
+    sections = load_sections(data)
+    print(table(sections))
+    meta = {k: data[k] for k in ("date", "quick", "seconds", "machine", "versions", "load")}
+    meta["machine"].setdefault("gpu", "no GPU (everything ran on the CPU)")
+    doc = REPO / "docs" / "PERFORMANCE.md"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(document(sections, {**meta, "source": path.name}))
+    print(f"bench: wrote {doc.relative_to(REPO)} from {path}", file=sys.stderr)
+    return 0
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -195,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (also BENCH_QUICK=1)")
     parser.add_argument("--only", help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/PERFORMANCE.md")
+    parser.add_argument("--from-json", metavar="RESULTS", help="measure nothing: print the table of a results file "
+                                                               "and write docs/PERFORMANCE.md from it")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return render_saved(Path(args.from_json))
     quick = args.quick or os.environ.get("BENCH_QUICK", "") not in ("", "0")
     chosen = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
     unknown = set(chosen) - set(SECTIONS)
