@@ -771,7 +771,17 @@ def main(argv: list[str] | None = None) -> int:
                                          "nothing for --short)")
     parser.add_argument("--json", help="also write the figures as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, journals)")
+    parser.add_argument("--from-json", metavar="RESULT", help="run nothing: write the report of a --json result "
+                                                              "(to --report, default docs/RELIABILITY.md)")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        meta = {k: saved[k] for k in ("date", "short", "seed", "seconds", "machine", "versions", "load")}
+        meta["machine"].setdefault("gpu", "no GPU (everything ran on the CPU)")
+        out = Path(args.report) if args.report else REPO / "docs" / "RELIABILITY.md"
+        out.write_text(report([Part(**p) for p in saved["parts"]], meta))
+        print(f"soak: wrote {out} from {args.from_json}", file=sys.stderr)
+        return 1 if saved["failures"] else 0
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     cfg = Config.make(args.short, seed)
     chosen = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)

