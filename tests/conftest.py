@@ -9,16 +9,26 @@ from typing import Any
 import pytest
 
 from ai_service.config import Settings
-from tests.support.amqp import BE, BrokerNames, new_names
+from tests.support.amqp import BE, BrokerNames, delete_names, new_names, sweep_stale_names
 from tests.support.procs import WorkerProcess, worker_args
 from tests.support.shared import build_once
 
 pytest_plugins = ["tests.support.fixtures"]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Once per run (not per xdist worker): sweep what killed earlier runs left on the broker."""
+    if not hasattr(session.config, "workerinput"):
+        swept = sweep_stale_names()
+        if swept:
+            print(f"swept {swept} queues/exchanges left on the shared broker by earlier test runs")
+
+
 @pytest.fixture
-def names() -> BrokerNames:
-    return new_names()
+def names() -> Iterator[BrokerNames]:
+    created = new_names()
+    yield created
+    delete_names(created)
 
 
 @pytest.fixture

@@ -102,7 +102,9 @@ def test_supervisord_runs_every_worker_pinned_to_its_own_gpu_and_restarts_one_al
     names = {"ai:train-gpu0", "ai:train-gpu1", "ai:convert-gpu2", "ai:infer-gpu3"}
     pids = supervisor.wait_running(names, timeout=300)
     for name, pid in pids.items():
-        assert environ_of(pid)["CUDA_VISIBLE_DEVICES"] == name[-1], name
+        environ = environ_of(pid)
+        assert environ["CUDA_VISIBLE_DEVICES"] == name[-1], name
+        assert environ["WORKER_NAME"].endswith("/" + name.split(":")[1]), environ["WORKER_NAME"]
     # Each one really started consuming (the contract's start-up line).
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and supervisor.logs().count("✅ RabbitMQ consumer started") < 4:

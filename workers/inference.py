@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -356,6 +357,17 @@ def inline_size(data: str) -> int:
     return len(data) // 4 * 3 - len(data[-2:]) + len(data[-2:].rstrip("="))
 
 
+def _open_image(raw: bytes) -> Image.Image:
+    """Pillow's own ``Image.open``, restricted to IMAGE_FORMATS.
+
+    Ultralytics replaces ``PIL.Image.open`` with a wrapper that, on an unidentified
+    file, imports (and would pip-install) ``pi_heif``: garbage must stay "not an image".
+    """
+    patches = sys.modules.get("ultralytics.utils.patches")
+    opener = getattr(patches, "_image_open", Image.open) if patches is not None else Image.open
+    return opener(io.BytesIO(raw), formats=IMAGE_FORMATS)
+
+
 def decode_image(raw: bytes, label: str, *, max_pixels: int, pixels_left: int) -> tuple[np.ndarray, int, int]:
     """Decode one image to BGR, refusing bombs by their header and truncated data.
 
@@ -364,7 +376,7 @@ def decode_image(raw: bytes, label: str, *, max_pixels: int, pixels_left: int) -
     """
     Image.init()  # registers every plugin, so ``formats`` can name them (cheap after the first call)
     try:
-        with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as probe:
+        with _open_image(raw) as probe:
             width, height = probe.size
             pixels = width * height
             if pixels > max_pixels:
@@ -374,7 +386,7 @@ def decode_image(raw: bytes, label: str, *, max_pixels: int, pixels_left: int) -
                 raise InvalidInput(f"{label}: the request's images exceed the limit on pixels per request "
                                    "(MAX_REQUEST_PIXELS); split it")
             probe.verify()  # chunk structure and checksums, without decoding
-        with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as image:
+        with _open_image(raw) as image:
             image.load()  # a truncated file raises here (LOAD_TRUNCATED_IMAGES stays off)
             oriented = ImageOps.exif_transpose(image)
             if oriented.mode.startswith("I;16"):
@@ -772,13 +784,11 @@ def operation(settings: Settings) -> Operation:
 def setup(resources: Resources) -> None:
     """Make Ultralytics offline and safe, guard Pillow, start the engine thread."""
     settings = resources.settings
-    # Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning.
-    # Measured (.pt, 128 px, lists of 8, 2 cores): spinning (OpenMP's default) with 2 torch
-    # threads gave 321 img/s on a quiet machine but 3-71 img/s as soon as other processes
-    # wanted the cores; sleeping, 2 threads gave 130-200 quiet and 77 busy; 1 thread 200
-    # quiet and 36-40 busy.  A worker shares its host (training, conversion, the broker), so:
-    # every core, sleeping.  An operator with a dedicated machine may set OMP_WAIT_POLICY.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # prepare_ultralytics makes idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) before
+    # torch loads.  Measured (.pt, 128 px, lists of 8, 2 cores): spinning (OpenMP's default)
+    # with 2 torch threads gave 321 img/s on a quiet machine but 3-71 img/s as soon as other
+    # processes wanted the cores; sleeping, 2 threads gave 130-200 quiet and 77 busy; 1
+    # thread 200 quiet and 36-40 busy.  So: every core, sleeping.
     yolo.prepare_ultralytics(settings.work_dir)
     import ultralytics  # noqa: F401 - pay the import once, before the first request
 

@@ -143,6 +143,11 @@ def prepare_ultralytics(work_dir: Path, *, verbose: bool | None = None) -> None:
         os.environ["YOLO_VERBOSE"] = "True" if verbose else "False"
     else:
         os.environ.setdefault("YOLO_VERBOSE", "False")
+    # Idle OpenMP threads sleep instead of spinning (torch reads this when it loads).  A
+    # worker shares its host with other workers and the broker; spinning threads there
+    # collapse: inference fell from 321 to 3-71 img/s, a 20-epoch CPU training took x7
+    # longer under load (docs/PERFORMANCE.md).  An operator may set OMP_WAIT_POLICY.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # get_user_config_dir() appends "Ultralytics" to YOLO_CONFIG_DIR
     _install_fonts(config_dir / "Ultralytics")
 

