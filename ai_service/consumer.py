@@ -17,14 +17,16 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pika
@@ -63,6 +65,8 @@ log = logging.getLogger("ai_service.consumer")
 
 #: How long a finished handler waits for its terminal message's confirm before settling.
 TERMINAL_CONFIRM_TIMEOUT = 30.0
+#: How long a redelivered request waits for a first run of it still going in this process.
+REDELIVERY_WAIT = 300.0
 
 
 class Outcome(enum.Enum):
@@ -115,10 +119,63 @@ class _Delivery:
     info: DeliveryInfo
     ctx: JobContext | None = None
     acked: bool = False
+    seen: _Seen | None = None  # in the RequestTracker
+    digest: bytes = b""
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.generation, self.tag)
+
+
+@dataclass
+class _Seen:
+    done: threading.Event = field(default_factory=threading.Event)
+    answered: bool = False
+
+
+class RequestTracker:
+    """Requests in progress in this process and answered ones whose ack was lost.
+
+    When the connection drops while a request is handled, the broker delivers it again
+    (``redelivered``), possibly while the first run is still going.  Jobs with a job
+    record (training, conversion) recognise that themselves; for the rest (inference)
+    this tracker makes the redelivery wait for the first run and, if that one answered,
+    be acked without a second answer.  Keyed by a digest of the body; bounded (oldest
+    forgotten first); a restart of the process forgets.
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self._seen: OrderedDict[bytes, _Seen] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def digest(body: bytes) -> bytes:
+        return hashlib.sha256(body).digest()
+
+    def begin(self, digest: bytes) -> _Seen:
+        with self._lock:
+            entry = self._seen[digest] = _Seen()
+            while len(self._seen) > self.capacity:
+                self._seen.popitem(last=False)
+            return entry
+
+    def finish(self, digest: bytes, *, ack_lost: bool) -> None:
+        """The request was settled; keep it only if it was answered and its ack was lost."""
+        with self._lock:
+            entry = self._seen.get(digest)
+            if entry is not None and not (ack_lost and entry.answered):
+                del self._seen[digest]
+
+    def answered_before(self, digest: bytes, timeout: float) -> bool:
+        """For a redelivery: wait for a first run still going, then True if it answered."""
+        with self._lock:
+            entry = self._seen.get(digest)
+        if entry is None or not entry.done.wait(timeout) or not entry.answered:
+            return False
+        with self._lock:
+            self._seen.pop(digest, None)
+        return True
 
 
 class Consumer:
@@ -157,6 +214,7 @@ class Consumer:
         self.connected = threading.Event()
         self.handled = 0
         self.metrics = resources.metrics
+        self.tracker = RequestTracker()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -357,6 +415,13 @@ class Consumer:
         started = time.monotonic()
         error: BaseException | None = None
         job_id: str | None = None
+        digest = delivery.digest = RequestTracker.digest(delivery.info.body)
+        if delivery.info.redelivered and self.tracker.answered_before(digest, REDELIVERY_WAIT):
+            log.info("[Handler] [%s] Answered before the connection dropped; acknowledging the redelivery only",
+                     readable_job_id_from(delivery.info.body) or "?")
+            self._call_on_io(lambda: self._settle(delivery, Outcome.ACK))
+            return
+        seen = delivery.seen = self.tracker.begin(digest)
         try:
             request, _ = parse_request(self.op.request_model, delivery.info.body, self.settings.max_message_bytes)
             job_id = str(request.job_id)
@@ -391,6 +456,9 @@ class Consumer:
             receipt = DeliveryOutbox(self, job_id, delivery.info).emit("result", failure)
         elif job_ctx is not None:
             receipt = job_ctx.terminal_receipt
+        if receipt is not None:
+            seen.answered = True  # spooled at least: it reaches the BE
+        seen.done.set()
         if receipt is not None:
             receipt.wait(TERMINAL_CONFIRM_TIMEOUT)
         if decision.outcome is Outcome.REQUEUE and error is not None and not isinstance(error, JobHandedBack):
@@ -446,9 +514,12 @@ class Consumer:
     def _settle(self, delivery: _Delivery, outcome: Outcome) -> None:
         with self._inflight_lock:
             self._inflight.pop(delivery.key, None)
+        usable = delivery.acked or self._usable(delivery)
+        if delivery.seen is not None:
+            self.tracker.finish(delivery.digest, ack_lost=not usable)
         if delivery.acked:
             return
-        if not self._usable(delivery):
+        if not usable:
             log.warning(
                 "[RMQ] Delivery %d belongs to a closed channel; the broker has already requeued it",
                 delivery.tag,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from ai_service.consumer import Decision, Outcome, decide
+from ai_service.consumer import Decision, Outcome, RequestTracker, decide
 from ai_service.errors import (
     AIServiceError,
     ConnectionClosed,
@@ -132,3 +135,58 @@ def test_every_report_carries_a_contract_error_code() -> None:
         report = decide(error, LIMIT, LIMIT).report
         assert report is not None
         assert report.error_code in ERROR_CODES
+
+
+# --- RequestTracker: a redelivery of an answered request is not answered again ----------
+
+
+def test_a_redelivery_of_a_request_answered_before_its_ack_was_lost_is_recognised_once() -> None:
+    tracker = RequestTracker()
+    digest = RequestTracker.digest(b'{"job_id": "a"}')
+    seen = tracker.begin(digest)
+    seen.answered = True
+    seen.done.set()
+    tracker.finish(digest, ack_lost=True)
+    assert tracker.answered_before(digest, timeout=0.1)
+    assert not tracker.answered_before(digest, timeout=0.1), "a second redelivery is a new request"
+
+
+def test_a_request_acked_normally_or_unanswered_is_forgotten() -> None:
+    tracker = RequestTracker()
+    acked, unanswered = RequestTracker.digest(b"acked"), RequestTracker.digest(b"unanswered")
+    first = tracker.begin(acked)
+    first.answered = True
+    first.done.set()
+    tracker.finish(acked, ack_lost=False)
+    second = tracker.begin(unanswered)
+    second.done.set()
+    tracker.finish(unanswered, ack_lost=True)
+    assert not tracker.answered_before(acked, timeout=0.1)
+    assert not tracker.answered_before(unanswered, timeout=0.1)
+
+
+def test_a_redelivery_waits_for_its_first_run_still_going() -> None:
+    tracker = RequestTracker()
+    digest = RequestTracker.digest(b"slow")
+    seen = tracker.begin(digest)
+
+    def first_run_answers() -> None:
+        time.sleep(0.3)
+        seen.answered = True
+        seen.done.set()
+
+    threading.Thread(target=first_run_answers).start()
+    started = time.monotonic()
+    assert tracker.answered_before(digest, timeout=5)
+    assert time.monotonic() - started >= 0.25
+
+
+def test_the_tracker_forgets_the_oldest_past_its_capacity() -> None:
+    tracker = RequestTracker(capacity=2)
+    digests = [RequestTracker.digest(bytes([i])) for i in range(3)]
+    for d in digests:
+        entry = tracker.begin(d)
+        entry.answered = True
+        entry.done.set()
+    assert not tracker.answered_before(digests[0], timeout=0.05)
+    assert tracker.answered_before(digests[2], timeout=0.05)
