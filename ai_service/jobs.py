@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ai_service.errors import AIServiceError, ObjectNotFound
+from ai_service.errors import AIServiceError, InvalidInput, ObjectNotFound
 from ai_service.messages import _Message, new_message_id
 from ai_service.operation import JobContext, Resources
 from ai_service.storage import Storage
@@ -230,7 +230,11 @@ class LongJob:
                 self._republish_terminal(record)
             return Begin(None, "finished")
         if lease_token is not None:
-            if record is None or record.token != lease_token:
+            if record is None:
+                # A lease message is only ever sent after its record was written.
+                raise InvalidInput(f"the {LEASE_HEADER} header is internal to ai-service and names no job here; "
+                                   "send requests without it")
+            if record.token != lease_token:
                 return Begin(None, "stale lease")
             if record.lease_live():
                 ctx.outbox.lease(lease_token, self.lease_ttl_ms).wait(30)

@@ -138,6 +138,21 @@ def test_the_same_request_published_twice_trains_once_and_answers_once(
     assert again.body == done and again.properties.message_id == first_id
 
 
+def test_a_request_with_a_forged_lease_header_is_answered_invalid_and_dead_lettered(
+    be: BE, start_worker: WorkerFactory, dataset: LocalStorage
+) -> None:
+    start_worker("train", env=long_env())
+    be.send(be.settings.train_request_queue, train_request("forged", epochs=1), headers={"x-ai-lease": "guess"})
+    failed = be.terminal(be.settings.train_result_queue, "forged", timeout=60)
+    assert failed.type == "training_failed" and failed.body["error_code"] == "invalid_request"
+    assert "x-ai-lease" in failed.body["error_message"]
+    deadline = time.monotonic() + 10
+    while be.count(be.settings.train_request_queue + ".dlq") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert be.count(be.settings.train_request_queue + ".dlq") == 1
+    assert dataset.stat("jobs/forged.json") is None, "no job record for a refused request"
+
+
 def test_cancel_mid_training_ends_with_one_training_cancelled_and_a_checkpoint(
     be: BE, start_worker: WorkerFactory, dataset: LocalStorage
 ) -> None:
