@@ -7,7 +7,7 @@ service should do with it:
   for its ``job_id`` -- when a job_id can be read from it;
 * ``dlq``: it ends in ``<request queue>.dlq`` (rejected without requeue);
 * ``silent_ok``: neither is required (e.g. an answer addressed to a ``reply_to`` queue
-  that does not exist, a forged lease header).
+  that does not exist).
 
 Generic entries (bad JSON, wrong encodings, depth bombs, huge fields, wrong types,
 unknown fields, traversal keys, ...) are built for each of the three operations from a
@@ -227,7 +227,9 @@ def generic(op: str, refs: dict[str, str]) -> list[Entry]:
     # AMQP-level oddities on a valid request
     add("forged-delivery-count", ok("forged-delivery-count"), "any-terminal",
         headers={"x-delivery-count": "many", "x-death": "not a list"})
-    add("forged-lease", ok("forged-lease"), "silent_ok", headers={"x-ai-lease": "0" * 32})
+    # the lease header is internal: refused where a job record is kept, ignored by inference
+    add("forged-lease", ok("forged-lease"), "any-terminal" if op == "infer" else "answer+dlq",
+        headers={"x-ai-lease": "0" * 32})
     add("reply-to-nowhere", ok("reply-to-nowhere"), "silent_ok", reply_to="no-such-queue-soak",
         correlation_id="c" * 255)
     add("cancel-in-request-queue", {"type": "cancel", "job_id": jid("cancel-in-request-queue")})

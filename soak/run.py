@@ -651,7 +651,7 @@ def corpus_section(world: World, h: Harness) -> Part:
             differs.append(f"{e.name} (answered {a}, dead-lettered {d})")
     part.add(f"answered (a *_failed/terminal message for its job_id): {answered}")
     part.add(f"dead-lettered (in <queue>.dlq): {dlqd}; both answered and dead-lettered: {both}")
-    part.add(f"neither (accepted and dropped on purpose: forged lease header, reply_to to no queue): {neither}")
+    part.add(f"neither (dropped on purpose: answers addressed to a reply_to queue that does not exist): {neither}")
     part.add("answers by error_code: " + ", ".join(f"{c} {n}" for c, n in codes.most_common()))
     part.add(f"messages neither answered nor dead-lettered where the contract asks for one: {len(unaccounted)}")
     if unaccounted:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,6 +271,15 @@ def test_a_cancel_between_formats_ends_with_conversion_cancelled_and_the_artifac
     send(be, convert_request("conv-cancel", ["torchscript", "onnx", "openvino"]))
     again = be.terminal(be.settings.convert_result_queue, "conv-cancel", timeout=60)
     assert again.body == result
+    # Cancelled before any worker took it: answered as soon as one does, nothing exported.
+    be.cancel("conv-early")
+    deadline = time.monotonic() + 10
+    while storage.stat("jobs/conv-early.cancel") is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    send(be, convert_request("conv-early", ["onnx"]))
+    early = be.terminal(be.settings.convert_result_queue, "conv-early", timeout=60).body
+    assert early["type"] == "conversion_cancelled" and early["artifacts"] == [], early
+    assert storage.stat("models/exports/shapes.onnx") is None
 
 
 # --- the pieces ------------------------------------------------------------------------

@@ -72,7 +72,7 @@ from ai_service.errors import (
     PermanentError,
     StorageError,
 )
-from ai_service.jobs import JobRecord, LeaseLost, Ledger, LongJob, checkpoint_key
+from ai_service.jobs import JobRecord, LeaseLost, Ledger, LongJob, checkpoint_key, record_cancel
 from ai_service.messages import (
     Artifact,
     ConversionCancelled,
@@ -640,6 +640,7 @@ def operation(settings: Settings, *, on_format_done: FormatHook | None = None) -
         failure=failure_message,
         prefetch=1,
         setup=setup,
+        on_cancel=record_cancel,
     )
 
 
