@@ -201,3 +201,70 @@ def test_s3_going_away_mid_job_ends_with_storage_error_and_the_worker_goes_on(
     assert be.terminal(be.settings.train_result_queue, "s3back", timeout=120).type == "training_completed"
     assert worker.alive
     assert s3_server.secret_key not in worker.log()
+
+
+# --- checkpoint uploads in the background ------------------------------------------------
+
+
+def test_checkpoints_are_staged_so_the_next_epoch_cannot_overwrite_what_is_uploading(tmp_path: Path) -> None:
+    import threading
+
+    from workers.training import CheckpointUploads
+
+    release = threading.Event()
+    stored: list[bytes] = []
+
+    def store(staged: dict[str, Path]) -> None:
+        release.wait(5)
+        stored.append(staged["last"].read_bytes())
+
+    src = tmp_path / "last.pt"
+    src.write_bytes(b"epoch 1")
+    uploads = CheckpointUploads(tmp_path / "staging", store)
+    uploads.submit({"last": src})
+    src.write_bytes(b"epoch 2")  # Ultralytics saves the next epoch over it
+    release.set()
+    uploads.flush()
+    assert stored == [b"epoch 1"]
+
+
+def test_at_most_one_checkpoint_upload_is_pending_and_its_failure_reaches_the_training_thread(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    from ai_service.errors import StorageError
+    from workers.training import CheckpointUploads
+
+    running = threading.Event()
+    release = threading.Event()
+    calls: list[int] = []
+
+    def store(staged: dict[str, Path]) -> None:
+        calls.append(len(calls))
+        running.set()
+        release.wait(5)
+        raise StorageError("S3 went away")
+
+    src = tmp_path / "last.pt"
+    src.write_bytes(b"w")
+    uploads = CheckpointUploads(tmp_path / "staging", store)
+    uploads.submit({"last": src})
+    assert running.wait(5)
+    raised: list[BaseException] = []
+
+    def next_epoch() -> None:
+        try:
+            uploads.submit({"last": src})
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            raised.append(exc)
+
+    waiter = threading.Thread(target=next_epoch)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive(), "a second epoch's upload did not wait for the first"
+    release.set()
+    waiter.join(5)
+    assert [type(e) for e in raised] == [StorageError]
+    assert calls == [0], "the second upload started although the first one failed"
+    uploads.settle()  # nothing pending any more, nothing raised

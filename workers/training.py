@@ -8,7 +8,9 @@ metrics of the last finished epoch.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -166,6 +168,54 @@ def epoch_metrics(trainer: Any) -> dict[str, float]:
     return {k: _round(v) for k, v in out.items()}
 
 
+class CheckpointUploads:
+    """Each epoch's checkpoints go to storage in the background while the next epoch trains.
+
+    Synchronous uploads cost ~0.35 s an epoch against local SeaweedFS (bench: ~45% of a
+    toy CPU epoch).  At most one upload is pending: the next submit (or a flush) waits for
+    it and re-raises its failure in the training thread.  The job record names a
+    checkpoint only once it is in storage, so a resume is at most one epoch behind the
+    last announced epoch (Ultralytics redoes that epoch; the BE is not told twice).
+    """
+
+    def __init__(self, staging: Path, store: Callable[[dict[str, Path]], None]) -> None:
+        self.staging = staging
+        self.store = store
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, files: dict[str, Path]) -> None:
+        """Copy ``files`` (Ultralytics overwrites them next epoch) and upload them in the background."""
+        self.flush()
+        self.staging.mkdir(parents=True, exist_ok=True)
+        staged: dict[str, Path] = {}
+        for name, src in files.items():
+            staged[name] = self.staging / f"{name}.pt"
+            shutil.copyfile(src, staged[name])
+        self._thread = threading.Thread(target=self._run, args=(staged,), name="checkpoint-upload", daemon=True)
+        self._thread.start()
+
+    def _run(self, staged: dict[str, Path]) -> None:
+        try:
+            self.store(staged)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
+            self._error = exc
+
+    def flush(self) -> None:
+        """Wait for the pending upload; raise its failure."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def settle(self) -> None:
+        """Wait for the pending upload, ignoring its failure (the job ends another way)."""
+        with contextlib.suppress(BaseException):
+            self.flush()
+
+
 class TrainingJob:
     """One training request, from taking it to its terminal message."""
 
@@ -180,6 +230,7 @@ class TrainingJob:
         ledger = Ledger(ctx.storage, worker=ctx.worker, lease_seconds=ctx.settings.lease_seconds)
         self.job = LongJob(ctx, ledger, cancelled_message=self._cancelled, failed_message=self._failed)
         self.record: JobRecord | None = None
+        self.uploads = CheckpointUploads(self.run_dir / "checkpoint-staging", self._store_checkpoints)
 
     # --- the job -----------------------------------------------------------------------
 
@@ -199,6 +250,7 @@ class TrainingJob:
             ctx.log.info("Resuming from epoch %d (attempt %d)", record.last_epoch, record.attempt)
         try:
             best = self._train(yaml_name, record)
+            self.uploads.flush()
             ctx.log.info("Uploading best weights to %s", req.output.model_key)
             ctx.storage.upload_file(best, req.output.model_key)
             final = self._final_metrics()
@@ -211,10 +263,12 @@ class TrainingJob:
             ctx.log.info("Training completed: mAP50 %.3f after %d epochs", final["final_mAP50"],
                          self.progress.current_epoch)
         except JobHandedBack:
+            self.uploads.settle()  # the next worker resumes from the newest checkpoint
             self.job.hand_back()
         except LeaseLost:
             ctx.log.warning("Stopped: another worker owns the job now")
         except BaseException as exc:  # noqa: BLE001 - every failure ends in one terminal message
+            self.uploads.settle()
             error = self._classify(exc)
             if error.error_code == "cancelled":
                 ctx.log.info("Cancelled at epoch %d", self.progress.current_epoch)
@@ -226,6 +280,7 @@ class TrainingJob:
             if isinstance(error, InvalidInput):
                 ctx.outbox.dead_letter().wait(30)
         finally:
+            self.uploads.settle()
             self.job.stop_renewing()
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -341,18 +396,29 @@ class TrainingJob:
             raise LeaseLost("the job was taken over by another worker")
 
     def _on_model_save(self, trainer: Any) -> None:
-        """After every epoch: last.pt (and best.pt when it improved) go to storage."""
-        job_id = self.request.job_id
-        storage = self.ctx.storage
+        """After every epoch: last.pt (and best.pt when it improved) go to storage.
+
+        In the background (:class:`CheckpointUploads`), but synchronously after the last
+        epoch and after a cancel: the terminal message names what is in storage.
+        """
+        if self.record is None:
+            return
+        files = {"last": Path(trainer.last)}
+        if trainer.best_fitness == trainer.fitness and Path(trainer.best).exists():
+            files["best"] = Path(trainer.best)
+        self.uploads.submit(files)
+        if self.progress.stopped_by or int(trainer.epoch) + 1 >= int(trainer.epochs):
+            self.uploads.flush()
+
+    def _store_checkpoints(self, staged: dict[str, Path]) -> None:
+        """Upload one epoch's staged checkpoints, then name them in the job record."""
         record = self.record
         if record is None:
             return
         checkpoints = dict(record.checkpoints)
-        checkpoints["last"] = checkpoint_key(job_id, "last.pt")
-        storage.upload_file(Path(trainer.last), checkpoints["last"])
-        if trainer.best_fitness == trainer.fitness and Path(trainer.best).exists():
-            checkpoints["best"] = checkpoint_key(job_id, "best.pt")
-            storage.upload_file(Path(trainer.best), checkpoints["best"])
+        for name, path in staged.items():
+            checkpoints[name] = checkpoint_key(self.request.job_id, f"{name}.pt")
+            self.ctx.storage.upload_file(path, checkpoints[name])
         self.job.renew(checkpoints=checkpoints)
 
     def _on_train_epoch_end(self, trainer: Any) -> None:
