@@ -90,11 +90,11 @@ class Config:
     @classmethod
     def make(cls, short: bool, seed: int) -> Config:
         if short:
-            return cls(short, seed, kill_jobs=2, kill_epochs=3, kill_workers=1, kill_max=2, kill_every=(3.0, 9.0),
+            return cls(short, seed, kill_jobs=2, kill_epochs=4, kill_workers=1, kill_max=2, kill_every=(2.0, 5.0),
                        kill_deadline=420, proxy_window=15, proxy_jobs=1, proxy_epochs=3, proxy_rate=5,
                        cut_every=(2.0, 4.0), cut_for=(0.2, 1.0), restart_rate=5, restart_down=2,
                        restart_training=False, sustained_seconds=15, sustained_rate=10)
-        return cls(short, seed, kill_jobs=5, kill_epochs=6, kill_workers=2, kill_max=10, kill_every=(4.0, 14.0),
+        return cls(short, seed, kill_jobs=5, kill_epochs=10, kill_workers=2, kill_max=10, kill_every=(2.0, 6.0),
                    kill_deadline=600, proxy_window=90, proxy_jobs=3, proxy_epochs=6, proxy_rate=10,
                    cut_every=(2.0, 6.0), cut_for=(0.2, 2.0), restart_rate=10, restart_down=5,
                    restart_training=True, sustained_seconds=120, sustained_rate=20)
@@ -348,6 +348,8 @@ def kill_section(world: World) -> Part:
         job_lines(part, jobs, messages)
         phases = Counter(k[3] for k in kills)
         part.add(f"SIGKILLs: {len(kills)} (" + ", ".join(f"{n} {p}" for p, n in phases.most_common()) + ")")
+        if not kills:
+            part.fail("no worker was killed: the jobs finished before the first kill (more epochs, or kill sooner)")
         events = h.journal()
         trained = Counter((e.get("job"), e.get("epoch")) for e in events
                           if e.get("ev") == "train_epoch_end" and not e.get("final_eval"))
