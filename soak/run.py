@@ -731,7 +731,7 @@ SECTIONS: dict[str, Callable[[World], list[Part]]] = {
 def report(parts: list[Part], meta: dict[str, Any]) -> str:
     failures = [f for p in parts for f in p.failures]
     m, v, load = meta["machine"], meta["versions"], meta["load"]
-    busy = load["at_start_1_5_15"][0] > 0.5 or load["during_max"] > 3.0
+    busy = load["at_start_1_5_15"][0] > 0.5  # during the run, the load is mostly the soak's own
     out = [
         "# Reliability",
         "",
@@ -746,7 +746,7 @@ def report(parts: list[Part], meta: dict[str, Any]) -> str:
         "- **Versions:** " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- **Load:** 1-minute load average {load['at_start_1_5_15'][0]} before the run, median "
         f"{load['during_median']} and max {load['during_max']} during it."
-        + (" Other work was running on the machine at the same time." if busy else ""),
+        + (" The machine was not idle when the run began." if busy else ""),
         f"- **Verdict:** {'PASS — nothing lost, no worker crashed, no payload ran' if not failures else 'FAIL'}",
         "",
     ]

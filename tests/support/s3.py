@@ -56,6 +56,15 @@ def weed_binary() -> Path | None:
     return Path(found) if found else None
 
 
+def _proc_state(pid: int) -> str:
+    """The one-letter state in /proc/<pid>/stat ("T": stopped), or "" if unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[0]
+
+
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -238,6 +247,10 @@ class S3Server:
             raise RuntimeError("SeaweedFS is not running")
         os.killpg(self._proc.pid, signal.SIGSTOP)
         self._paused = True
+        # kill() returns before the target has stopped: wait until the kernel says it has.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _proc_state(self._proc.pid) not in ("T", "t"):
+            time.sleep(0.01)
 
     def resume(self) -> None:
         if self._proc is not None and self._paused:
