@@ -323,3 +323,15 @@ def test_describe_endpoint_never_contains_the_password(ssl_on: bool) -> None:
     assert PASSWORD not in endpoint
     scheme, port = ("amqps", 5671) if ssl_on else ("amqp", 5672)
     assert endpoint == f"{scheme}://svc@rabbit.example.com:{port}/ai"
+
+
+def test_every_setting_is_in_the_readme_configuration_table() -> None:
+    from dataclasses import fields
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    names = [f.name.upper() for f in fields(Settings)]
+    missing = [n for n in names if f"`{n}`" not in table
+               and not n.endswith(("_QUEUE", "_EXCHANGE"))]  # queue and exchange names: CONTRACT.md
+    assert missing == [], f"settings not documented in the README: {missing}"
