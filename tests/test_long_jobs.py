@@ -99,6 +99,25 @@ def test_a_worker_killed_after_epoch_3_of_8_resumes_on_restart_and_finishes_once
     assert dataset.stat(done["model_path"]) is not None
 
 
+@pytest.mark.parametrize("epoch", [2, 4], ids=["its-upload-still-pending", "last-epoch-stored"])
+def test_a_worker_lost_after_storing_an_epoch_but_before_announcing_it_announces_it_on_resume(
+    epoch: int, be: BE, start_worker: WorkerFactory, dataset: LocalStorage
+) -> None:
+    journal = Journal(be)
+    env = long_env(TEST_FAULT=f"die-after-save@{epoch}")
+    victim = start_worker(module="tests.support.training_worker", env=env, name="victim")
+    be.send_train(train_request("gap", epochs=4))
+    deadline = time.monotonic() + 180
+    while victim.alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not victim.alive, "the fault did not fire"
+    start_worker(module="tests.support.training_worker", env=env, name="after")
+    done = journal.wait_terminal("gap")
+    assert done["type"] == "training_completed", done
+    assert_epochs_not_retrained(journal, "gap", 4)
+    assert dataset.stat(done["model_path"]) is not None
+
+
 def test_a_dead_workers_job_is_taken_over_by_another_worker_within_a_lease_period(
     be: BE, start_worker: WorkerFactory, dataset: LocalStorage
 ) -> None:

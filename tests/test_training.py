@@ -268,3 +268,18 @@ def test_at_most_one_checkpoint_upload_is_pending_and_its_failure_reaches_the_tr
     assert [type(e) for e in raised] == [StorageError]
     assert calls == [0], "the second upload started although the first one failed"
     uploads.settle()  # nothing pending any more, nothing raised
+
+
+def test_a_stored_checkpoint_tells_how_far_training_got_and_each_epochs_metrics() -> None:
+    from types import SimpleNamespace
+
+    from workers.training import checkpoint_progress
+
+    table = {"epoch": [1, 2], "train/box_loss": [1.5, 1.25], "train/cls_loss": [2.0, 1.5],
+             "train/dfl_loss": [1.0, 1.0], "metrics/mAP50(B)": [0.1, 0.25], "val/box_loss": [1.75, 1.5]}
+    model = SimpleNamespace(ckpt={"epoch": 1, "train_args": {"epochs": 2}, "train_results": table})
+    finished, total, rows = checkpoint_progress(model)
+    assert (finished, total) == (2, 2)
+    assert rows[2]["train_loss"] == 3.75 and rows[2]["mAP50"] == 0.25 and rows[2]["val_box_loss"] == 1.5
+    assert rows[1]["mAP50"] == 0.1
+    assert checkpoint_progress(SimpleNamespace(ckpt=None)) == (0, 0, {})

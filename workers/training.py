@@ -148,10 +148,29 @@ def _round(value: Any) -> float:
 def epoch_metrics(trainer: Any) -> dict[str, float]:
     """The contract's epoch metrics from an Ultralytics trainer at ``on_fit_epoch_end``."""
     losses = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
+    return contract_metrics(losses, trainer.metrics or {})
+
+
+def checkpoint_progress(model: Any) -> tuple[int, int, dict[int, dict[str, float]]]:
+    """From a loaded ``last.pt``: epochs finished, epochs planned, and each finished
+    epoch's contract metrics (from the results table Ultralytics stores in it)."""
+    ckpt = getattr(model, "ckpt", None) or {}
+    finished = int(ckpt.get("epoch", -1)) + 1
+    total = int((ckpt.get("train_args") or {}).get("epochs") or 0)
+    table = ckpt.get("train_results") or {}
+    rows: dict[int, dict[str, float]] = {}
+    for i, epoch in enumerate(table.get("epoch") or []):
+        row = {key: values[i] for key, values in table.items() if isinstance(values, list) and i < len(values)}
+        with contextlib.suppress(TypeError, ValueError):
+            rows[int(epoch)] = contract_metrics(row, row)
+    return finished, total, rows
+
+
+def contract_metrics(losses: dict[str, Any], m: dict[str, Any]) -> dict[str, float]:
+    """Ultralytics' names (``train/box_loss``, ``metrics/mAP50(B)``, ...) to the contract's."""
     box = float(losses.get("train/box_loss", 0.0))
     cls = float(losses.get("train/cls_loss", 0.0))
     dfl = float(losses.get("train/dfl_loss", 0.0))
-    m = trainer.metrics or {}
     out = {
         "train_loss": box + cls + dfl,
         "mAP50": float(m.get("metrics/mAP50(B)", 0.0)),
@@ -308,6 +327,15 @@ class TrainingJob:
             return best
         resume = record.last_epoch > 0 and "last" in record.checkpoints
         model = self._resume_model(record, save_dir) if resume else self._build_model(yaml_name)
+        if resume:
+            # The stored last.pt may be an epoch ahead of the record: the worker was lost
+            # after uploading it but before announcing that epoch.  Announce it now.
+            finished, total, rows = checkpoint_progress(model)
+            for epoch in range(record.last_epoch + 1, finished + 1):
+                self._announce(epoch, rows.get(epoch, dict(record.last_metrics)), None)
+            if total and finished >= total:  # trained to the end before the worker was lost
+                best = save_dir / "weights" / "best.pt"
+                return best if best.exists() else self.run_dir / "resume" / "last.pt"
         self._register_callbacks(model)
         device = ctx.resources.extras.get("device")
         args: dict[str, Any] = {
@@ -435,9 +463,13 @@ class TrainingJob:
             return  # a cut-short epoch, or an epoch Ultralytics redid after NaN recovery
         if trainer.epoch_time:
             self.progress.epoch_seconds.append(float(trainer.epoch_time))
+        self._announce(epoch, metrics, self._eta(self.progress.total_epochs - epoch))
+
+    def _announce(self, epoch: int, metrics: dict[str, float], eta: float | None) -> None:
+        """Record epoch ``epoch`` as finished, then tell the BE (durable before it hears of it)."""
         self.progress.current_epoch = epoch
         self.progress.last_metrics = metrics
-        self.job.renew(last_epoch=epoch, last_metrics=metrics)  # durable before the BE hears of it
+        self.job.renew(last_epoch=epoch, last_metrics=metrics)
         total = self.progress.total_epochs
         self.ctx.update(
             EpochUpdate(
@@ -446,7 +478,7 @@ class TrainingJob:
                 total_epochs=total,
                 progress=round(100.0 * epoch / total, 2),
                 metrics=metrics,
-                eta_seconds=self._eta(total - epoch),
+                eta_seconds=eta,
             )
         )
 

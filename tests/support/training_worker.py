@@ -1,6 +1,8 @@
 """The real training worker with test instruments, run as a real process.
 
 * ``TEST_FAULT=oom@N`` -- a callback raises torch's out-of-memory error at epoch N;
+* ``TEST_FAULT=die-after-save@N`` -- the process dies (``os._exit``) right after epoch N's
+  checkpoint was stored, before that epoch is announced (once: a marker file in WORK_DIR);
 * ``TEST_ENV_PROBE=<file>`` -- after each job, append the job's
   ``CUDA_VISIBLE_DEVICES`` as the worker process sees it then.
 """
@@ -29,11 +31,23 @@ def _oom_at(epoch: int) -> Any:
     return callback
 
 
+def _die_after_save(epoch: int, marker: str) -> Any:
+    def callback(trainer: Any) -> None:
+        if trainer.epoch + 1 == epoch and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(9)  # like a SIGKILL: no cleanup, no hand-back
+
+    return callback
+
+
 def load(settings: Settings) -> Operation:
     callbacks: training.Callbacks = {}
     fault = os.environ.get("TEST_FAULT", "")
     if fault.startswith("oom@"):
         callbacks["on_train_epoch_start"] = [_oom_at(int(fault[4:]))]
+    elif fault.startswith("die-after-save@"):
+        marker = str(settings.work_dir.parent / "died-after-save")
+        callbacks["on_model_save"] = [_die_after_save(int(fault.split("@")[1]), marker)]
     op = training.operation(settings, callbacks=callbacks)
     probe = os.environ.get("TEST_ENV_PROBE")
     if not probe:
