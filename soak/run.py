@@ -17,7 +17,9 @@ restarted or reconfigured) and local storage in a temp dir:
 5. ``sustained``: inference at a fixed rate.
 
 Workers are :mod:`bench.instrumented` (the real worker with a journal of what it
-publishes).  Exits 1 when anything was lost, a worker crashed, or a payload ran code; 2
+publishes).  Exits 1 when anything was lost, a worker crashed, a payload ran code, or
+the contract was broken (a job not completed, a second terminal message, an epoch not
+announced exactly once and in order, a hostile message handled otherwise); 2
 when the run could not be set up.  Every loop is bounded in time.
 """
 
@@ -184,13 +186,13 @@ def job_lines(part: Part, job_ids: list[str], messages: list[Got], what: str = "
     doubled = [j for j, n in distinct.items() if n > 1]
     if doubled:
         types = {j: [m.type for m in terms[j]] for j in doubled[:3]}
-        part.findings.append(f"{len(doubled)} {what} got more than one terminal message with different "
+        part.fail(f"{len(doubled)} {what} got more than one terminal message with different "
                              f"message_ids (contract: exactly one): {types}")
     not_completed = [j for j in job_ids if terms.get(j) and not any(m.type.endswith("_completed") for m in terms[j])]
     if not_completed:
         why = [(j, terms[j][0].body.get("error_code"), terms[j][0].body.get("error_message"))
                for j in not_completed[:3]]
-        part.findings.append(f"{len(not_completed)} {what} did not complete: {why}")
+        part.fail(f"{len(not_completed)} {what} did not complete: {why}")
 
 
 def delivery_lines(part: Part, h: Harness) -> None:
@@ -298,7 +300,7 @@ class InferLoad:
             part.fail(f"{len(answers) - len(answered)} inference request(s) never answered")
             part.lost += len(answers) - len(answered)
         if twice:
-            part.findings.append(f"{len(twice)} inference request(s) answered twice after a redelivery "
+            part.fail(f"{len(twice)} inference request(s) answered twice after a redelivery "
                                  "(at-least-once; the contract asks for exactly one terminal message)")
         if self.unsent:
             part.notes.append(f"{self.unsent} request(s) could not be sent at all (broker unreachable for 60 s)")
@@ -423,7 +425,7 @@ def epoch_lines(part: Part, jobs: list[str], messages: list[Got], epochs: int) -
     part.add(f"epoch_update messages: epochs never announced {missing}, announced twice {repeated}, "
              f"announced out of order {backwards}")
     if missing or repeated or backwards:
-        part.findings.append(f"epoch updates: {missing} epoch(s) never announced, {repeated} announced twice, "
+        part.fail(f"epoch updates: {missing} epoch(s) never announced, {repeated} announced twice, "
                              f"{backwards} out of order (contract: once per epoch, in order)")
 
 
@@ -660,7 +662,7 @@ def corpus_section(world: World, h: Harness) -> Part:
         part.fail(f"{len(unaccounted)} hostile message(s) vanished: {unaccounted[:8]}")
         part.lost += len(unaccounted)
     if differs:
-        part.findings.append(f"{len(differs)} outcome(s) differ from the contract: {differs[:8]}")
+        part.fail(f"{len(differs)} outcome(s) differ from the contract: {differs[:8]}")
     if codes.get("internal_error"):
         part.findings.append(f"{codes['internal_error']} answer(s) with internal_error (an unexpected exception in "
                              "a worker)")
@@ -737,8 +739,9 @@ def report(parts: list[Part], meta: dict[str, Any]) -> str:
         "",
         f"Measured by `make soak` (`python -m soak.run{' --short' if meta['short'] else ''}`): real worker "
         "processes, the real RabbitMQ, real Ultralytics on the CPU. Each line is one figure. `make soak` exits "
-        "non-zero when anything was lost, a worker crashed or a hostile payload ran code; `make test` runs the "
-        "short version (tests/test_soak.py).",
+        "non-zero when anything was lost, a worker crashed, a hostile payload ran code or the contract was "
+        "broken (a job not completed, a second terminal message, an epoch not announced exactly once and in "
+        "order); `make test` runs the short version (tests/test_soak.py).",
         "",
         f"- **Date:** {meta['date']} ({'short' if meta['short'] else 'full'} run, {meta['seconds'] / 60:.1f} min, "
         f"seed {meta['seed']})",
@@ -747,7 +750,8 @@ def report(parts: list[Part], meta: dict[str, Any]) -> str:
         f"- **Load:** 1-minute load average {load['at_start_1_5_15'][0]} before the run, median "
         f"{load['during_median']} and max {load['during_max']} during it."
         + (" The machine was not idle when the run began." if busy else ""),
-        f"- **Verdict:** {'PASS — nothing lost, no worker crashed, no payload ran' if not failures else 'FAIL'}",
+        "- **Verdict:** "
+        + ("PASS — nothing lost, no worker crashed, no payload ran, the contract held" if not failures else "FAIL"),
         "",
     ]
     for p in parts:
@@ -756,7 +760,7 @@ def report(parts: list[Part], meta: dict[str, Any]) -> str:
             out += [f"- skipped: {p.skipped}", ""]
             continue
         out += [f"- {line}" for line in p.lines]
-        out += [f"- **lost/crash:** {f}" for f in p.failures]
+        out += [f"- **failure:** {f}" for f in p.failures]
         out += [f"- **finding:** {f}" for f in p.findings]
         out += [f"- note: {n}" for n in p.notes]
         out += [f"- ({p.seconds:.0f} s)", ""]
@@ -812,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
                 done = [broken]
             for part in done:
                 part.seconds = time.monotonic() - t0
-                for line in part.lines + [f"LOST/CRASH: {f}" for f in part.failures] + \
+                for line in part.lines + [f"FAILURE: {f}" for f in part.failures] + \
                         [f"finding: {f}" for f in part.findings]:
                     print(f"soak: [{part.key}] {line}", file=sys.stderr, flush=True)
             parts += done
