@@ -119,7 +119,8 @@ class _Delivery:
     info: DeliveryInfo
     ctx: JobContext | None = None
     acked: bool = False
-    seen: _Seen | None = None  # in the RequestTracker
+    seen: _Seen | None = None  # this run, in the RequestTracker
+    prior: _Seen | None = None  # for a redelivery: an earlier run of the same request in this process
     digest: bytes = b""
 
     @property
@@ -134,14 +135,15 @@ class _Seen:
 
 
 class RequestTracker:
-    """Requests in progress in this process and answered ones whose ack was lost.
+    """Requests in progress in this process, and the ones it answered.
 
-    When the connection drops while a request is handled, the broker delivers it again
-    (``redelivered``), possibly while the first run is still going.  Jobs with a job
-    record (training, conversion) recognise that themselves; for the rest (inference)
+    When the connection drops while a request is handled, or after it was answered but
+    before the broker got its ack (an ack is never confirmed), the broker delivers it
+    again (``redelivered``), possibly while the first run is still going.  Jobs with a
+    job record (training, conversion) recognise that themselves; for the rest (inference)
     this tracker makes the redelivery wait for the first run and, if that one answered,
-    be acked without a second answer.  Keyed by a digest of the body; bounded (oldest
-    forgotten first); a restart of the process forgets.
+    be acked without a second answer.  Keyed by a digest of the body; the newest
+    ``capacity`` answered requests are kept; a restart of the process forgets them.
     """
 
     def __init__(self, capacity: int = 10_000) -> None:
@@ -156,26 +158,26 @@ class RequestTracker:
     def begin(self, digest: bytes) -> _Seen:
         with self._lock:
             entry = self._seen[digest] = _Seen()
+            self._seen.move_to_end(digest)
             while len(self._seen) > self.capacity:
                 self._seen.popitem(last=False)
             return entry
 
-    def finish(self, digest: bytes, *, ack_lost: bool) -> None:
-        """The request was settled; keep it only if it was answered and its ack was lost."""
+    def finish(self, digest: bytes) -> None:
+        """The request was settled: keep it if it was answered (its ack may still be lost)."""
         with self._lock:
             entry = self._seen.get(digest)
-            if entry is not None and not (ack_lost and entry.answered):
+            if entry is not None and not entry.answered:
                 del self._seen[digest]
+
+    def get(self, digest: bytes) -> _Seen | None:
+        with self._lock:
+            return self._seen.get(digest)
 
     def answered_before(self, digest: bytes, timeout: float) -> bool:
         """For a redelivery: wait for a first run still going, then True if it answered."""
-        with self._lock:
-            entry = self._seen.get(digest)
-        if entry is None or not entry.done.wait(timeout) or not entry.answered:
-            return False
-        with self._lock:
-            self._seen.pop(digest, None)
-        return True
+        entry = self.get(digest)
+        return entry is not None and entry.done.wait(timeout) and entry.answered
 
 
 class Consumer:
@@ -405,6 +407,11 @@ class Consumer:
             body=body,
         )
         delivery = _Delivery(tag=method.delivery_tag or 0, generation=self._generation, info=info)
+        # Registered here, in delivery order, so that a redelivery always finds its first run.
+        delivery.digest = RequestTracker.digest(body)
+        delivery.prior = self.tracker.get(delivery.digest) if info.redelivered else None
+        if delivery.prior is None:
+            delivery.seen = self.tracker.begin(delivery.digest)
         with self._inflight_lock:
             self._inflight[delivery.key] = delivery
         self._pool.submit(self._handle, delivery)
@@ -415,13 +422,13 @@ class Consumer:
         started = time.monotonic()
         error: BaseException | None = None
         job_id: str | None = None
-        digest = delivery.digest = RequestTracker.digest(delivery.info.body)
-        if delivery.info.redelivered and self.tracker.answered_before(digest, REDELIVERY_WAIT):
+        prior = delivery.prior
+        if prior is not None and prior.done.wait(REDELIVERY_WAIT) and prior.answered:
             log.info("[Handler] [%s] Answered before the connection dropped; acknowledging the redelivery only",
                      readable_job_id_from(delivery.info.body) or "?")
             self._call_on_io(lambda: self._settle(delivery, Outcome.ACK))
             return
-        seen = delivery.seen = self.tracker.begin(digest)
+        seen = delivery.seen = delivery.seen or self.tracker.begin(delivery.digest)
         try:
             request, _ = parse_request(self.op.request_model, delivery.info.body, self.settings.max_message_bytes)
             job_id = str(request.job_id)
@@ -516,7 +523,7 @@ class Consumer:
             self._inflight.pop(delivery.key, None)
         usable = delivery.acked or self._usable(delivery)
         if delivery.seen is not None:
-            self.tracker.finish(delivery.digest, ack_lost=not usable)
+            self.tracker.finish(delivery.digest)
         if delivery.acked:
             return
         if not usable:
