@@ -91,12 +91,18 @@ CONTRACT_VARIABLES: dict[str, tuple[str, str, object]] = {
 }
 
 
-def contract_file() -> Path | None:
-    for candidate in (REPO / "docs", REPO / "shared", REPO.parent / "shared"):
-        candidate = candidate / "CONTRACT.md"
-        if candidate.is_file():
-            return candidate
-    return None
+SHARED_CONTRACT = REPO.parent / "shared" / "CONTRACT.md"  # the law, beside the checkout where there is one
+DOCS_CONTRACT = REPO / "docs" / "CONTRACT.md"  # its copy in the repository, so every clone can check
+
+
+def contract_file() -> Path:
+    return SHARED_CONTRACT if SHARED_CONTRACT.is_file() else DOCS_CONTRACT
+
+
+def test_the_repositorys_copy_of_the_contract_is_the_contract() -> None:
+    assert DOCS_CONTRACT.is_file()
+    if SHARED_CONTRACT.is_file():
+        assert DOCS_CONTRACT.read_text() == SHARED_CONTRACT.read_text(), "copy ../shared/CONTRACT.md to docs/"
 
 
 def test_defaults_are_the_contracts() -> None:
@@ -135,10 +141,7 @@ def test_blank_variables_count_as_unset() -> None:
 
 
 def test_the_contract_names_no_variable_the_settings_do_not_read() -> None:
-    path = contract_file()
-    if path is None:
-        pytest.skip("CONTRACT.md not found next to the repository")
-    text = path.read_text()
+    text = contract_file().read_text()
     names = set(re.findall(r"`([A-Z][A-Z0-9_]{2,})`", text))
     names = {n for n in names if not n.startswith("AWS_") and n != "ACCESS_REFUSED"}
 

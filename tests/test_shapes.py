@@ -42,7 +42,7 @@ def test_dataset_has_the_ultralytics_layout_and_a_relative_data_yaml(tmp_path: P
 
 
 def test_data_yaml_parses_to_relative_paths_and_both_class_names(tmp_path: Path) -> None:
-    yaml = pytest.importorskip("yaml")
+    import yaml
     data = yaml.safe_load(generate_shapes_dataset(tmp_path, n_train=1, n_val=1, size=32).read_text())
 
     assert data["train"] == "images/train" and data["val"] == "images/val"
