@@ -27,13 +27,14 @@ import json
 import os
 import pickle
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from tests.support.pngs import png_bomb, png_claiming
 
 MiB = 1024 * 1024
 
@@ -84,25 +85,6 @@ def evil_torch_checkpoint(marker: Path, dest: Path, probe: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-c", code, str(marker), str(dest), str(probe)], check=True,
                    capture_output=True, timeout=300)
-
-
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
-def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
-    """A complete 1-bit PNG of width x height blank pixels (~100 KB, 900 megapixels)."""
-    row = b"\0" * (1 + (width + 7) // 8)
-    packer = zlib.compressobj(9)
-    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + _chunk(b"IEND", b""))
 
 
 def tiff_claiming(width: int, height: int) -> bytes:

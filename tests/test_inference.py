@@ -7,13 +7,11 @@ import base64
 import io
 import json
 import logging
-import struct
 import subprocess
 import sys
 import threading
 import time
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from ai_service.shapes import Box, draw_shapes_image
 from ai_service.storage import LocalStorage, S3Storage, Storage
 from tests.conftest import WorkerFactory
 from tests.support.amqp import BE, Received
+from tests.support.pngs import png_bomb, png_claiming
 from tests.support.s3 import S3Server
 from tests.support.shared import build_once
 
@@ -73,26 +72,6 @@ PARAMS = {"conf": 0.1, "iou": 0.7, "imgsz": IMGSZ, "max_det": 300, "classes": No
 
 def request(job_id: str, model: str, images: list[dict[str, str]], **params: Any) -> dict[str, Any]:
     return {"job_id": job_id, "model": {"path": model}, "images": images, "params": {**PARAMS, **params}}
-
-
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims ``width x height`` RGB pixels."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b""))
-
-
-def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
-    """A real, complete 1-bit PNG of ``width x height`` blank pixels (~100 KB, 900 MP)."""
-    row = b"\0" * (1 + (width + 7) // 8)
-    packer = zlib.compressobj(9)
-    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
 # --- checking answers --------------------------------------------------------------------
