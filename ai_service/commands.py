@@ -110,12 +110,13 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser(
         "status", help="show a job's record from storage (training and conversion jobs)", formatter_class=fmt,
-        description="Print the job record jobs/JOB.json (status, attempt, owner, lease, last epoch,\n"
+        description="Print the job record jobs/<op>/JOB.json (status, attempt, owner, lease, last epoch,\n"
         "checkpoints, terminal message) from the storage that STORAGE_BACKEND, STORAGE_DIR\n"
         "and S3_BUCKET name. Inference jobs keep no record. Exit 6 when there is none.",
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("job_id", metavar="JOB")
+    p.add_argument("--op", choices=["train", "convert"], help="the operation (default: train, then convert)")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     p.set_defaults(func=cmd_status)
 
@@ -577,7 +578,8 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> ExitCode:
 
         storage = _storage(settings)
         try:
-            Ledger(storage, worker="ai-service-cli", lease_seconds=settings.lease_seconds).request_cancel(job_id)
+            Ledger(storage, op="", worker="ai-service-cli", lease_seconds=settings.lease_seconds,
+                   prefix=settings.jobs_prefix).request_cancel(job_id)
         except StorageError as exc:
             raise CommandError(ExitCode.STORAGE, f"cannot write the cancel marker: {exc.message}") from None
     with _connect(settings, "cancel") as client:
@@ -610,21 +612,30 @@ def _iso(ts: float | None) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> ExitCode:
-    from ai_service.jobs import JobRecord, cancel_key, record_key
+    from ai_service.jobs import JobRecord, cancel_key, legacy_record_key, record_key
 
     job_id = _job_id(args.job_id)
     storage = _storage(settings)
+    prefix = settings.jobs_prefix
+    ops = [args.op] if getattr(args, "op", None) else ["train", "convert"]
+    keys = [record_key(op, job_id, prefix) for op in ops] + [legacy_record_key(job_id, prefix)]
+    raw = None
     try:
-        raw = storage.read_bytes(record_key(job_id))
-        cancel_requested = storage.stat(cancel_key(job_id)) is not None
-    except ObjectNotFound:
-        raise CommandError(
-            ExitCode.NOT_FOUND,
-            f"no job record for {job_id} in {storage.describe()} ({record_key(job_id)}): no worker has taken "
-            "it yet, or it is an inference job (they keep no record), or the storage settings point elsewhere",
-        ) from None
+        for key in keys:
+            try:
+                raw = storage.read_bytes(key)
+                break
+            except ObjectNotFound:
+                continue
+        cancel_requested = storage.stat(cancel_key(job_id, prefix)) is not None
     except StorageError as exc:
         raise CommandError(ExitCode.STORAGE, exc.message) from None
+    if raw is None:
+        raise CommandError(
+            ExitCode.NOT_FOUND,
+            f"no job record for {job_id} in {storage.describe()} ({', '.join(keys[:-1])}): no worker has taken "
+            "it yet, or it is an inference job (they keep no record), or the storage settings point elsewhere",
+        ) from None
     try:
         record = JobRecord.from_json(raw)
     except (ValueError, TypeError) as exc:

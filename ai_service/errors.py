@@ -106,6 +106,17 @@ class UnsafeKey(InvalidInput):
     """A storage key that could escape its root: absolute, ``..``, backslash, NUL."""
 
 
+class EscapesRoot(InvalidInput):
+    """A stored entry (a symlink in the local backend) that points outside the storage root.
+
+    Raised instead of following it: what lies outside ``STORAGE_DIR`` is not the BE's to read.
+    """
+
+
+class UntrustedModel(InvalidInput):
+    """A model file the service did not produce, in a format whose loading runs code."""
+
+
 # --- job boundary --------------------------------------------------------------------
 
 

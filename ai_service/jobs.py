@@ -2,7 +2,7 @@
 
 A training or conversion job is not held as an unacked delivery for hours (RabbitMQ's
 ``consumer_timeout`` would close the channel).  Instead the worker that takes a job
-writes ``jobs/<job_id>.json`` to storage (owner, attempt, lease expiry, a token for this
+writes ``jobs/<op>/<job_id>.json`` to storage (owner, attempt, lease expiry, a token for this
 attempt), publishes a *lease message* into ``<request queue>.lease`` -- a holding queue
 whose messages expire into the request queue -- and only then acks the delivery.
 
@@ -42,24 +42,34 @@ from ai_service.storage import Storage
 log = logging.getLogger("ai_service.jobs")
 
 LEASE_HEADER = "x-ai-lease"
-RECORD_PREFIX = "jobs"
+#: ``JOBS_PREFIX``'s default; the service's own area, which no request key may name.
+RECORD_PREFIX = "jobs/"
+
+# Records are per operation (CONTRACT.md: a job_id names one job per operation), so a
+# conversion with a finished training job's id never sees, or answers with, its record.
 
 
-def record_key(job_id: str) -> str:
-    return f"{RECORD_PREFIX}/{job_id}.json"
+def record_key(op: str, job_id: str, prefix: str = RECORD_PREFIX) -> str:
+    return f"{prefix}{op}/{job_id}.json"
 
 
-def cancel_key(job_id: str) -> str:
-    return f"{RECORD_PREFIX}/{job_id}.cancel"
+def legacy_record_key(job_id: str, prefix: str = RECORD_PREFIX) -> str:
+    """Where releases before per-operation records kept them (read once, on upgrade)."""
+    return f"{prefix}{job_id}.json"
 
 
-def checkpoint_key(job_id: str, name: str) -> str:
-    return f"{RECORD_PREFIX}/{job_id}/{name}"
+def cancel_key(job_id: str, prefix: str = RECORD_PREFIX) -> str:
+    """A cancel names a job_id, not an operation: one marker for any job with that id."""
+    return f"{prefix}{job_id}.cancel"
+
+
+def checkpoint_key(op: str, job_id: str, name: str, prefix: str = RECORD_PREFIX) -> str:
+    return f"{prefix}{op}/{job_id}/{name}"
 
 
 @dataclass
 class JobRecord:
-    """The state of one job, as stored at ``jobs/<job_id>.json``."""
+    """The state of one job, as stored at ``jobs/<op>/<job_id>.json``."""
 
     job_id: str
     op: str
@@ -96,25 +106,39 @@ class JobRecord:
 class Ledger:
     """Reads and writes job records, leases and cancel markers in storage."""
 
-    def __init__(self, storage: Storage, *, worker: str, lease_seconds: int) -> None:
+    def __init__(self, storage: Storage, *, op: str, worker: str, lease_seconds: int,
+                 prefix: str = RECORD_PREFIX) -> None:
         self.storage = storage
+        self.op = op
         self.worker = worker
         self.lease_seconds = lease_seconds
+        self.prefix = prefix
+
+    def checkpoint_key(self, job_id: str, name: str) -> str:
+        return checkpoint_key(self.op, job_id, name, self.prefix)
 
     def load(self, job_id: str) -> JobRecord | None:
         try:
-            raw = self.storage.read_bytes(record_key(job_id))
+            raw = self.storage.read_bytes(record_key(self.op, job_id, self.prefix))
         except ObjectNotFound:
-            return None
+            return self._load_legacy(job_id)
         try:
             return JobRecord.from_json(raw)
         except (ValueError, TypeError) as exc:
             log.error("[Handler] [%s] Unreadable job record (%s); treating the job as new", job_id, exc)
             return None
 
+    def _load_legacy(self, job_id: str) -> JobRecord | None:
+        """A record an older release wrote, if it is this operation's (saved per operation next)."""
+        try:
+            record = JobRecord.from_json(self.storage.read_bytes(legacy_record_key(job_id, self.prefix)))
+        except (ObjectNotFound, ValueError, TypeError):
+            return None
+        return record if record.op == self.op else None
+
     def save(self, record: JobRecord) -> None:
         record.updated = time.time()
-        self.storage.write_bytes(record_key(record.job_id), record.to_json())
+        self.storage.write_bytes(record_key(self.op, record.job_id, self.prefix), record.to_json())
 
     def take(self, record: JobRecord) -> JobRecord:
         """Become the owner of ``record`` for a new attempt with a fresh lease.
@@ -163,10 +187,10 @@ class Ledger:
         self.save(record)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self.storage.stat(cancel_key(job_id)) is not None
+        return self.storage.stat(cancel_key(job_id, self.prefix)) is not None
 
     def request_cancel(self, job_id: str) -> None:
-        self.storage.write_bytes(cancel_key(job_id), json.dumps({"requested": time.time()}).encode())
+        self.storage.write_bytes(cancel_key(job_id, self.prefix), json.dumps({"requested": time.time()}).encode())
 
 
 # --- the long-job protocol ------------------------------------------------------------
@@ -344,4 +368,10 @@ def record_cancel(job_id: str, resources: Resources) -> None:
     also when no worker runs the job right now (cancelled before start, or while its
     worker is gone)."""
     settings = resources.settings
-    Ledger(resources.storage, worker=settings.worker_name, lease_seconds=settings.lease_seconds).request_cancel(job_id)
+    ledger(resources.storage, settings, op="").request_cancel(job_id)
+
+
+def ledger(storage: Storage, settings: Any, *, op: str) -> Ledger:
+    """The ledger of ``op`` with this worker's name, lease period and ``JOBS_PREFIX``."""
+    return Ledger(storage, op=op, worker=settings.worker_name, lease_seconds=settings.lease_seconds,
+                  prefix=settings.jobs_prefix)

@@ -23,12 +23,15 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from ai_service.errors import InvalidInput, UnsafeKey
 from ai_service.keys import validate_key
+from ai_service.limits import Limits, limits_of
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_STRING_CHARS = 1024
@@ -45,11 +48,21 @@ def new_message_id() -> str:
     return uuid.uuid4().hex
 
 
-def _key(value: str) -> str:
+def _key(value: str, info: ValidationInfo) -> str:
     try:
-        return validate_key(value)
+        validate_key(value)
     except UnsafeKey as exc:
         raise ValueError(exc.message) from None
+    limits = limits_of(info.context)
+    if limits.reserved(value):
+        raise ValueError(f"names the service's own storage area {limits.jobs_prefix!r} (JOBS_PREFIX); "
+                         "use a key outside it")
+    return value
+
+
+def _bound(name: str, value: int, limit: int, setting: str) -> None:
+    if value > limit:
+        raise ValueError(f"{name} {value} is over the limit of {limit} ({setting})")
 
 
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -111,13 +124,21 @@ class TrainingOutput(_Request):
     def model_key(self) -> str:
         return f"{self.prefix.rstrip('/')}/{self.model_name}"
 
+    @model_validator(mode="after")
+    def _outside_reserved(self, info: ValidationInfo) -> "TrainingOutput":
+        limits = limits_of(info.context)
+        if limits.reserved(self.model_key):
+            raise ValueError(f"prefix + model_name names the service's own storage area {limits.jobs_prefix!r} "
+                             "(JOBS_PREFIX)")
+        return self
+
 
 Optimizer = Literal["SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "auto"]
 
 
 class Hyperparams(_Request):
     model: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    epochs: int = Field(ge=1, le=10000)
+    epochs: int = Field(ge=1, le=1_000_000)
     batch: int
     imgsz: int = Field(ge=32, le=8192)
     patience: int | None = Field(default=None, ge=0, le=10000)
@@ -134,9 +155,37 @@ class Hyperparams(_Request):
 
     @field_validator("batch")
     @classmethod
-    def _batch_range(cls, value: int) -> int:
-        if value != -1 and not 1 <= value <= 1024:
-            raise ValueError("batch must be -1 (auto) or between 1 and 1024")
+    def _batch_range(cls, value: int, info: ValidationInfo) -> int:
+        limit = limits_of(info.context).max_train_batch
+        if value != -1 and not 1 <= value <= limit:
+            raise ValueError(f"batch must be -1 (auto) or between 1 and {limit} (MAX_TRAIN_BATCH)")
+        return value
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_bound(cls, value: int, info: ValidationInfo) -> int:
+        _bound("epochs", value, limits_of(info.context).max_epochs, "MAX_EPOCHS")
+        return value
+
+    @field_validator("imgsz")
+    @classmethod
+    def _imgsz_bound(cls, value: int, info: ValidationInfo) -> int:
+        _bound("imgsz", value, limits_of(info.context).max_imgsz, "MAX_IMGSZ")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_bound(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None:
+            _bound("workers", value, limits_of(info.context).max_dataloader_workers, "MAX_DATALOADER_WORKERS")
+        return value
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_allowed(cls, value: bool | str | None, info: ValidationInfo) -> bool | str | None:
+        if value in (True, "ram") and not limits_of(info.context).allow_ram_cache:
+            raise ValueError("caching the decoded dataset in RAM is off on this service (ALLOW_RAM_CACHE); "
+                             "use 'disk' or leave it unset")
         return value
 
     def ultralytics_overrides(self) -> dict[str, Any]:
@@ -220,6 +269,18 @@ class ConversionOptions(_Request):
     simplify: bool = True
     opset: int | None = Field(default=None, ge=7, le=30)
     batch: int = Field(default=1, ge=1, le=1024)
+
+    @field_validator("imgsz")
+    @classmethod
+    def _imgsz_bound(cls, value: int, info: ValidationInfo) -> int:
+        _bound("imgsz", value, limits_of(info.context).max_imgsz, "MAX_IMGSZ")
+        return value
+
+    @field_validator("batch")
+    @classmethod
+    def _batch_bound(cls, value: int, info: ValidationInfo) -> int:
+        _bound("batch", value, limits_of(info.context).max_export_batch, "MAX_EXPORT_BATCH")
+        return value
 
 
 class ConversionOutput(_Request):
@@ -333,11 +394,32 @@ class InferenceParams(_Request):
     max_det: int = Field(default=300, ge=1, le=10000)
     classes: list[Annotated[int, Field(ge=0, le=100000)]] | None = Field(default=None, max_length=1000)
 
+    @field_validator("imgsz")
+    @classmethod
+    def _imgsz_bound(cls, value: int, info: ValidationInfo) -> int:
+        _bound("imgsz", value, limits_of(info.context).max_imgsz, "MAX_IMGSZ")
+        return value
+
+    @field_validator("max_det")
+    @classmethod
+    def _max_det_bound(cls, value: int, info: ValidationInfo) -> int:
+        _bound("max_det", value, limits_of(info.context).max_det, "MAX_DET")
+        return value
+
 
 class InferenceRequest(JobRequest):
     model: ModelRef
     images: list[ImagePath | ImageData] = Field(min_length=1)
     params: InferenceParams = Field(default_factory=InferenceParams)
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _images_bound(cls, value: Any, info: ValidationInfo) -> Any:
+        """Counted before any item is validated: 5,000 base64 images cost one len()."""
+        limit = limits_of(info.context).max_images_per_request
+        if isinstance(value, list) and len(value) > limit:
+            raise ValueError(f"{len(value)} images, at most {limit} per request (MAX_IMAGES_PER_REQUEST)")
+        return value
 
 
 class Box(_Message):
@@ -433,8 +515,10 @@ def readable_job_id(payload: Any) -> str | None:
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
-def parse_request(model: type[_ModelT], body: bytes, max_bytes: int) -> tuple[_ModelT, Any]:
-    """Decode and validate a request body.
+def parse_request(
+    model: type[_ModelT], body: bytes, max_bytes: int, limits: Limits | None = None
+) -> tuple[_ModelT, Any]:
+    """Decode and validate a request body against ``limits`` (the defaults when None).
 
     Returns ``(request, payload)``. Raises :class:`InvalidRequest`, which carries the
     job_id when one could be read so the caller can answer the BE.
@@ -451,7 +535,7 @@ def parse_request(model: type[_ModelT], body: bytes, max_bytes: int) -> tuple[_M
         raise InvalidRequest("message body must be a JSON object", None)
     job_id = readable_job_id(payload)
     try:
-        request = model.model_validate(payload)
+        request = model.model_validate(payload, context=(limits or Limits()).context())
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_error(exc), job_id) from None
     return request, payload

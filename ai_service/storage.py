@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 from ai_service import keys as _keys
 from ai_service.config import ConfigError, Settings
-from ai_service.errors import ObjectNotFound, StorageError, UnsafeKey
+from ai_service.errors import EscapesRoot, ObjectNotFound, PermanentError, StorageError, UnsafeKey
 
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig
@@ -313,11 +313,16 @@ class LocalStorage(Storage):
 
     The version token of a file is ``<size>-<mtime_ns>-<inode>``: cheap, and it changes
     whenever the file is replaced (our writes always replace).
+
+    Symlinks (to a file or a folder) are followed only while they stay inside ``root``:
+    one that leads outside is :class:`EscapesRoot`, for reads, listings and writes alike,
+    so a dataset cannot pull ``/etc/passwd`` or another tenant's files into a job.
     """
 
     def __init__(self, root: Path, *, workers: int = TRANSFER_WORKERS) -> None:
         self.root = Path(root).absolute()
         self.workers = workers
+        self._real_root = Path(os.path.realpath(self.root))
 
     def describe(self) -> str:
         return f"local:{self.root}"
@@ -326,7 +331,16 @@ class LocalStorage(Storage):
         return f"LocalStorage({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        """The file of ``key``, refused when a symlink on its way leads outside the root."""
+        path = self.root / key
+        self._check_inside(path, key)
+        return path
+
+    def _check_inside(self, path: Path, key: str) -> None:
+        real = Path(os.path.realpath(path))
+        if real != self._real_root and not real.is_relative_to(self._real_root):
+            raise EscapesRoot(f"storage key {_show(key)} is a symlink that leads outside {self.describe()}; "
+                              "it is not followed")
 
     @contextlib.contextmanager
     def _errors(self, action: str, key: str, *, missing: bool = True) -> Iterator[None]:
@@ -372,8 +386,21 @@ class LocalStorage(Storage):
             if not isinstance(exc, FileNotFoundError):  # vanished while walking: fine
                 raise exc
 
+        seen: set[tuple[int, int]] = set()
         with self._errors("list", folder, missing=False):
-            for dirpath, _dirnames, filenames in os.walk(base, onerror=fail):
+            # Symlinked folders are followed (inside the root only), each real folder once.
+            for dirpath, dirnames, filenames in os.walk(base, onerror=fail, followlinks=True):
+                here = Path(dirpath)
+                self._check_inside(here, here.relative_to(self.root).as_posix() + "/")
+                try:
+                    st_dir = here.stat()
+                except FileNotFoundError:
+                    dirnames[:] = []
+                    continue
+                if (st_dir.st_dev, st_dir.st_ino) in seen:
+                    dirnames[:] = []  # a symlink loop, or a second link to a folder already listed
+                    continue
+                seen.add((st_dir.st_dev, st_dir.st_ino))
                 for name in filenames:
                     if _is_tmp_name(name):
                         continue
@@ -384,6 +411,7 @@ class LocalStorage(Storage):
                     except UnsafeKey as exc:
                         log.warning("skipping local file %s: %s", path, exc.message)
                         continue
+                    self._check_inside(path, key)
                     try:
                         st = path.stat()
                     except FileNotFoundError:
@@ -825,11 +853,26 @@ def sync_prefix_report(storage: Storage, prefix: str, cache_root: Path) -> SyncR
     return report
 
 
+def forget_prefix(storage: Storage, prefix: str, cache_root: Path) -> None:
+    """Remove the cached copy of ``prefix`` (a rejected dataset leaves nothing behind)."""
+    folder = _folder(prefix, allow_empty=False)
+    cache_root = Path(cache_root)
+    name = cache_dir_name(storage, folder)
+    if not cache_root.is_dir():
+        return
+    with _exclusive_lock(cache_root / f"{name}.lock"):
+        shutil.rmtree(cache_root / name, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (cache_root / f"{name}{MANIFEST_SUFFIX}").unlink()
+
+
 def _sync_locked(storage: Storage, folder: str, target: Path, manifest_path: Path) -> SyncReport:
     try:
         objects = storage.list(folder)
     except ObjectNotFound as exc:  # e.g. the bucket does not exist
         raise ObjectNotFound(exc.message, error_code="dataset_not_found") from None
+    except EscapesRoot as exc:
+        raise PermanentError(f"dataset {_show(folder)}: {exc.message}", error_code="dataset_invalid") from None
     plan = _plan_downloads(folder, objects, target)
     if not plan:
         raise ObjectNotFound(

@@ -503,10 +503,10 @@ def test_submit_follow_trains_to_completion_then_status_and_a_failing_job_exits_
     rows = dict(line.split(None, 1) if " " in line else (line, "") for line in status.stdout.splitlines())
     assert rows["status"].strip() == "completed" and rows["attempt"].strip() == "1"
     assert "last epoch     2" in status.stdout and "owner          test/train-0" in status.stdout
-    assert "jobs/clijob1/last.pt" in status.stdout and "training_completed (sent)" in status.stdout
+    assert "jobs/train/clijob1/last.pt" in status.stdout and "training_completed (sent)" in status.stdout
     record = json.loads(cli("status", "clijob1", "--json").stdout)
     assert record["status"] == "completed" and record["terminal_type"] == "training_completed"
-    assert record["last_epoch"] == 2 and record["checkpoints"]["last"] == "jobs/clijob1/last.pt"
+    assert record["last_epoch"] == 2 and record["checkpoints"]["last"] == "jobs/train/clijob1/last.pt"
     missing = cli("status", "never-seen")
     assert missing.returncode == 6 and "no job record for never-seen" in missing.stderr, output(missing)
 

@@ -88,6 +88,18 @@ CONTRACT_VARIABLES: dict[str, tuple[str, str, object]] = {
     "LOG_LEVEL": ("debug", "log_level", "DEBUG"),
     "METRICS_PORT": ("9100", "metrics_port", 9100),
     "MAX_MESSAGE_BYTES": ("1048576", "max_message_bytes", 1048576),
+    "JOBS_PREFIX": ("svc/state", "jobs_prefix", "svc/state/"),
+    "MAX_IMAGES_PER_REQUEST": ("32", "max_images_per_request", 32),
+    "TRUST_EXTERNAL_MODELS": ("true", "trust_external_models", True),
+}
+
+#: Variables the contract names that belong to work not landed yet (each an open issue):
+#: listed here so the check below stays exact for everything else.
+NOT_YET_READ = {
+    "CANCEL_RETENTION": "durable cancels (scale-out issue)",
+    "HTTP_HOST": "the HTTP issue",
+    "HTTP_PORT": "the HTTP issue",
+    "HTTP_TOKEN": "the HTTP issue",
 }
 
 
@@ -145,7 +157,10 @@ def test_the_contract_names_no_variable_the_settings_do_not_read() -> None:
     names = set(re.findall(r"`([A-Z][A-Z0-9_]{2,})`", text))
     names = {n for n in names if not n.startswith("AWS_") and n != "ACCESS_REFUSED"}
 
-    assert names <= set(CONTRACT_VARIABLES), sorted(names - set(CONTRACT_VARIABLES))
+    assert names <= set(CONTRACT_VARIABLES) | set(NOT_YET_READ), sorted(names - set(CONTRACT_VARIABLES))
+    assert set(NOT_YET_READ) <= names, "a variable left the contract: drop it from NOT_YET_READ"
+    fields = {f.upper() for f in Settings.__dataclass_fields__}
+    assert not set(NOT_YET_READ) & fields, "read now: move it to CONTRACT_VARIABLES"
 
 
 @pytest.mark.parametrize(

@@ -216,12 +216,20 @@ def models(tmp_path_factory: pytest.TempPathFactory, trained_model: dict[str, An
     return build_once(tmp_path_factory, "inference-models", build)
 
 
-def put_model(storage: Storage, models: dict[str, Any], name: str, key: str) -> None:
+def put_model(storage: Storage, models: dict[str, Any], name: str, key: str, *, recorded: bool = True) -> None:
+    """Store an exported model; ``recorded``: with the provenance record a conversion job writes."""
+    from ai_service.provenance import Provenance, describe_local
+
     path = Path(models["files"][name])
     if path.is_dir():
         storage.upload_dir(path, key)
     else:
         storage.upload_file(path, key)
+    if recorded and name != "pt":
+        size, sha = describe_local(path)
+        Provenance(storage, prefix="jobs/").record(sha256=sha, fmt=name, key=key, size_bytes=size,
+                                                   source_key="models/shapes.pt", source_sha256="",
+                                                   options={}, job_id="test-export")
 
 
 # --- units: images, the batcher and the cache, without a model -------------------------
@@ -547,6 +555,38 @@ def test_from_s3_every_format_finds_the_shapes_and_models_are_cached(
     assert "Evicted model models/shapes.pt" in worker.log()
 
 
+def test_exported_models_load_only_with_the_services_own_provenance_record(
+    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], models: dict[str, Any],
+) -> None:
+    storage = LocalStorage(Path(worker_env["STORAGE_DIR"]))
+    put_model(storage, models, "torchscript", "models/foreign.torchscript", recorded=False)
+    put_model(storage, models, "torchscript", "models/ours.torchscript")
+    put_model(storage, models, "onnx", "models/ours.onnx")
+    tampered = bytearray(Path(models["files"]["onnx"]).read_bytes())
+    tampered[-1] ^= 1  # one flipped byte: not the file the service exported
+    storage.write_bytes("models/tampered.onnx", bytes(tampered))
+    good, _ = shapes(0)
+    image = [{"data": b64(good)}]
+    worker = start_worker("infer", env=BASE_ENV)
+    for job_id, key in (("foreign", "models/foreign.torchscript"), ("ours", "models/ours.torchscript"),
+                        ("oursonnx", "models/ours.onnx"), ("tampered", "models/tampered.onnx")):
+        be.send(be.settings.infer_request_queue, request(job_id, key, image))
+    got = answers(be, ["foreign", "ours", "oursonnx", "tampered"])
+    for refused in ("foreign", "tampered"):
+        body = got[refused].body
+        assert body["type"] == "inference_failed" and body["error_code"] == "invalid_request", body
+        assert "TRUST_EXTERNAL_MODELS" in body["error_message"] and "provenance" in body["error_message"]
+    assert got["ours"].body["type"] == "inference_completed" and got["oursonnx"].body["type"] == "inference_completed"
+    log = worker.log()
+    assert "Model models/ours.torchscript loaded" in log and "Model models/foreign.torchscript loaded" not in log
+    worker.stop()
+
+    trusting = start_worker("infer", env={**BASE_ENV, "TRUST_EXTERNAL_MODELS": "true"})
+    be.send(be.settings.infer_request_queue, request("trusted", "models/foreign.torchscript", image))
+    assert answers(be, ["trusted"])["trusted"].body["type"] == "inference_completed"
+    assert trusting.alive
+
+
 class RpcClient:
     """A caller with its own connection and exclusive reply queue (what an RPC BE does)."""
 
@@ -666,7 +706,7 @@ def test_each_bad_input_fails_alone_and_the_worker_stays_small(
     marker = tmp_path / "marker"
     evil = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()  # a pickle that runs a shell command
     storage.write_bytes("models/evil.pt", evil)
-    worker = start_worker("infer", env={**BASE_ENV, "INFER_PREFETCH": "16", "MAX_IMAGES": "4",
+    worker = start_worker("infer", env={**BASE_ENV, "INFER_PREFETCH": "16", "MAX_IMAGES_PER_REQUEST": "4",
                                         "MAX_INLINE_IMAGE_BYTES": "100000", "BATCH_WINDOW_MS": "50"})
     good, _ = shapes(0)
     be.send(be.settings.infer_request_queue, request("warm", "models/shapes.pt", [{"data": b64(good)}]))
@@ -709,7 +749,7 @@ def test_each_bad_input_fails_alone_and_the_worker_stays_small(
     assert "images[1]" in messages["garbage"] and "truncated" in messages["truncated"]
     for bomb in ("bombhdr", "bomb"):
         assert "900000000 pixels" in messages[bomb] and "MAX_IMAGE_PIXELS" in messages[bomb]
-    assert "MAX_IMAGES" in messages["toomany"] and "MAX_INLINE_IMAGE_BYTES" in messages["toobig"]
+    assert "MAX_IMAGES_PER_REQUEST" in messages["toomany"] and "MAX_INLINE_IMAGE_BYTES" in messages["toobig"]
     assert "images/absent.png" in messages["noimage"] and "models/absent.pt" in messages["nomodel"]
     assert not marker.exists(), "the malicious pickle ran"
     assert worker.alive

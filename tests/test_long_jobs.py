@@ -169,7 +169,7 @@ def test_a_request_with_a_forged_lease_header_is_answered_invalid_and_dead_lette
     while be.count(be.settings.train_request_queue + ".dlq") == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert be.count(be.settings.train_request_queue + ".dlq") == 1
-    assert dataset.stat("jobs/forged.json") is None, "no job record for a refused request"
+    assert dataset.stat("jobs/train/forged.json") is None, "no job record for a refused request"
 
 
 def test_cancel_mid_training_ends_with_one_training_cancelled_and_a_checkpoint(

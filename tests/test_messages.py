@@ -184,7 +184,7 @@ def test_hyperparams_out_of_range_are_refused(field: str, value: int) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("epochs", 1), ("epochs", 10000), ("batch", -1), ("batch", 1), ("batch", 1024), ("imgsz", 32), ("imgsz", 8192)],
+    [("epochs", 1), ("epochs", 10000), ("batch", -1), ("batch", 1), ("batch", 256), ("imgsz", 32), ("imgsz", 4096)],
 )
 def test_hyperparams_at_the_edges_of_their_ranges_are_accepted(field: str, value: int) -> None:
     request, _ = parse_request(TrainingRequest, body(training(**{f"hyperparams__{field}": value})), MAX)
@@ -240,7 +240,7 @@ OPTIONAL_HYPERPARAMS: dict[str, Any] = {
     "cos_lr": False,
     "close_mosaic": 5,
     "fraction": 0.5,
-    "cache": "ram",
+    "cache": "disk",
     "pretrained": "models/base/yolov8n.pt",
 }
 
@@ -738,3 +738,13 @@ def test_a_cancel_message_validates() -> None:
 def test_malformed_cancel_messages_are_refused(data: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequest):
         parse_request(Cancel, body(data), MAX)
+
+
+def test_a_ram_cache_is_accepted_when_the_operator_allows_it() -> None:
+    from ai_service.limits import Limits
+
+    data = body(training(hyperparams__cache="ram"))
+    with pytest.raises(InvalidRequest, match="ALLOW_RAM_CACHE"):
+        parse_request(TrainingRequest, data, MAX)
+    request, _ = parse_request(TrainingRequest, data, MAX, Limits(allow_ram_cache=True))
+    assert request.hyperparams.cache == "ram"

@@ -47,7 +47,6 @@ warm shutdown lets the running conversion finish.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -55,7 +54,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -72,7 +71,8 @@ from ai_service.errors import (
     PermanentError,
     StorageError,
 )
-from ai_service.jobs import JobRecord, LeaseLost, Ledger, LongJob, checkpoint_key, record_cancel
+from ai_service.jobs import JobRecord, LeaseLost, LongJob, record_cancel
+from ai_service.jobs import ledger as jobs_ledger
 from ai_service.messages import (
     Artifact,
     ConversionCancelled,
@@ -83,9 +83,10 @@ from ai_service.messages import (
     ConversionUpdate,
 )
 from ai_service.operation import JobContext, Operation, Resources
+from ai_service.provenance import Provenance, describe_local, file_sha256, folder_digest
 from ai_service.shapes import draw_shapes_image
 from workers import yolo
-from workers.training import prepare_dataset
+from workers.datasets import limits_from, prepare_dataset
 
 #: Called after each format is uploaded and announced (tests slow a job down through it).
 FormatHook = Callable[[str, JobContext], None]
@@ -288,29 +289,6 @@ def export_arguments(plan: Plan, request: ConversionRequest, device: Any, data_y
 
 
 # --- digests -----------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1024 * 1024), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def folder_digest(files: Iterable[tuple[str, str]]) -> str:
-    """SHA-256 of a folder given ``(relative path, sha256 of the file)`` pairs (see the module doc)."""
-    lines = "".join(f"{sha}  {rel}\n" for rel, sha in sorted(files))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def describe_local(path: Path) -> tuple[int, str]:
-    """``(size_bytes, sha256)`` of an exported file or folder, as the artifact reports them."""
-    if path.is_file():
-        return path.stat().st_size, file_sha256(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    size = sum(p.stat().st_size for p in files)
-    return size, folder_digest((p.relative_to(path).as_posix(), file_sha256(p)) for p in files)
 
 
 # --- verification ------------------------------------------------------------------------
@@ -698,11 +676,12 @@ class ConversionJob:
         self.run_dir = ctx.settings.work_dir / "runs" / f"{request.job_id}-{uuid.uuid4().hex[:8]}"
         self.started = time.monotonic()
         self.device = ctx.resources.extras.get("device")
-        ledger = Ledger(ctx.storage, worker=ctx.worker, lease_seconds=ctx.settings.lease_seconds)
+        ledger = jobs_ledger(ctx.storage, ctx.settings, op=ctx.op)
         self.job = LongJob(ctx, ledger, cancelled_message=self._cancelled, failed_message=self._failed)
         self.artifacts: list[Artifact] = []
         self.failures: list[FormatFailure] = []
         self.current: str | None = None
+        self.source_sha256 = ""
 
     # --- the job -----------------------------------------------------------------------
 
@@ -753,7 +732,8 @@ class ConversionJob:
         source = self._fetch_model()
         data_yaml = None
         if req.dataset is not None:
-            data_yaml = prepare_dataset(ctx.storage, req.dataset.s3_prefix, ctx.settings.work_dir, self.run_dir)
+            data_yaml = prepare_dataset(ctx.storage, req.dataset.s3_prefix, ctx.settings.work_dir, self.run_dir,
+                                        limits_from(ctx.settings))
         images, origin = sample_images(data_yaml, req.options.imgsz)
         verifier = Verifier(source, images, req.options.imgsz, self.device)
         ctx.log.info("Exporting %s at %d px (%s) on %s; verifying on %s", ", ".join(req.formats),
@@ -788,6 +768,10 @@ class ConversionJob:
         if self.job.lost.is_set():
             raise LeaseLost("the job was taken over by another worker")
 
+    def _provenance(self) -> Provenance:
+        s = self.ctx.settings
+        return Provenance(self.ctx.storage, prefix=s.jobs_prefix, trust_external=s.trust_external_models)
+
     def _fetch_model(self) -> Any:
         """Download the model under a neutral local name and load it without running its pickle."""
         local = self.run_dir / "source" / "model.pt"
@@ -797,6 +781,7 @@ class ConversionJob:
             self.ctx.storage.download_file(key, local)
         except ObjectNotFound as exc:
             raise ObjectNotFound(f"model.path {key!r} does not exist: {exc.message}") from None
+        self.source_sha256 = file_sha256(local)
         try:
             model = yolo.safe_load_model(local)
         except InvalidInput:  # its message names the neutral local file; the BE knows the key
@@ -867,6 +852,9 @@ class ConversionJob:
         else:
             key = f"{prefix}/{name}"
             ctx.storage.upload_file(path, key)
+        self._provenance().record(
+            sha256=sha, fmt=plan.requested, key=key, size_bytes=size, source_key=self.request.model.path,
+            source_sha256=self.source_sha256, options=self.request.options.model_dump(), job_id=self.request.job_id)
         artifact = Artifact(format=plan.requested, path=key, size_bytes=size, sha256=sha, verified=exported.verified,
                             verification=None if exported.verified else exported.note)
         self.artifacts.append(artifact)
@@ -876,7 +864,7 @@ class ConversionJob:
     # --- durable progress --------------------------------------------------------------
 
     def _done_key(self) -> str:
-        return checkpoint_key(self.request.job_id, "artifacts.json")
+        return self.job.ledger.checkpoint_key(self.request.job_id, "artifacts.json")
 
     def _save_done(self) -> None:
         """The artifacts so far go to storage with the lease, before the BE hears of them:

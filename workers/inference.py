@@ -3,7 +3,7 @@
 One request (on one of ``INFER_PREFETCH`` handler threads; the runtime acks it only after
 its answer is confirmed by the broker):
 
-1. ``images`` is checked against ``MAX_IMAGES``; the model is resolved through the
+1. ``images`` is checked against ``MAX_IMAGES_PER_REQUEST``; the model is resolved through the
    :class:`ModelCache` (one ``stat``/listing per request; download, load and warm-up only
    for a key + version it does not hold).
 2. Every image is fetched (storage key) or base64-decoded (inline) and decoded with
@@ -74,6 +74,7 @@ from ai_service.messages import (
 )
 from ai_service.metrics import Metrics
 from ai_service.operation import JobContext, Operation, Resources
+from ai_service.provenance import Provenance
 from ai_service.storage import ObjectInfo, Storage
 from workers import yolo
 
@@ -231,8 +232,10 @@ class ModelCache:
     """
 
     def __init__(self, storage: Storage, root: Path, engine: Engine, *, max_models: int, max_bytes: int,
-                 loader: Loader | None = None, metrics: Metrics | None = None) -> None:
+                 loader: Loader | None = None, metrics: Metrics | None = None,
+                 provenance: Provenance | None = None) -> None:
         self.storage = storage
+        self.provenance = provenance
         self.metrics = metrics
         self.root = root
         self.engine = engine
@@ -312,6 +315,8 @@ class ModelCache:
             else:
                 self.storage.download_file(ref.key, target)
             self.downloads += 1
+            if ref.fmt != "pt" and self.provenance is not None:
+                self.provenance.check(target, ref.key, ref.fmt)  # TorchScript is code: only our own exports
             model = self.engine.call(lambda: self.loader(target, ref, imgsz))
         except BaseException:
             shutil.rmtree(local_dir, ignore_errors=True)
@@ -685,15 +690,18 @@ class InferenceService:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.worker_name).strip("_") or "worker"
         self.cache = ModelCache(storage, settings.work_dir / "models" / safe, self.engine,
                                 max_models=settings.model_cache_size,
-                                max_bytes=settings.model_cache_max_mb * 2**20, metrics=metrics)
+                                max_bytes=settings.model_cache_max_mb * 2**20, metrics=metrics,
+                                provenance=Provenance(storage, prefix=settings.jobs_prefix,
+                                                      trust_external=settings.trust_external_models))
 
     def start(self) -> None:
         self.engine.start()
 
     def handle(self, request: InferenceRequest, ctx: JobContext) -> None:
-        limit = self.settings.max_images
+        limit = self.settings.max_images_per_request
         if len(request.images) > limit:
-            raise InvalidInput(f"images: {len(request.images)} images, at most {limit} per request (MAX_IMAGES)")
+            raise InvalidInput(f"images: {len(request.images)} images, at most {limit} per request "
+                               "(MAX_IMAGES_PER_REQUEST)")
         params = Params.of(request.params)
         started = time.monotonic()
         self.engine.enter()

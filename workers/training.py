@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ai_service.config import Settings
 from ai_service.errors import (
     AIServiceError,
@@ -28,7 +26,8 @@ from ai_service.errors import (
     PermanentError,
     StorageError,
 )
-from ai_service.jobs import JobRecord, LeaseLost, Ledger, LongJob, checkpoint_key, record_cancel
+from ai_service.jobs import JobRecord, LeaseLost, LongJob, record_cancel
+from ai_service.jobs import ledger as jobs_ledger
 from ai_service.messages import (
     EpochUpdate,
     TrainingCancelled,
@@ -38,8 +37,10 @@ from ai_service.messages import (
     TrainingStarted,
 )
 from ai_service.operation import JobContext, Operation, Resources
-from ai_service.storage import Storage, sync_prefix_report
 from workers import yolo
+from workers.datasets import DatasetError, limits_from, prepare_dataset
+
+__all__ = ["DatasetError", "TrainingJob", "operation", "prepare_dataset"]
 
 #: Ultralytics callback name -> extra callbacks (tests inject faults through this).
 Callbacks = dict[str, list[Callable[[Any], None]]]
@@ -75,57 +76,6 @@ def setup(resources: Resources) -> None:
     import ultralytics  # noqa: F401 - pay the import once, before the first job
 
     resources.extras["device"] = yolo.select_device(settings.device)
-
-
-class DatasetError(PermanentError):
-    error_code = "dataset_invalid"
-
-
-def prepare_dataset(storage: Storage, prefix: str, work_dir: Path, run_dir: Path) -> Path:
-    """Fetch (or reuse) the dataset and write a ``data.yaml`` pointing at the local copy.
-
-    Checks that ``data.yaml`` exists, names its classes, and that ``train``/``val`` are
-    relative paths that stay inside the dataset.  Label caches that came from storage are
-    removed: Ultralytics unpickles them.
-    """
-    report = sync_prefix_report(storage, prefix, work_dir / "datasets")
-    root = report.path.resolve()
-    data_file = root / "data.yaml"
-    if not data_file.is_file():
-        data_file = root / "data.yml"
-    if not data_file.is_file():
-        raise DatasetError(f"dataset {prefix!r} has no data.yaml at its top level")
-    try:
-        data = yaml.safe_load(data_file.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"data.yaml of {prefix!r} is not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise DatasetError("data.yaml must be a mapping with train, val and names")
-    names = data.get("names")
-    if not names or not isinstance(names, (list, dict)):
-        raise DatasetError("data.yaml must list the class names under 'names'")
-    for split in ("train", "val"):
-        value = data.get(split)
-        paths: list[Any] = value if isinstance(value, list) else [value]
-        if not value or not all(isinstance(p, str) for p in paths):
-            raise DatasetError(f"data.yaml must give a relative '{split}' path")
-        for rel in map(str, paths):
-            if rel.startswith("/") or "\\" in rel:
-                raise DatasetError(f"data.yaml '{split}' must be relative to the dataset, not {rel!r}")
-            target = (root / rel).resolve()
-            if not target.is_relative_to(root):
-                raise DatasetError(f"data.yaml '{split}' path {rel!r} points outside the dataset")
-            if not target.exists():
-                raise DatasetError(f"data.yaml '{split}' path {rel!r} does not exist in the dataset")
-    if data.get("test") is not None:
-        data.pop("test")  # never evaluated here; and it could point anywhere
-    for cache in root.rglob("*.cache"):
-        cache.unlink(missing_ok=True)  # may have come from storage: never unpickle those
-    data["path"] = str(root)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    local_yaml = run_dir / "data.yaml"
-    local_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
-    return local_yaml
 
 
 @dataclass
@@ -246,7 +196,7 @@ class TrainingJob:
         self.progress = Progress(total_epochs=hp.epochs)
         self.run_dir = ctx.settings.work_dir / "runs" / f"{request.job_id}-{uuid.uuid4().hex[:8]}"
         self.started = time.monotonic()
-        ledger = Ledger(ctx.storage, worker=ctx.worker, lease_seconds=ctx.settings.lease_seconds)
+        ledger = jobs_ledger(ctx.storage, ctx.settings, op=ctx.op)
         self.job = LongJob(ctx, ledger, cancelled_message=self._cancelled, failed_message=self._failed)
         self.record: JobRecord | None = None
         self.uploads = CheckpointUploads(self.run_dir / "checkpoint-staging", self._store_checkpoints)
@@ -319,7 +269,8 @@ class TrainingJob:
     def _train(self, yaml_name: str, record: JobRecord) -> Path:
         req, ctx = self.request, self.ctx
         hp = req.hyperparams
-        data_yaml = prepare_dataset(ctx.storage, req.dataset.s3_prefix, ctx.settings.work_dir, self.run_dir)
+        data_yaml = prepare_dataset(ctx.storage, req.dataset.s3_prefix, ctx.settings.work_dir, self.run_dir,
+                                    limits_from(ctx.settings))
         save_dir = self.run_dir / "train"
         if record.last_epoch >= hp.epochs and "best" in record.checkpoints:
             best = save_dir / "weights" / "best.pt"  # trained to the end before the worker was lost
@@ -445,7 +396,7 @@ class TrainingJob:
             return
         checkpoints = dict(record.checkpoints)
         for name, path in staged.items():
-            checkpoints[name] = checkpoint_key(self.request.job_id, f"{name}.pt")
+            checkpoints[name] = self.job.ledger.checkpoint_key(self.request.job_id, f"{name}.pt")
             self.ctx.storage.upload_file(path, checkpoints[name])
         self.job.renew(checkpoints=checkpoints)
 
