@@ -65,6 +65,19 @@ def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _jobs_prefix(raw: str) -> str:
+    """``JOBS_PREFIX`` as a folder-style storage key (``jobs/``)."""
+    from ai_service.errors import UnsafeKey
+    from ai_service.keys import validate_key
+
+    value = raw.strip()
+    try:
+        validate_key(value)
+    except UnsafeKey as exc:
+        raise ConfigError(f"JOBS_PREFIX must be a safe storage prefix: {exc.message}") from None
+    return value if value.endswith("/") else value + "/"
+
+
 def is_loopback(host: str) -> bool:
     """True for localhost and loopback addresses (where guest/guest is acceptable)."""
     if host in ("localhost", "localhost.localdomain"):
@@ -116,14 +129,22 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     metrics_port: int | None = None
+    # bounded worker internals (ours, documented in the README)
+    control_queue_size: int = 1000  # cancels waiting for the cancel hook; past it they are dropped
+    metrics_threads: int = 4  # handler threads of the metrics/health server
+    metrics_max_connections: int = 256  # open metrics/health connections; past it new ones are closed at once
+    metrics_request_timeout: float = 5.0  # seconds a connection has to send its request line and headers
     # limits and tuning (ours, documented in the README)
     max_message_bytes: int = 16 * 1024 * 1024
     lease_seconds: int = 300
     spool_max_messages: int = 10000
+    # SPOOL_MAX_BYTES: the publisher spool's bound in bytes on disk, beside SPOOL_MAX_MESSAGES;
+    # once either is reached, publishing waits (or fails with SpoolFull) until the broker is back
+    spool_max_bytes: int = 1024 * 1024 * 1024
     reconnect_max_delay: float = 30.0
     batch_window_ms: int = 5
     max_batch: int = 8
-    max_images: int = 64
+    max_images_per_request: int = 256
     max_inline_image_bytes: int = 8 * 1024 * 1024
     model_cache_size: int = 4
     # inference worker (ours, documented in workers/inference.py)
@@ -133,6 +154,18 @@ class Settings:
     max_image_bytes: int = 16 * 1024 * 1024  # one stored image object
     max_image_pixels: int = 40_000_000  # one image, checked on its header before decoding
     max_request_pixels: int = 64_000_000  # all images of one request together
+    # containment (CONTRACT.md "Common rules"; README "Security")
+    jobs_prefix: str = "jobs/"  # the service's own area in storage; no request key may name it
+    trust_external_models: bool = False  # load exported formats the service did not record
+    max_det: int = 1000
+    max_imgsz: int = 4096
+    max_train_batch: int = 256
+    max_epochs: int = 10000
+    max_dataloader_workers: int = 16
+    allow_ram_cache: bool = False
+    max_export_batch: int = 64
+    max_dataset_image_pixels: int = 40_000_000  # one dataset image, checked on its header
+    max_dataset_files: int = 1_000_000  # images a dataset's train + val may name
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -186,6 +219,8 @@ class Settings:
             raise ConfigError("RABBITMQ_HEARTBEAT must be at most 3600 seconds")
         if values.get("lease_seconds", 300) < 2:
             raise ConfigError("LEASE_SECONDS must be at least 2")
+        if "jobs_prefix" in values:
+            values["jobs_prefix"] = _jobs_prefix(values["jobs_prefix"])
         return cls(**values)
 
     def for_program(self, program: str) -> "Settings":
