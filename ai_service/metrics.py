@@ -51,6 +51,12 @@ class Metrics:
                                     registry=r)
         self.publisher_connected = Gauge("ai_publisher_connected", "1 when the publisher is connected",
                                          registry=r)
+        self.publisher_refused = Counter(
+            "ai_publisher_refused_total",
+            "Messages not published because they were larger than MAX_MESSAGE_BYTES or the broker refused "
+            "them for good (reason: too_large, precondition_failed, nacked)",
+            ["reason"], registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

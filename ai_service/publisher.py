@@ -7,18 +7,29 @@ the connection goes, the thread reconnects with capped exponential backoff and j
 re-declares the topology and re-sends everything unconfirmed, in order.  A restarted
 process re-sends what its predecessor left in the spool.  Each message carries a unique
 ``message_id`` so a consumer can drop the rare duplicate a lost confirm causes.
+
+One message never stalls the ones behind it.  A body larger than ``MAX_MESSAGE_BYTES``
+is refused by :meth:`Publisher.publish` before it enters the spool; a message the broker
+refuses for good (the channel closed with 406 PRECONDITION_FAILED while it was being
+published, e.g. larger than the broker's ``max_message_size``, or nacked
+:data:`NACK_LIMIT` times in a row) leaves the spool.  Either way it is written to the
+spool's :class:`~ai_service.spool.RefusedLog`, logged once, reported to ``on_refused``,
+and the small message the ``replace`` hook makes of it (a ``*_failed`` for that job, see
+:func:`failure_replacer`) is published in its place.  A replacement is never replaced.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pika
 import pika.exceptions
@@ -26,13 +37,26 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from ai_service.broker import Topology, connect, describe_endpoint, describe_pika_error
 from ai_service.config import Settings
-from ai_service.errors import AuthenticationFailed, BrokerError, SpoolFull
+from ai_service.errors import AIServiceError, AuthenticationFailed, BrokerError, PermanentError, SpoolFull
 from ai_service.messages import new_message_id
-from ai_service.spool import Envelope, Spool
+from ai_service.spool import Envelope, RefusedLog, Spool
 
 log = logging.getLogger("ai_service.publisher")
 
 APP_ID = "ai-service"
+
+#: A message nacked this many times in a row is refused for good.
+NACK_LIMIT = 3
+
+#: Name of the refused-messages file inside the spool directory (the spool reads ``*.msg`` only).
+REFUSED_FILE = "refused.jsonl"
+
+#: ``replace(refused, reason)``: the small message to publish instead, or None.
+Replacer = Callable[[Envelope, str], Envelope | None]
+#: ``on_refused(code, envelope, reason)`` with code ``too_large``, ``precondition_failed`` or ``nacked``.
+RefusedHook = Callable[[str, Envelope, str], None]
+
+_BROKER_SIZE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
 
 class Backoff:
@@ -53,12 +77,21 @@ class Backoff:
 
 
 class Receipt:
-    """Lets a caller wait until its message was confirmed by the broker."""
+    """Lets a caller wait until its message was settled: confirmed by the broker, or given up.
+
+    Given up means ``unroutable`` (no queue was bound for it) or ``refused_reason`` set
+    (larger than ``MAX_MESSAGE_BYTES``, or refused by the broker for good).  A refused
+    message with ``replaced`` set had a replacement (``replacement_id``) published in its
+    place; the receipt settles when that replacement is settled.
+    """
 
     def __init__(self, message_id: str) -> None:
         self.message_id = message_id
         self._event = threading.Event()
         self.unroutable = False
+        self.refused_reason: str | None = None
+        self.replaced = False
+        self.replacement_id: str | None = None
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._event.wait(timeout)
@@ -82,11 +115,18 @@ class Publisher:
         topology: Topology | None = None,
         client_name: str = "ai-service publisher",
         on_state: Callable[[str], None] | None = None,
+        replace: Replacer | None = None,
+        on_refused: RefusedHook | None = None,
     ) -> None:
         self.settings = settings
         self.topology = topology
         self.client_name = client_name
-        self.spool = Spool(spool_dir, settings.spool_max_messages)
+        self.spool = Spool(spool_dir, settings.spool_max_messages, settings.spool_max_bytes)
+        self.refused_log = RefusedLog(spool_dir / REFUSED_FILE)
+        self._replace = replace
+        self._on_refused = on_refused
+        self._nacks: tuple[int, int] = (0, 0)  # (seq, nacks in a row) of the head message
+        self.refused_count = 0
         self._pending: deque[Envelope] = deque()
         self._receipts: dict[int, Receipt] = {}
         self._cond = threading.Condition()
@@ -130,7 +170,10 @@ class Publisher:
         """Queue a message for confirmed delivery; returns once it is in the spool.
 
         When the spool is full (broker away for long), waits for room (``block``) or
-        raises :class:`SpoolFull`, and says so loudly in the log either way.
+        raises :class:`SpoolFull`, and says so loudly in the log either way.  A body
+        larger than ``MAX_MESSAGE_BYTES`` never enters the spool: the receipt comes back
+        with ``refused_reason`` set, and ``replaced`` when the ``replace`` hook's message
+        was queued in its place.
         """
         message_id = message_id or new_message_id()
         properties: dict[str, Any] = {
@@ -148,6 +191,18 @@ class Publisher:
             properties["expiration"] = expiration
         envelope = Envelope(exchange, routing_key, body, properties, mandatory)
         receipt = Receipt(message_id)
+        if len(body) > self.settings.max_message_bytes:
+            reason = (f"message of {len(body):,} bytes is larger than the {self.settings.max_message_bytes:,}-byte "
+                      "limit (MAX_MESSAGE_BYTES / broker max_message_size)")
+            replacement = self._refused(envelope, "too_large", reason, receipt)
+            if replacement is None:
+                receipt._set()
+                return receipt
+            envelope = replacement
+        self._enqueue(envelope, receipt, block)
+        return receipt
+
+    def _enqueue(self, envelope: Envelope, receipt: Receipt, block: bool) -> None:
         with self._cond:
             while self.spool.full:
                 if not self._full_warned:
@@ -166,7 +221,6 @@ class Publisher:
             self._pending.append(envelope)
             self._receipts[envelope.seq] = receipt
         self._wake.set()
-        return receipt
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued message is confirmed; False on timeout."""
@@ -269,10 +323,26 @@ class Publisher:
                 continue
             if self._stopping and time.monotonic() >= self._stop_deadline:
                 return
-            self._send(channel, envelope)
-            self._done(envelope)
+            try:
+                outcome = self._send(channel, envelope)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 406:
+                    raise
+                # Confirms make publishing one message at a time: the channel closed while
+                # this one (the head) was in flight, so it is the one refused.  Nothing else
+                # is lost: the rest is still pending, and goes out on a fresh channel.
+                self._refuse_head(envelope, *self._broker_refusal(envelope, exc))
+                channel = connection.channel()
+                channel.confirm_delivery()
+                continue
+            if outcome == "sent":
+                self._done(envelope)
+            elif outcome == "nacked":
+                self._refuse_head(envelope, "nacked", (
+                    f"message of {len(envelope.body):,} bytes was nacked by the broker {NACK_LIMIT} times in a row "
+                    "(a queue at its x-max-length with overflow reject-publish, or a broker alarm)"))
 
-    def _send(self, channel: BlockingChannel, envelope: Envelope) -> None:
+    def _send(self, channel: BlockingChannel, envelope: Envelope) -> Literal["sent", "retry", "nacked"]:
         props = pika.BasicProperties(**envelope.properties)
         try:
             channel.basic_publish(
@@ -283,6 +353,7 @@ class Publisher:
                 mandatory=envelope.mandatory,
             )
             self.confirmed_count += 1
+            return "sent"
         except pika.exceptions.UnroutableError:
             log.error(
                 "[RMQ] Message %s to %r/%r was returned unroutable (no queue bound); dropping it",
@@ -293,10 +364,87 @@ class Publisher:
             receipt = self._receipts.get(envelope.seq)
             if receipt is not None:
                 receipt.unroutable = True
+            return "sent"
         except pika.exceptions.NackError:
-            log.warning("[RMQ] Broker nacked message %s; will retry", envelope.properties.get("message_id"))
-            time.sleep(0.5)
-            raise BrokerError("message nacked by the broker") from None
+            seq, count = self._nacks
+            count = count + 1 if seq == envelope.seq else 1
+            self._nacks = (envelope.seq, count)
+            if count >= NACK_LIMIT:
+                return "nacked"
+            log.warning("[RMQ] Broker nacked message %s (%d of %d); will retry",
+                        envelope.message_id, count, NACK_LIMIT)
+            time.sleep(0.5 * count)
+            return "retry"
+
+    @staticmethod
+    def _broker_refusal(envelope: Envelope, exc: pika.exceptions.ChannelClosedByBroker) -> tuple[str, str]:
+        text = str(exc.reply_text)[:300]
+        m = _BROKER_SIZE.search(text)
+        if m:
+            return "too_large", (f"message of {int(m.group(1)):,} bytes is larger than the broker's "
+                                 f"{int(m.group(2)):,}-byte max_message_size (set MAX_MESSAGE_BYTES to it)")
+        return "precondition_failed", (f"message of {len(envelope.body):,} bytes was refused by the broker "
+                                       f"({exc.reply_code} {text})")
+
+    def _refuse_head(self, envelope: Envelope, code: str, reason: str) -> None:
+        """Take the refused head message out of the spool, its replacement (if any) in its place."""
+        with self._cond:
+            receipt = self._receipts.get(envelope.seq)
+        replacement = self._refused(envelope, code, reason, receipt)
+        with self._cond:
+            self._nacks = (0, 0)  # a replacement takes the same seq: its nacks count afresh
+            self._receipts.pop(envelope.seq, None)
+            head = bool(self._pending) and self._pending[0] is envelope
+            if replacement is not None:
+                self.spool.swap(envelope, replacement)  # one rename: never both, never neither
+                if head:
+                    self._pending[0] = replacement
+                if receipt is not None:
+                    self._receipts[replacement.seq] = receipt
+            else:
+                self.spool.remove(envelope)
+                if head:
+                    self._pending.popleft()
+            self._cond.notify_all()
+        if replacement is None and receipt is not None:
+            receipt._set()
+
+    def _refused(self, envelope: Envelope, code: str, reason: str, receipt: Receipt | None) -> Envelope | None:
+        """Record a refusal (log, refused file, hook) and return the replacement to publish, if any."""
+        with self._cond:
+            self.refused_count += 1
+        replacement: Envelope | None = None
+        if not envelope.replacement and self._replace is not None:
+            try:
+                replacement = self._replace(envelope, reason)
+            except Exception:  # noqa: BLE001 - a broken hook must not stop publishing
+                log.exception("[RMQ] Could not build a replacement for refused message %s", envelope.message_id)
+            if replacement is not None:
+                replacement.replacement = True
+                if len(replacement.body) > self.settings.max_message_bytes:
+                    log.error("[RMQ] The replacement for message %s is itself too large (%d bytes); dropping it",
+                              envelope.message_id, len(replacement.body))
+                    replacement = None
+        log.error(
+            "[RMQ] ❌ Message %s (%s) to %r/%r refused for good: %s; %s",
+            envelope.message_id, envelope.properties.get("type"), envelope.exchange, envelope.routing_key, reason,
+            f"publishing {replacement.message_id} ({replacement.properties.get('type')}) in its place"
+            if replacement is not None else "dropped (kept in the refused file)",
+        )
+        try:
+            self.refused_log.append(envelope, code, reason)
+        except OSError as exc:
+            log.error("[RMQ] Could not write %s: %s", self.refused_log.path, exc)
+        if self._on_refused is not None:
+            try:
+                self._on_refused(code, envelope, reason)
+            except Exception:  # noqa: BLE001 - metrics must not stop publishing
+                log.exception("[RMQ] on_refused hook failed")
+        if receipt is not None and receipt.refused_reason is None:
+            receipt.refused_reason = reason
+            receipt.replaced = replacement is not None
+            receipt.replacement_id = replacement.message_id if replacement is not None else None
+        return replacement
 
     def _done(self, envelope: Envelope) -> None:
         with self._cond:
@@ -307,3 +455,73 @@ class Publisher:
             self._cond.notify_all()
         if receipt is not None:
             receipt._set()
+
+
+# --- replacements -----------------------------------------------------------------------
+
+_JOB_KEY = re.compile(r"^(?P<op>[a-z]+)\.(?P<kind>update|result)\.(?P<job_id>[A-Za-z0-9_-]{1,64})$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+#: ``error_code`` of the replacement, by operation.
+ERROR_CODES = {"infer": "inference_error", "train": "training_error", "convert": "export_error"}
+
+#: What to change so that the answer fits, by operation.
+HINTS = {
+    "infer": "lower max_det, raise conf or send fewer images per request",
+    "train": "raise the broker's max_message_size and MAX_MESSAGE_BYTES with it",
+    "convert": "raise the broker's max_message_size and MAX_MESSAGE_BYTES with it",
+}
+
+
+def replacement_envelope(refused: Envelope, exchange: str, routing_key: str, body: bytes,
+                         message_type: str) -> Envelope:
+    """A message standing in for ``refused``: same correlation_id, a message_id derived from its."""
+    properties = {k: v for k, v in refused.properties.items() if k not in ("headers", "expiration")}
+    properties.update({
+        "message_id": f"{refused.message_id}-refused",
+        "type": message_type,
+        "timestamp": int(time.time()),
+    })
+    return Envelope(exchange, routing_key, body, properties, refused.mandatory, replacement=True)
+
+
+def failure_replacer(settings: Settings, op: str,
+                     failure: Callable[[str, AIServiceError], Any]) -> Replacer:
+    """The worker's ``replace`` hook: a refused answer becomes that job's ``*_failed``.
+
+    ``failure`` is the operation's ``failure(job_id, error)`` (``Operation.failure``).
+    An ``<op>.update.<job_id>`` or ``<op>.result.<job_id>`` answer on the events
+    exchange is replaced by a failure on ``<op>.result.<job_id>``; an RPC answer (default
+    exchange, the request's ``reply_to``) by a failure to the same queue.  Requests the
+    worker re-publishes (leases, hand-backs, dead-letters) are not replaced.
+    """
+    code = ERROR_CODES.get(op, "internal_error")
+    hint = HINTS.get(op, "raise the broker's max_message_size and MAX_MESSAGE_BYTES with it")
+
+    def replace(refused: Envelope, reason: str) -> Envelope | None:
+        if refused.properties.get("type") == "request":
+            return None
+        job_id: str | None = None
+        if refused.exchange == settings.events_exchange:
+            m = _JOB_KEY.match(refused.routing_key)
+            if m is None:
+                return None
+            job_id, key = m.group("job_id"), f"{m.group('op')}.result.{m.group('job_id')}"
+        elif refused.exchange == "":
+            key = refused.routing_key
+            try:
+                found = json.loads(refused.body).get("job_id")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                found = None
+            job_id = found if isinstance(found, str) else refused.properties.get("correlation_id")
+        else:
+            return None
+        if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+            return None
+        kind = str(refused.properties.get("type") or "answer")
+        error = PermanentError(f"the {kind} could not be delivered: {reason}; {hint}", error_code=code)
+        message = failure(job_id, error)
+        body = json.dumps(message.to_json_dict(), separators=(",", ":"), ensure_ascii=False).encode()
+        return replacement_envelope(refused, refused.exchange, key, body, str(message.type))
+
+    return replace

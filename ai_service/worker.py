@@ -100,9 +100,13 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
         operation.setup(resources)
     topology = Topology(settings)
     metrics = resources.metrics
+    from ai_service.publisher import failure_replacer  # an answer refused for good becomes the job's *_failed
+
     publisher = Publisher(settings, spool_dir=spool_dir(settings), topology=topology,
                           client_name=f"ai-service {operation.name} publisher ({settings.worker_name})",
-                          on_state=lambda state: publisher_state(metrics, state))
+                          on_state=lambda state: publisher_state(metrics, state),
+                          replace=failure_replacer(settings, operation.name, operation.failure),
+                          on_refused=lambda code, envelope, reason: metrics.publisher_refused.labels(code).inc())
     try:
         publisher.start()
     except SpoolLocked as exc:

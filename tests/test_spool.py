@@ -1,21 +1,23 @@
-"""The publisher's on-disk spool: durable, ordered, bounded, one process at a time."""
+"""The publisher's on-disk spool: durable, ordered, bounded (count and bytes), one process at a
+time; and the bounded file of refused messages beside it."""
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ai_service.spool import Envelope, Spool, SpoolLocked
+from ai_service.spool import Envelope, RefusedLog, Spool, SpoolLocked
 
 
-def envelope(n: int) -> Envelope:
+def envelope(n: int, pad: int = 0) -> Envelope:
     return Envelope(
         exchange="ai.events",
         routing_key=f"train.update.job{n}",
-        body=f'{{"n": {n}, "bytes": "\\n\\u00e9"}}'.encode() + b"\n\xff raw",
+        body=f'{{"n": {n}, "bytes": "\\n\\u00e9"}}'.encode() + b"\n\xff raw" + b"x" * pad,
         properties={"message_id": f"m{n}", "correlation_id": f"job{n}", "delivery_mode": 2},
         mandatory=n % 2 == 0,
     )
@@ -192,3 +194,79 @@ def test_leftovers_count_towards_full(spool_dir: Path, spool: Spool) -> None:
         assert again.full
     finally:
         again.close()
+
+
+def spooled_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob(f"*{Spool.SUFFIX}"))
+
+
+def test_a_spool_with_few_messages_is_full_once_their_bytes_reach_the_byte_bound(spool_dir: Path) -> None:
+    s = Spool(spool_dir, max_messages=1000, max_bytes=10_000)
+    s.open()
+    try:
+        small, big, other = envelope(1), envelope(2, pad=9_000), envelope(3, pad=2_000)
+        s.add(small)
+        assert not s.full and s.bytes == spooled_bytes(spool_dir)
+        s.add(big)
+        assert not s.full, "one message larger than the room left must still get in"
+        s.add(other)
+        assert s.full and len(s) == 3 and s.bytes == spooled_bytes(spool_dir) >= 10_000
+        s.remove(big)
+        assert not s.full and s.bytes == spooled_bytes(spool_dir)
+        s.remove(big)  # twice: the bytes are not taken off again
+        assert s.bytes == spooled_bytes(spool_dir)
+    finally:
+        s.close()
+
+
+def test_leftover_bytes_count_towards_full_after_a_reopen(spool_dir: Path, spool: Spool) -> None:
+    spool.add(envelope(1, pad=6_000))
+    spool.add(envelope(2, pad=6_000))
+    spool.close()
+
+    again = Spool(spool_dir, max_messages=1000, max_bytes=12_000)
+    left = again.open()
+    try:
+        assert len(left) == 2 and again.full and again.bytes == spooled_bytes(spool_dir)
+        again.remove(left[0])
+        assert not again.full and again.bytes == spooled_bytes(spool_dir)
+    finally:
+        again.close()
+
+
+def test_a_swapped_in_replacement_takes_the_refused_messages_place_and_bytes(spool_dir: Path, spool: Spool) -> None:
+    first, refused, last = envelope(1), envelope(2, pad=50_000), envelope(3)
+    for e in (first, refused, last):
+        spool.add(e)
+    replacement = envelope(20)
+    replacement.replacement = True
+
+    spool.swap(refused, replacement)
+    assert replacement.seq == refused.seq and len(spool) == 3
+    assert spool.bytes == spooled_bytes(spool_dir) < 50_000
+    spool.close()
+
+    again, left = reopen(spool_dir)
+    again.close()
+    assert [e.routing_key for e in left] == ["train.update.job1", "train.update.job20", "train.update.job3"]
+    assert [e.replacement for e in left] == [False, True, False]
+
+
+def test_the_refused_file_keeps_small_bodies_and_stays_within_its_byte_bound(tmp_path: Path) -> None:
+    refused = RefusedLog(tmp_path / "refused.jsonl", max_bytes=40_000, body_limit=1_000)
+    refused.append(envelope(1), "nacked", "nacked 3 times")
+    big = envelope(2, pad=5_000)
+    refused.append(big, "too_large", "too large")
+    first, second = refused.entries()
+    assert first["code"] == "nacked" and first["routing_key"] == "train.update.job1"
+    assert first["properties"]["message_id"] == "m1" and "time" in first
+    assert base64.b64decode(first["body_base64"]) == envelope(1).body
+    assert second["body_bytes"] == len(big.body) and "body_base64" not in second
+
+    for n in range(300):
+        refused.append(envelope(n, pad=500), "too_large", "x" * 200)
+    files = [tmp_path / "refused.jsonl", tmp_path / "refused.jsonl.1"]
+    assert sum(p.stat().st_size for p in files) <= 40_000
+    kept = refused.entries()
+    assert kept[-1]["properties"]["message_id"] == "m299"  # the newest are kept, the oldest dropped
+    assert 10 < len(kept) < 300
