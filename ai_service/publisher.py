@@ -490,8 +490,9 @@ def failure_replacer(settings: Settings, op: str,
     """The worker's ``replace`` hook: a refused answer becomes that job's ``*_failed``.
 
     ``failure`` is the operation's ``failure(job_id, error)`` (``Operation.failure``).
-    An ``<op>.update.<job_id>`` or ``<op>.result.<job_id>`` answer on the events
-    exchange is replaced by a failure on ``<op>.result.<job_id>``; an RPC answer (default
+    An ``<op>.result.<job_id>`` answer on the events exchange is replaced by a failure
+    there (a refused ``<op>.update.<job_id>`` is only dropped: the job goes on and ends
+    with its own terminal message); an RPC answer (default
     exchange, the request's ``reply_to``) by a failure to the same queue.  Requests the
     worker re-publishes (leases, hand-backs, dead-letters) are not replaced.
     """
@@ -506,6 +507,8 @@ def failure_replacer(settings: Settings, op: str,
             m = _JOB_KEY.match(refused.routing_key)
             if m is None:
                 return None
+            if ".update." in refused.routing_key:
+                return None  # progress is dropped (logged, counted); a *_failed here would be a second terminal
             job_id, key = m.group("job_id"), f"{m.group('op')}.result.{m.group('job_id')}"
         elif refused.exchange == "":
             key = refused.routing_key

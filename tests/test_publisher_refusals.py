@@ -230,7 +230,7 @@ def test_an_answer_larger_than_max_message_bytes_never_enters_the_spool_and_a_fa
 # --- the broker nacks ---------------------------------------------------------------------
 
 
-def test_a_message_nacked_three_times_in_a_row_is_replaced_and_the_messages_behind_it_go_on(rig: Rig) -> None:
+def test_an_update_nacked_three_times_in_a_row_is_dropped_and_the_messages_behind_it_go_on(rig: Rig) -> None:
     s = rig.names.settings()
     full = f"{rig.names.prefix}.full"
     channel: Any = rig.be.channel  # pika-stubs get queue_declare's arguments wrong
@@ -242,14 +242,13 @@ def test_a_message_nacked_three_times_in_a_row_is_replaced_and_the_messages_behi
     publisher = rig.publisher(op="train")
     stuck = answer(publisher, "stuck", kind="update", op="train")
     behind = [answer(publisher, f"go{i}", kind="update", op="train") for i in range(5)]
-    assert all(r.wait(WAIT) for r in behind) and stuck.wait(WAIT) and stuck.replaced
+    assert all(r.wait(WAIT) for r in behind) and stuck.wait(WAIT)
+    # A refused progress message is dropped, not answered: the job ends with its own terminal.
+    assert not stuck.replaced and stuck.refused_reason and "nacked by the broker 3 times" in stuck.refused_reason
 
     updates = [m for m in receive(rig.be, s.train_update_queue, 5) if m.body["job_id"] != "stuck"]
     assert [m.body["job_id"] for m in updates] == [f"go{i}" for i in range(5)]
-    failed = rig.be.wait_for(s.train_result_queue, timeout=5)
-    assert failed.type == "training_failed" and failed.body["job_id"] == "stuck"
-    assert failed.routing_key == "train.result.stuck" and failed.body["error_code"] == "training_error"
-    assert "nacked by the broker 3 times" in failed.body["error_message"]
+    assert rig.be.drain(s.train_result_queue) == [], "no *_failed for a job that goes on"
     assert rig.counted("nacked") == 1
     assert [e["code"] for e in publisher.refused_log.entries()] == ["nacked"]
     assert_spool_empty(publisher)
@@ -261,7 +260,7 @@ def test_a_message_nacked_three_times_in_a_row_is_replaced_and_the_messages_behi
 @pytest.mark.parametrize(
     ("exchange", "key", "message_type", "expected_key"),
     [
-        pytest.param("ev", "infer.update.j1", "inference_completed", "infer.result.j1", id="update-to-result"),
+        pytest.param("ev", "infer.update.j1", "inference_completed", None, id="updates-are-dropped"),
         pytest.param("ev", "infer.result.j1", "inference_completed", "infer.result.j1", id="result-stays"),
         pytest.param("", "amq.gen-reply", "inference_completed", "amq.gen-reply", id="reply-to-stays"),
         pytest.param("", "req.lease", "request", None, id="requests-are-not-replaced"),
