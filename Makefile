@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 CONF := supervisord.conf
 PYTEST_WORKERS ?= 3
 
@@ -17,7 +18,7 @@ export AI_CONVERT_FIRST_GPU ?= 0
 export AI_INFER_GPUS ?= 1
 export AI_INFER_FIRST_GPU ?= 0
 
-.PHONY: install test lint typecheck run run-train-worker run-convert-worker run-infer-worker \
+.PHONY: install lock test lint typecheck run run-train-worker run-convert-worker run-infer-worker \
         rabbitmq bench soak clean help
 
 help:
@@ -27,20 +28,43 @@ help:
 	@echo "make bench          benchmarks: prints a table, writes bench/results/<date>.json and docs/PERFORMANCE.md"
 	@echo "                    (BENCH_QUICK=1 for fewer repeats)"
 	@echo "make soak           fault run (kills, cuts, broker restart, hostile messages, load): docs/RELIABILITY.md"
+	@echo "make lock           regenerate requirements.lock (exact pins + hashes) from setup.cfg; keeps the"
+	@echo "                    pins it can, UPGRADE=1 moves everything to the newest allowed; commit the result"
 	@echo "make lint | typecheck | install | clean"
 
 install: $(STAMP)
 
-# torch and torchvision are pinned to the builds that ship for this platform; a plain
-# `torch` requirement would pull another multi-GB build. openvino-telemetry phones home
-# during export, so it is removed (FIELD-NOTES).
-$(STAMP): setup.cfg pyproject.toml
+# Everything comes from requirements.lock: exact versions, each file checked against its sha256
+# (--require-hashes), so a machine installs only what CI ran. The lock is the whole dependency
+# closure, hence --no-deps: that is also what keeps openvino-telemetry out (it phones home during
+# export, FIELD-NOTES; the lock leaves it out, and an older venv's copy is removed). The project
+# itself goes in last, editable, built by the locked setuptools (no build isolation, no download).
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	-$(BIN)/python -m pip uninstall -q -y openvino-telemetry 2>/dev/null
 	touch $(STAMP)
+
+# The lock is compiled by pip-tools, kept in a venv of its own (build/lock-tools) so that
+# `make install` never needs it. Besides setup.cfg (with the dev extra) the lock carries pins that
+# setup.cfg cannot: torch and torchvision at the builds that ship for this platform (any other
+# build is another multi-GB download), pip itself, and the build backend pyproject.toml names.
+# pip-compile takes every file of each pinned version from every index pip is configured with
+# (PyPI and this machine's local ones), so its hashes hold wherever the wheel comes from.
+LOCK_TOOLS := build/lock-tools
+LOCK_EXTRA_IN := build/lock-extra.in
+LOCK_EXTRA := torch==2.14.1 torchvision==0.29.1 pip 'setuptools>=68' wheel
+
+lock:
+	test -x $(LOCK_TOOLS)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_TOOLS) && \
+	    $(LOCK_TOOLS)/bin/python -m pip install -q 'pip==26.3' 'pip-tools==7.6.2'; }
+	@mkdir -p $(dir $(LOCK_EXTRA_IN))
+	printf '%s\n' $(LOCK_EXTRA) > $(LOCK_EXTRA_IN)
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --quiet --generate-hashes \
+	    --extra dev --strip-extras --unsafe-package openvino-telemetry \
+	    --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) \
+	    --output-file $(LOCK) setup.cfg $(LOCK_EXTRA_IN)
 
 rabbitmq:
 	@scripts/ensure-rabbitmq.sh
