@@ -237,6 +237,13 @@ def specific(refs: dict[str, str]) -> list[Entry]:
     add("train", "yaml-not-mapping", train("yaml-not-mapping", dataset={"s3_prefix": refs["yaml_list"]}))
     add("train", "pickled-label-cache", train("pickled-label-cache", dataset={"s3_prefix": refs["evil_cache"]}),
         "any-terminal")
+    add("train", "list-file-escape", train("list-file-escape", dataset={"s3_prefix": refs["list_escape"]}))
+    add("train", "download-script", train("download-script", dataset={"s3_prefix": refs["download"]}))
+    add("train", "symlink-out", train("symlink-out", dataset={"s3_prefix": refs["symlink"]}))
+    add("train", "reserved-output", train("reserved-output", dataset=ds,
+                                          output={"prefix": "jobs", "model_name": refs["victim_name"]}),
+        "answer+dlq")
+    add("train", "reserved-dataset", train("reserved-dataset", dataset={"s3_prefix": "jobs/"}), "answer+dlq")
     add("train", "pretrained-pickle", train("pretrained-pickle", dataset=ds, hyperparams={"pretrained": refs["evil"]}),
         "answer")
     add("train", "pretrained-torch-zip",
@@ -256,6 +263,7 @@ def specific(refs: dict[str, str]) -> list[Entry]:
         return body
 
     add("convert", "model-missing", conv("model-missing"), "answer")
+    add("convert", "reserved-output", conv("reserved-output", output={"prefix": "jobs/artifacts"}), "answer+dlq")
     add("convert", "model-pickle", conv("model-pickle", model={"path": refs["evil"]}), "answer")
     add("convert", "model-torch-zip", conv("model-torch-zip", model={"path": refs["evil_zip"]}), "answer")
     add("convert", "model-garbage", conv("model-garbage", model={"path": refs["garbage_pt"]}), "answer")
@@ -282,7 +290,13 @@ def specific(refs: dict[str, str]) -> list[Entry]:
     add("infer", "eps", infer("eps", [{"data": b64(eps(Path(refs["marker_dir"]) / "eps-ran"))}]), "answer+dlq")
     add("infer", "svg", infer("svg", [{"data": b64(b"<svg xmlns='http://www.w3.org/2000/svg'/>")}]), "answer+dlq")
     add("infer", "base64-bad", infer("base64-bad", [{"data": "!!!not base64!!!"}]), "answer+dlq")
-    add("infer", "too-many-images", infer("too-many-images", [{"data": b64(small_png(8))}] * 65), "answer+dlq")
+    add("infer", "too-many-images", infer("too-many-images", [{"data": b64(small_png(8))}] * 257), "answer+dlq")
+    add("infer", "image-flood", infer("image-flood", [{"data": "!!"}] * 5000), "answer+dlq")
+    add("infer", "max-det-huge", infer("max-det-huge", params={"max_det": 5000}), "answer+dlq")
+    # containment classes: reserved keys, untrusted exported models
+    add("infer", "image-reserved", infer("image-reserved", [{"path": refs["victim_record"]}]), "answer+dlq")
+    add("infer", "model-reserved", infer("model-reserved", model={"path": "jobs/train/x/best.pt"}), "answer+dlq")
+    add("infer", "torchscript-foreign", infer("torchscript-foreign", model={"path": refs["foreign_ts"]}), "answer")
     add("infer", "inline-too-big", infer("inline-too-big", [{"data": b64(b"\0" * (8 * MiB + 10))}]), "answer+dlq")
     add("infer", "image-traversal", infer("image-traversal", [{"path": "../../etc/passwd"}]), "answer+dlq")
     add("infer", "image-missing", infer("image-missing", [{"path": "images/none.png"}]), "answer")
@@ -335,7 +349,44 @@ def plant(storage_dir: Path, marker_dir: Path, shapes_dir: Path) -> dict[str, st
     shutil.copytree(shapes_dir, storage_dir / "datasets" / "soak-evil-cache", dirs_exist_ok=True)
     for split in ("train", "val"):
         put(f"datasets/soak-evil-cache/labels/{split}.cache", evil_pickle(marker_dir / f"cache-{split}-ran"))
+    # A list file naming images outside the dataset, with a pickled label cache beside them.
+    outside = storage_dir.parent / "soak-outside"
+    shutil.copytree(shapes_dir, outside, dirs_exist_ok=True)
+    for split in ("train", "val"):
+        (outside / "labels" / f"{split}.cache").write_bytes(evil_pickle(marker_dir / f"outside-cache-{split}-ran"))
+    refs["list_escape"] = "datasets/soak-list-escape/"
+    shutil.copytree(shapes_dir, storage_dir / "datasets" / "soak-list-escape", dirs_exist_ok=True)
+    put("datasets/soak-list-escape/train.txt",
+        "\n".join(str(p) for p in sorted((outside / "images" / "train").iterdir())).encode())
+    put("datasets/soak-list-escape/data.yaml", b"train: train.txt\nval: images/val\nnames: [circle, square]\n")
+    # A data.yaml whose val is missing, with a download script (Ultralytics would exec it).
+    refs["download"] = "datasets/soak-download/"
+    shutil.copytree(shapes_dir, storage_dir / "datasets" / "soak-download", dirs_exist_ok=True)
+    put("datasets/soak-download/data.yaml",
+        f"train: images/train\nval: images/absent\nnames: [a, b]\n"
+        f"download: \"import os; os.mkdir('{marker_dir / 'download-ran'}')\"\n".encode())
+    # A symlink out of STORAGE_DIR inside a dataset.
+    refs["symlink"] = "datasets/soak-symlink/"
+    shutil.copytree(shapes_dir, storage_dir / "datasets" / "soak-symlink", dirs_exist_ok=True)
+    secret = storage_dir.parent / "soak-secret.png"
+    secret.write_bytes(b"SOAK-SECRET" * 8)
+    link = storage_dir / "datasets" / "soak-symlink" / "images" / "train" / "leak.png"
+    if not link.is_symlink():
+        os.symlink(secret, link)
+    # A finished job's record that reserved-key requests aim at: its bytes must not change.
+    refs["victim_name"] = "train/soak-victim.json"
+    refs["victim_record"] = put("jobs/train/soak-victim.json", json.dumps(
+        {"job_id": "soak-victim", "op": "train", "status": "completed", "terminal": {"type": "training_completed"},
+         "terminal_message_id": "soak", "terminal_sent": True}).encode())
+    # A TorchScript file the service did not export (TorchScript is code).
+    refs["foreign_ts"] = put("models/foreign.torchscript", b"PK\x03\x04" + os.urandom(2048))
     return refs
+
+
+def victim_untouched(storage_dir: Path, refs: dict[str, str]) -> bool:
+    """True while the planted job record still has the bytes :func:`plant` wrote."""
+    raw = (storage_dir / refs["victim_record"]).read_bytes()
+    return bool(json.loads(raw).get("terminal_message_id") == "soak") and raw.startswith(b'{"job_id": "soak-victim"')
 
 
 def build(refs: dict[str, str]) -> list[Entry]:

@@ -667,12 +667,23 @@ def corpus_section(world: World, h: Harness) -> Part:
         part.findings.append(f"{codes['internal_error']} answer(s) with internal_error (an unexpected exception in "
                              "a worker)")
     ran = sorted(p.name for p in markers.iterdir())
-    part.add(f"payloads that ran code (pickle .pt, torch zip, pickled label cache, YAML tag, EPS): {len(ran)}")
+    part.add(f"payloads that ran code (pickle .pt, torch zip, pickled label caches inside and outside the dataset, "
+             f"list-file escapes, download scripts, YAML tag, EPS): {len(ran)}")
     if ran:
         part.fail(f"a hostile payload ran code in a worker: {ran}")
+    touched = 0 if corpus.victim_untouched(world.storage, refs) else 1
+    part.add(f"service records touched by reserved-key requests: {touched}")
+    if touched:
+        part.fail("a request wrote into the service's own storage area (JOBS_PREFIX)")
+    leaked = [str(p) for p in world.root.rglob("*") if p.is_file() and not p.is_symlink() and "soak-secret" not in p.name
+              and p.stat().st_size < 10**6 and b"SOAK-SECRET" in p.read_bytes()]
+    part.add(f"copies of a file outside STORAGE_DIR that a dataset symlink pointed at: {len(leaked)}")
+    if leaked:
+        part.fail(f"a symlink was followed out of STORAGE_DIR: {leaked[:3]}")
     crash_lines(part, h)
     part.data.update({"entries": len(entries), "answered": answered, "dead_lettered": dlqd, "neither": neither,
                       "unaccounted": len(unaccounted), "codes": dict(codes), "payloads_ran": ran,
+                      "records_touched": touched, "symlink_leaks": len(leaked),
                       "outcomes": table})
     return part
 

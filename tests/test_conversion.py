@@ -9,6 +9,7 @@ can show an export reaches no network and runs no pip.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import time
@@ -142,6 +143,12 @@ def test_torchscript_onnx_and_openvino_from_s3_are_verified_and_load_and_engine_
     env, audit = audited(tmp_path, {**s3_server.env(), "STORAGE_BACKEND": "s3", "S3_BUCKET": s3_bucket,
                                     "DEVICE": "cpu"})
     worker = start_worker("convert", env=env)
+    # A finished training job with the same id: a job_id names one job per operation.
+    from ai_service.jobs import JobRecord
+
+    s3_storage.write_bytes("jobs/train/conv3.json", JobRecord(
+        job_id="conv3", op="train", status="completed", terminal={"type": "training_completed", "job_id": "conv3"},
+        terminal_message_id="t1", terminal_sent=True).to_json())
 
     send(be, convert_request("conv3", ["torchscript", "onnx", "openvino"], dataset="datasets/shapes/"))
     updates, result = follow(be, "conv3")
@@ -181,6 +188,11 @@ def test_torchscript_onnx_and_openvino_from_s3_are_verified_and_load_and_engine_
         exported = YOLO(str(local), task="detect")
         assert_same_objects(expected, predicted(exported, images))
         assert exported.names == {0: "circle", 1: "square"}
+        # Provenance: what inference will check before loading this artifact.
+        record = json.loads(s3_storage.read_bytes(f"jobs/artifacts/{artifact['sha256']}.json"))
+        assert (record["format"], record["path"], record["source_model"], record["job_id"]) == (
+            fmt, artifact["path"], "models/shapes.pt", "conv3")
+        assert record["source_sha256"] == hashlib.sha256(Path(trained_model["model"]).read_bytes()).hexdigest()
 
     # engine (TensorRT) needs a GPU: that format fails alone, the others are still done and listed.
     send(be, convert_request("conv-engine", ["torchscript", "engine", "onnx"]))

@@ -555,6 +555,27 @@ def test_from_s3_every_format_finds_the_shapes_and_models_are_cached(
     assert "Evicted model models/shapes.pt" in worker.log()
 
 
+def test_an_answer_over_max_message_bytes_becomes_a_small_failed_and_the_next_answers_go_on(
+    be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], models: dict[str, Any],
+) -> None:
+    storage = LocalStorage(Path(worker_env["STORAGE_DIR"]))
+    put_model(storage, models, "pt", "models/shapes.pt")
+    good, _ = shapes(0)
+    storage.write_bytes("images/one.png", good)
+    worker = start_worker("infer", env={**BASE_ENV, "MAX_MESSAGE_BYTES": "20000"})
+    many = [{"path": "images/one.png"}] * 48
+    be.send(be.settings.infer_request_queue, request("huge", "models/shapes.pt", many, conf=0.001, max_det=1000))
+    for i in range(3):
+        be.send(be.settings.infer_request_queue, request(f"after{i}", "models/shapes.pt", many[:1]))
+    got = answers(be, ["huge", "after0", "after1", "after2"])
+    huge = got["huge"].body
+    assert huge["type"] == "inference_failed" and huge["error_code"] == "inference_error", huge
+    assert "20,000-byte limit" in huge["error_message"] and "max_det" in huge["error_message"]
+    assert len(json.dumps(huge)) < 2000
+    assert [got[f"after{i}"].body["type"] for i in range(3)] == ["inference_completed"] * 3
+    assert worker.alive and "refused" in worker.log().lower()
+
+
 def test_exported_models_load_only_with_the_services_own_provenance_record(
     be: BE, start_worker: WorkerFactory, worker_env: dict[str, str], models: dict[str, Any],
 ) -> None:
