@@ -12,10 +12,19 @@
   ACCESS_REFUSED.
 * Stopping is warm first (stop taking messages, let running handlers finish), forced on
   a second request (hand unfinished deliveries back to the queue).
+* Control messages (cancels) cost the I/O thread a lookup; the operation's ``on_cancel``
+  hook runs on one :class:`ControlExecutor` thread fed by a bounded queue (a flood of
+  cancels is dropped past it, never turned into threads).
+* Anything the I/O thread did not expect ends it as a *crash* (:attr:`Consumer.crashed`),
+  which the worker turns into a non-zero exit for its supervisor.
+* Classic queues count nothing: the consumer counts deliveries itself
+  (:data:`DELIVERY_COUNT_HEADER`), republishing a request it retries (confirmed) before
+  acking the original, so the delivery limit holds on any queue type.
 """
 
 from __future__ import annotations
 
+import copy
 import enum
 import hashlib
 import json
@@ -67,6 +76,11 @@ log = logging.getLogger("ai_service.consumer")
 TERMINAL_CONFIRM_TIMEOUT = 30.0
 #: How long a redelivered request waits for a first run of it still going in this process.
 REDELIVERY_WAIT = 300.0
+#: With classic queues (no ``x-delivery-count``), the deliveries the consumer counted:
+#: set on the copy of a request it republishes for a retry.
+DELIVERY_COUNT_HEADER = "x-ai-delivery-count"
+#: At most one "control queue full" warning per this many seconds (with the count dropped).
+CONTROL_DROP_WARNING_INTERVAL = 10.0
 
 
 class Outcome(enum.Enum):
@@ -118,6 +132,7 @@ class _Delivery:
     generation: int
     info: DeliveryInfo
     ctx: JobContext | None = None
+    props: pika.BasicProperties | None = None  # as delivered, for a counted retry's copy
     acked: bool = False
     seen: _Seen | None = None  # this run, in the RequestTracker
     prior: _Seen | None = None  # for a redelivery: an earlier run of the same request in this process
@@ -180,6 +195,130 @@ class RequestTracker:
         return entry is not None and entry.done.wait(timeout) and entry.answered
 
 
+def count_deliveries(headers: dict[str, Any], redelivered: bool, *, counted_by_us: bool) -> int:
+    """How many times this request was delivered before (0 on its first delivery).
+
+    Quorum queues say it (``x-delivery-count``).  With ``counted_by_us`` (classic queues)
+    our own :data:`DELIVERY_COUNT_HEADER` says it for the copies the consumer
+    republished.  A redelivery (the broker gave it back after a lost connection or a
+    crash) counts one more, and at least 1.
+    """
+
+    def number(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    count = number(headers.get("x-delivery-count"))
+    if counted_by_us:
+        count = max(count, number(headers.get(DELIVERY_COUNT_HEADER)) + (1 if redelivered else 0))
+    if redelivered:
+        count = max(count, 1)
+    return count
+
+
+class ControlExecutor:
+    """Runs the operation's control hook (``on_cancel``) on ONE thread, from a bounded queue.
+
+    :meth:`submit` never blocks and never starts a thread: a job already waiting is not
+    queued twice, and past ``maxsize`` waiting cancels the rest is dropped (counted in
+    ``ai_control_messages_total{result="dropped"}``, warned about at most every
+    :data:`CONTROL_DROP_WARNING_INTERVAL` seconds).  Every worker on the fanout gets each
+    cancel, and the job's own worker acts on it before this queue (see
+    :meth:`Consumer._on_control`).
+    """
+
+    def __init__(
+        self, hook: Callable[[str, Resources], None], resources: Resources, *, maxsize: int, name: str = "control"
+    ) -> None:
+        self.hook = hook
+        self.resources = resources
+        self.metrics = resources.metrics
+        self.maxsize = max(1, maxsize)
+        self._queue: queue.Queue[str | None] = queue.Queue(self.maxsize)
+        self._waiting: set[str] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._dropped = 0  # since the last warning
+        self._dropped_total = 0
+        self._last_warning = 0.0
+        #: What ended the control thread, if anything did (the consumer then crashes too).
+        self.crashed: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job_id: str) -> str:
+        """Queue ``job_id`` for the hook: ``queued``, ``duplicate`` or ``dropped``."""
+        with self._lock:
+            if job_id in self._waiting:
+                result = "duplicate"
+            else:
+                try:
+                    self._queue.put_nowait(job_id)
+                except queue.Full:
+                    result = "dropped"
+                else:
+                    self._waiting.add(job_id)
+                    result = "queued"
+        self.metrics.control_messages.labels(result).inc()
+        if result == "dropped":
+            self._warn_dropped(job_id)
+        return result
+
+    def _warn_dropped(self, job_id: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._dropped += 1
+            self._dropped_total += 1
+            if now - self._last_warning < CONTROL_DROP_WARNING_INTERVAL and self._last_warning:
+                return
+            dropped, total, self._dropped, self._last_warning = self._dropped, self._dropped_total, 0, now
+        log.warning(
+            "[RMQ] ⚠️ Control queue full (%d cancels waiting for the cancel hook, CONTROL_QUEUE_SIZE): "
+            "dropping cancels for jobs not running here (%d since the last warning, %d in all; the last for "
+            "job %s); at most one such warning every %.0f s",
+            self.maxsize, dropped, total, job_id, CONTROL_DROP_WARNING_INTERVAL,
+        )
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop after the hook call in progress; cancels still waiting are abandoned."""
+        self._stopping.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        left = self._queue.qsize()
+        if left:
+            log.info("[RMQ] %d cancel(s) for jobs not running here left unrecorded at stop", left)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - e.g. a hook calling sys.exit()
+            self.crashed = exc
+            log.critical("[RMQ] ❌ Control thread crashed: %r", exc, exc_info=exc)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            job_id = self._queue.get()
+            if job_id is None:
+                continue
+            with self._lock:
+                self._waiting.discard(job_id)
+            if self._stopping.is_set():
+                return
+            try:
+                self.hook(job_id, self.resources)
+            except Exception:  # noqa: BLE001 - a hook must not kill the worker
+                log.exception("[RMQ] Cancel hook failed for job %s", job_id)
+
+
 class Consumer:
     """Consumes one operation's request queue and the control exchange."""
 
@@ -217,12 +356,31 @@ class Consumer:
         self.handled = 0
         self.metrics = resources.metrics
         self.tracker = RequestTracker()
+        #: The exception that ended the I/O thread unasked (a bug), if one did.
+        self.crashed: BaseException | None = None
+        #: Classic queues do not count deliveries: count them ourselves (see count_deliveries).
+        self.counts_deliveries = settings.rabbitmq_queue_type == "classic"
+        self._retry_channel: BlockingChannel | None = None
+        self._handlers_running = 0
+        self._handlers_cond = threading.Condition()
+        self.control = (
+            ControlExecutor(operation.on_cancel, resources, maxsize=settings.control_queue_size,
+                            name=f"{operation.name}-control")
+            if operation.on_cancel is not None
+            else None
+        )
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.control is not None:
+            self.control.start()
         self._thread = threading.Thread(target=self._run, name="consumer-io", daemon=True)
         self._thread.start()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     def request_stop(self, *, force: bool = False) -> None:
         """Warm stop: no new deliveries, running handlers finish. ``force``: hand back now."""
@@ -246,9 +404,51 @@ class Consumer:
         with self._inflight_lock:
             return len(self._inflight)
 
+    def wait_handlers(self, timeout: float) -> bool:
+        """Wait until no handler thread runs (after a crash, settling is impossible and
+        ``busy`` never drops); False if one still runs after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._handlers_cond:
+            while self._handlers_running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._handlers_cond.wait(left)
+        return True
+
     # --- I/O thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The I/O thread.  Whatever it did not expect ends it as a crash, never silently."""
+        try:
+            self._run_loop()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the worker's exit code
+            self.crashed = exc
+            log.critical("[RMQ] ❌ Consumer crashed on its I/O thread: %s; the worker stops",
+                         describe_pika_error(exc), exc_info=exc)
+            self._after_crash()
+        finally:
+            if self.control is not None:
+                self.control.stop()
+
+    def _after_crash(self) -> None:
+        """Close what is open; running handlers are told to stop (their deliveries go back
+        to the queue with the connection)."""
+        try:
+            self.consuming.clear()
+            self.connected.clear()
+            self.first_attempt_done.set()
+            self.metrics.consumer_state.set(DISCONNECTED)
+            self._close_connection()
+            with self._inflight_lock:
+                for d in self._inflight.values():
+                    if d.ctx is not None:
+                        d.ctx.shutdown.set()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException:  # noqa: BLE001 - already crashing; the worker exits non-zero anyway
+            log.exception("[RMQ] Cleaning up after the crash failed")
+
+    def _run_loop(self) -> None:
         backoff = Backoff(cap=self.settings.reconnect_max_delay)
         while True:
             try:
@@ -318,6 +518,8 @@ class Consumer:
             self._drain_calls()
             if not channel.is_open:
                 raise BrokerError("channel was closed by the broker")
+            if self.control is not None and self.control.crashed is not None:
+                raise RuntimeError("the control thread crashed") from self.control.crashed
         # Warm stop: stop taking messages, keep pumping until handlers are done.
         self._cancel_consumer()
         self.consuming.clear()
@@ -342,6 +544,7 @@ class Consumer:
 
     def _close_connection(self) -> None:
         self._consumer_tag = None
+        self._retry_channel = None
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and connection.is_open:
             try:
@@ -373,52 +576,88 @@ class Consumer:
     def _on_control(
         self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
     ) -> None:
+        """A lookup on the I/O thread; the hook goes to the one control thread's queue."""
         try:
             cancel = Cancel.model_validate_json(body)
         except ValidationError:
-            log.warning("[RMQ] Ignoring a malformed control message")
+            self.metrics.control_messages.labels("malformed").inc()
+            log.debug("[RMQ] Ignoring a malformed control message")
             return
-        log.info("[RMQ] Cancel requested for job %s", cancel.job_id)
+        matched = False
         with self._inflight_lock:
             for d in self._inflight.values():
                 if d.ctx is not None and d.ctx.job_id == cancel.job_id:
                     d.ctx.cancelled.set()
-        if self.op.on_cancel is not None:
-            hook = self.op.on_cancel
-            threading.Thread(target=self._safe_hook, args=(hook, cancel.job_id), daemon=True).start()
-
-    def _safe_hook(self, hook: Callable[[str, Resources], None], job_id: str) -> None:
-        try:
-            hook(job_id, self.resources)
-        except Exception:  # noqa: BLE001 - a hook must not kill the worker
-            log.exception("[RMQ] Cancel hook failed for job %s", job_id)
+                    matched = True
+        if matched:
+            log.info("[RMQ] Cancel requested for job %s (running here)", cancel.job_id)
+        else:
+            log.debug("[RMQ] Cancel requested for job %s (not running here)", cancel.job_id)
+        if self.control is not None:
+            self.control.submit(cancel.job_id)
+        else:
+            self.metrics.control_messages.labels("no_hook").inc()
 
     def _on_message(
         self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
     ) -> None:
         headers = dict(props.headers or {})
-        count = headers.get("x-delivery-count")
         info = DeliveryInfo(
             redelivered=bool(method.redelivered),
-            delivery_count=int(count) if isinstance(count, int) else (1 if method.redelivered else 0),
+            delivery_count=count_deliveries(headers, bool(method.redelivered), counted_by_us=self.counts_deliveries),
             reply_to=props.reply_to,
             correlation_id=props.correlation_id,
             headers=headers,
             body=body,
         )
-        delivery = _Delivery(tag=method.delivery_tag or 0, generation=self._generation, info=info)
+        delivery = _Delivery(tag=method.delivery_tag or 0, generation=self._generation, info=info, props=props)
         # Registered here, in delivery order, so that a redelivery always finds its first run.
         delivery.digest = RequestTracker.digest(body)
         delivery.prior = self.tracker.get(delivery.digest) if info.redelivered else None
+        if self.counts_deliveries and info.redelivered and delivery.prior is None and self._count_redelivery(
+            channel, delivery
+        ):
+            return
         if delivery.prior is None:
             delivery.seen = self.tracker.begin(delivery.digest)
         with self._inflight_lock:
             self._inflight[delivery.key] = delivery
         self._pool.submit(self._handle, delivery)
 
+    def _count_redelivery(self, channel: BlockingChannel, delivery: _Delivery) -> bool:
+        """Classic queues: a redelivery whose first run is not in this process (its worker
+        died or lost its connection) is counted durably before it runs again: past the
+        delivery limit it is dead-lettered unrun (a request that kills its worker every
+        time); otherwise a copy carrying the count replaces it.  True when settled here."""
+        count = delivery.info.delivery_count
+        job = readable_job_id_from(delivery.info.body) or "?"
+        if count >= self.settings.rabbitmq_delivery_limit:
+            log.error("[Handler] [%s] Delivered %d times without being settled (the worker died on it?): "
+                      "dead-lettering it (RABBITMQ_DELIVERY_LIMIT=%d)", job, count,
+                      self.settings.rabbitmq_delivery_limit)
+            channel.basic_reject(delivery.tag, requeue=False)
+            self.metrics.jobs.labels(self.op.name, "dead_lettered").inc()
+            return True
+        if self._republish_counted(delivery, count):
+            log.info("[Handler] [%s] Redelivered: counted as delivery %d of %d", job, count + 1,
+                     self.settings.rabbitmq_delivery_limit)
+            channel.basic_ack(delivery.tag)
+            return True
+        return False
+
     # --- handler threads -------------------------------------------------------------
 
     def _handle(self, delivery: _Delivery) -> None:
+        with self._handlers_cond:
+            self._handlers_running += 1
+        try:
+            self._handle_delivery(delivery)
+        finally:
+            with self._handlers_cond:
+                self._handlers_running -= 1
+                self._handlers_cond.notify_all()
+
+    def _handle_delivery(self, delivery: _Delivery) -> None:
         started = time.monotonic()
         error: BaseException | None = None
         job_id: str | None = None
@@ -468,11 +707,13 @@ class Consumer:
         seen.done.set()
         if receipt is not None:
             receipt.wait(TERMINAL_CONFIRM_TIMEOUT)
-        if decision.outcome is Outcome.REQUEUE and error is not None and not isinstance(error, JobHandedBack):
+        retry = decision.outcome is Outcome.REQUEUE and error is not None and not isinstance(error, JobHandedBack)
+        if retry:
             time.sleep(min(30.0, 2.0 ** delivery.info.delivery_count))
         self.handled += 1
         self._count(delivery, decision, started)
-        self._call_on_io(lambda: self._settle(delivery, decision.outcome))
+        counted = retry and self.counts_deliveries
+        self._call_on_io(lambda: self._settle(delivery, decision.outcome, counted_retry=counted))
 
     def _count(self, delivery: _Delivery, decision: Decision, started: float) -> None:
         ctx = delivery.ctx
@@ -518,7 +759,7 @@ class Consumer:
         self._channel.basic_ack(delivery.tag)
         delivery.acked = True
 
-    def _settle(self, delivery: _Delivery, outcome: Outcome) -> None:
+    def _settle(self, delivery: _Delivery, outcome: Outcome, *, counted_retry: bool = False) -> None:
         with self._inflight_lock:
             self._inflight.pop(delivery.key, None)
         usable = delivery.acked or self._usable(delivery)
@@ -533,12 +774,40 @@ class Consumer:
             )
             return
         assert self._channel is not None
-        if outcome is Outcome.ACK:
+        if outcome is Outcome.REQUEUE and counted_retry and self._republish_counted(
+            delivery, delivery.info.delivery_count + 1
+        ):
+            self._channel.basic_ack(delivery.tag)
+        elif outcome is Outcome.ACK:
             self._channel.basic_ack(delivery.tag)
         elif outcome is Outcome.REJECT:
             self._channel.basic_reject(delivery.tag, requeue=False)
         else:
             self._channel.basic_nack(delivery.tag, requeue=True)
+
+    def _republish_counted(self, delivery: _Delivery, count: int) -> bool:
+        """Classic queues: put a copy of the request (same body and properties, its
+        deliveries so far in :data:`DELIVERY_COUNT_HEADER`) at the end of its queue,
+        confirmed, on this connection.  True when the broker confirmed it (the original
+        may be acked); False: leave the original to the uncounted path."""
+        connection = self._connection
+        if connection is None:
+            return False
+        props = copy.copy(delivery.props) if delivery.props is not None else pika.BasicProperties()
+        props.headers = {**(props.headers or {}), DELIVERY_COUNT_HEADER: count}
+        try:
+            if self._retry_channel is None or not self._retry_channel.is_open:
+                self._retry_channel = connection.channel()
+                self._retry_channel.confirm_delivery()
+            self._retry_channel.basic_publish("", self.names.request, delivery.info.body, properties=props,
+                                              mandatory=True)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError, pika.exceptions.ChannelClosed) as exc:
+            self._retry_channel = None
+            log.warning("[RMQ] Could not republish delivery %d with its count (%s); leaving it uncounted",
+                        delivery.tag, describe_pika_error(exc))
+            return False
+        self.metrics.retries_republished.labels(self.op.name).inc()
+        return True
 
     def _usable(self, delivery: _Delivery) -> bool:
         return (

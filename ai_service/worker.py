@@ -3,12 +3,14 @@
 The first SIGTERM (or Ctrl-C) is warm: stop taking messages, let the running handler
 finish or hand its job back, flush the publisher, exit 0.  A second one forces: hand
 unfinished deliveries back to the queue and exit 1 at once.  supervisord's
-``stopwaitsecs`` is longer than the warm path needs.
+``stopwaitsecs`` is longer than the warm path needs.  A consumer that ends unasked (a
+bug on its I/O thread) exits ``EXIT_CRASHED`` (70), which supervisord restarts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import threading
@@ -30,6 +32,12 @@ log = logging.getLogger("ai_service.worker")
 EXIT_OK = 0
 EXIT_FORCED = 1
 EXIT_CONFIG = 2
+#: The consumer ended without being asked to (a bug on its I/O thread): not in
+#: supervisord.conf's ``exitcodes``, so supervisord restarts the worker (70 = EX_SOFTWARE).
+EXIT_CRASHED = 70
+
+#: After a crash, how long running handlers get to end (a training job hands itself back).
+CRASH_HANDLER_GRACE = 30.0
 
 #: Longer than supervisord.conf's ``startsecs`` (5).
 SUPERVISED_MIN_UPTIME = 6.0
@@ -130,9 +138,27 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
         publisher.stop(timeout=1.0)
         log.warning("[RMQ] Forced exit")
         return EXIT_FORCED
+    if consumer.crashed is not None or not consumer.stop_requested:
+        return crashed_exit(consumer, publisher)
     publisher.stop(timeout=PUBLISHER_DRAIN_SECONDS)
     log.info("[RMQ] Worker stopped cleanly")
     return EXIT_OK
+
+
+def crashed_exit(consumer: Consumer, publisher: Publisher) -> int:
+    """The consumer ended unasked: let running handlers end, flush, exit EXIT_CRASHED."""
+    why = repr(consumer.crashed) if consumer.crashed is not None else "no stop was requested"
+    log.error("[RMQ] ❌ The consumer ended unexpectedly (%s); exiting with code %d so that the supervisor "
+              "restarts the worker", why, EXIT_CRASHED)
+    handlers_done = consumer.wait_handlers(CRASH_HANDLER_GRACE)
+    publisher.stop(timeout=PUBLISHER_DRAIN_SECONDS)
+    if not handlers_done:
+        # A handler thread still runs and would hold the interpreter's exit: leave now.
+        log.error("[RMQ] A handler is still running after %.0f s; exiting without waiting for it",
+                  CRASH_HANDLER_GRACE)
+        logging.shutdown()
+        os._exit(EXIT_CRASHED)
+    return EXIT_CRASHED
 
 
 def publisher_state(metrics: Metrics, state: str) -> None:
@@ -158,6 +184,8 @@ def start_health(settings: Settings, metrics: Metrics, consumer: Consumer, publi
         return True, "consuming" if consumer.consuming.is_set() else "connected (running a job)"
 
     server = HealthServer(settings.metrics_port, metrics, ready,
-                          refresh=lambda: metrics.spool_depth.set(publisher.pending))
+                          refresh=lambda: metrics.spool_depth.set(publisher.pending),
+                          threads=settings.metrics_threads, max_connections=settings.metrics_max_connections,
+                          request_timeout=settings.metrics_request_timeout)
     server.start()
     return server
