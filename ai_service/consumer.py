@@ -65,6 +65,7 @@ from ai_service.errors import (
     RetryableError,
 )
 from ai_service.jobs import LEASE_HEADER
+from ai_service.limits import Limits
 from ai_service.messages import Cancel, InvalidRequest, _Message, parse_request, readable_job_id
 from ai_service.metrics import CONNECTED, CONSUMING, DISCONNECTED
 from ai_service.operation import DeliveryInfo, JobContext, Operation, Resources
@@ -356,6 +357,7 @@ class Consumer:
         self.handled = 0
         self.metrics = resources.metrics
         self.tracker = RequestTracker()
+        self.limits = Limits.from_settings(settings)
         #: The exception that ended the I/O thread unasked (a bug), if one did.
         self.crashed: BaseException | None = None
         #: Classic queues do not count deliveries: count them ourselves (see count_deliveries).
@@ -669,7 +671,8 @@ class Consumer:
             return
         seen = delivery.seen = delivery.seen or self.tracker.begin(delivery.digest)
         try:
-            request, _ = parse_request(self.op.request_model, delivery.info.body, self.settings.max_message_bytes)
+            request, _ = parse_request(self.op.request_model, delivery.info.body, self.settings.max_message_bytes,
+                                       self.limits)
             job_id = str(request.job_id)
             ctx = JobContext(
                 op=self.op.name,
