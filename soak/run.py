@@ -675,7 +675,8 @@ def corpus_section(world: World, h: Harness) -> Part:
     part.add(f"service records touched by reserved-key requests: {touched}")
     if touched:
         part.fail("a request wrote into the service's own storage area (JOBS_PREFIX)")
-    leaked = [str(p) for p in world.root.rglob("*") if p.is_file() and not p.is_symlink() and "soak-secret" not in p.name
+    leaked = [str(p) for p in world.root.rglob("*")
+              if p.is_file() and not p.is_symlink() and "soak-secret" not in p.name
               and p.stat().st_size < 10**6 and b"SOAK-SECRET" in p.read_bytes()]
     part.add(f"copies of a file outside STORAGE_DIR that a dataset symlink pointed at: {len(leaked)}")
     if leaked:
