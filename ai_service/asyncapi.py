@@ -47,6 +47,7 @@ MESSAGES: dict[str, tuple[type[BaseModel], bool, str]] = {
     "inferenceCompleted": (m.InferenceCompleted, False, "The detections of every image."),
     "inferenceFailed": (m.InferenceFailed, False, "The inference failed."),
     "cancel": (m.Cancel, True, "Cancel a training or conversion job."),
+    "workerHeartbeat": (m.WorkerHeartbeat, False, "A worker process announcing itself (ephemeral)."),
 }
 
 _ARTIFACT = {"format": "onnx", "path": "models/yolov8n/exports/my-dataset.onnx", "size_bytes": 12345678,
@@ -110,6 +111,13 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                         "error_message": "model 'models/yolov8n/missing.pt' does not exist in storage",
                         "timestamp": TS},
     "cancel": {"type": "cancel", "job_id": "abc12345"},
+    "workerHeartbeat": {
+        "worker": "gpu-01/train-gpu0", "name": "gpu-01/train-gpu0/train", "operation": "train", "state": "busy",
+        "device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3", "job_id": "abc12345", "progress": 15.0,
+        "jobs_running": 1, "versions": {"ai-service": "0.1.0", "ultralytics": "8.3.0", "torch": "2.5.1"},
+        "pid": 4242, "host": "gpu-01", "started_at": "2024-01-15T09:00:00.000000+00:00",
+        "interval_seconds": 5.0, "timestamp": TS,
+    },
 }
 
 DESCRIPTION = """\
@@ -367,6 +375,36 @@ def channels_and_operations(s: Settings) -> tuple[dict[str, Any], dict[str, Any]
         "title": "Cancel a job",
         "channel": _ref("channels", "control"),
         "messages": [_ref("channels/control/messages", "cancel")],
+    }
+    every = s.heartbeat_seconds or Settings().heartbeat_seconds
+    channels["workerHeartbeats"] = {
+        "address": "worker.{state}.{name}",
+        "title": "worker heartbeats",
+        "description": (
+            f"Routing key on the topic exchange `{s.events_exchange}` (`EVENTS_EXCHANGE`). Every worker process "
+            f"publishes one every `HEARTBEAT_SECONDS` ({every:g} s), at once when its state or job changes, and a "
+            "last one (`stopped`) on a warm stop. Ephemeral: non-persistent (`delivery_mode=1`), "
+            "`mandatory=false`, `expiration` = 3 intervals, never spooled; no queue is bound by the service. "
+            "Bind a queue of your own to `worker.#` (or `worker.*.<name>`); a worker silent for 3 of its "
+            "`interval_seconds` is lost. `ai-service workers` lists them."
+        ),
+        "parameters": {
+            "state": {"enum": ["starting", "idle", "busy", "stopping", "stopped"],
+                      "description": "What the worker does: not consuming yet, no job, running a job, "
+                                     "stopping warm, stopped (its last beat)."},
+            "name": {"description": "`<WORKER_NAME>/<operation>` with every character other than A-Z a-z 0-9 "
+                                    "_ - / replaced by `_` (at most 200 characters)."},
+        },
+        "messages": _msgs("workerHeartbeat"),
+        "bindings": _exchange(s.events_exchange, "topic"),
+    }
+    operations["sendWorkerHeartbeat"] = {
+        "action": "send",
+        "title": "Announce a worker",
+        "channel": _ref("channels", "workerHeartbeats"),
+        "messages": [_ref("channels/workerHeartbeats/messages", "workerHeartbeat")],
+        "bindings": {"amqp": {"deliveryMode": 1, "mandatory": False, "expiration": int(3 * every * 1000),
+                              "timestamp": True, "bindingVersion": AMQP}},
     }
     return channels, operations
 

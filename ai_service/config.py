@@ -129,6 +129,7 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     metrics_port: int | None = None
+    heartbeat_seconds: float = 5.0  # worker.<state>.<name> beats on EVENTS_EXCHANGE; 0 = none
     # bounded worker internals (ours, documented in the README)
     control_queue_size: int = 1000  # cancels waiting for the cancel hook; past it they are dropped
     metrics_threads: int = 4  # handler threads of the metrics/health server

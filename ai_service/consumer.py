@@ -406,6 +406,12 @@ class Consumer:
         with self._inflight_lock:
             return len(self._inflight)
 
+    def current_jobs(self) -> list[tuple[str, float | None]]:
+        """(job_id, last progress it published) of each job running here, oldest first."""
+        with self._inflight_lock:
+            contexts = [d.ctx for d in self._inflight.values() if d.ctx is not None]
+        return [(c.job_id, getattr(c.outbox, "progress", None)) for c in contexts]
+
     def wait_handlers(self, timeout: float) -> bool:
         """Wait until no handler thread runs (after a crash, settling is impossible and
         ``busy`` never drops); False if one still runs after ``timeout``."""
@@ -851,7 +857,12 @@ class DeliveryOutbox:
     def _correlation(self) -> str:
         return self.info.correlation_id or self.job_id
 
+    #: The last ``progress`` this job published (read by :meth:`Consumer.current_jobs`).
+    progress: float | None = None
+
     def emit(self, kind: str, message: _Message, *, message_id: str | None = None) -> Receipt:
+        progress = getattr(message, "progress", None)
+        self.progress = float(progress) if isinstance(progress, (int, float)) else self.progress
         return self.republish(kind, message.to_json_dict(), str(getattr(message, "type", "")), message_id)
 
     def republish(

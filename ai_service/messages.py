@@ -547,3 +547,35 @@ class InvalidRequest(InvalidInput):
     def __init__(self, message: str, job_id: str | None) -> None:
         super().__init__(f"invalid request: {message}")
         self.job_id = job_id
+
+
+# --- worker heartbeats (ai_service/heartbeat.py) --------------------------------------
+
+WorkerState = Literal["starting", "idle", "busy", "stopping", "stopped"]
+
+
+class WorkerHeartbeat(_Message):
+    """A worker process announcing itself: ``worker.<state>.<name>`` on EVENTS_EXCHANGE.
+
+    Ephemeral (non-persistent, unspooled, expiring after about three intervals): a BE
+    or ``ai-service workers`` binds a queue of its own to ``worker.#`` to see them.
+    ``job_id`` / ``progress`` are null while no job runs (``progress`` also until the
+    job first reports one); ``gpu`` is null on CPU workers.
+    """
+
+    type: Literal["worker_heartbeat"] = "worker_heartbeat"
+    worker: str  # WORKER_NAME as configured
+    name: str  # the routing key's <name>: "<WORKER_NAME>/<operation>", made routing-key safe
+    operation: Literal["train", "convert", "infer"]
+    state: WorkerState
+    device: str  # cpu or cuda:0 (the first visible GPU)
+    gpu: str | None = None
+    job_id: str | None = None
+    progress: float | None = None
+    jobs_running: int = 0
+    versions: dict[str, str | None]
+    pid: int
+    host: str
+    started_at: str
+    interval_seconds: float
+    timestamp: str = Field(default_factory=utc_now)

@@ -140,6 +140,8 @@ class Publisher:
         self._on_state = on_state or (lambda state: None)
         self.reconnects = 0
         self.confirmed_count = 0
+        #: An ``ephemeral`` message waiting for the thread (at most one: a newer one replaces it).
+        self._ephemeral: tuple[Envelope, Receipt] | None = None
 
     # --- public API ------------------------------------------------------------------
 
@@ -166,6 +168,7 @@ class Publisher:
         block: bool = True,
         message_id: str | None = None,
         expiration: str | None = None,
+        ephemeral: bool = False,
     ) -> Receipt:
         """Queue a message for confirmed delivery; returns once it is in the spool.
 
@@ -174,6 +177,10 @@ class Publisher:
         larger than ``MAX_MESSAGE_BYTES`` never enters the spool: the receipt comes back
         with ``refused_reason`` set, and ``replaced`` when the ``replace`` hook's message
         was queued in its place.
+
+        ``ephemeral`` (heartbeats): non-persistent, never spooled, sent ahead of the spool
+        while connected; skipped (receipt settled with ``refused_reason``) when
+        disconnected, too large, or replaced by a newer one before it went out.
         """
         message_id = message_id or new_message_id()
         properties: dict[str, Any] = {
@@ -191,6 +198,8 @@ class Publisher:
             properties["expiration"] = expiration
         envelope = Envelope(exchange, routing_key, body, properties, mandatory)
         receipt = Receipt(message_id)
+        if ephemeral:
+            return self._publish_ephemeral(envelope, receipt)
         if len(body) > self.settings.max_message_bytes:
             reason = (f"message of {len(body):,} bytes is larger than the {self.settings.max_message_bytes:,}-byte "
                       "limit (MAX_MESSAGE_BYTES / broker max_message_size)")
@@ -201,6 +210,23 @@ class Publisher:
             envelope = replacement
         self._enqueue(envelope, receipt, block)
         return receipt
+
+    def _publish_ephemeral(self, envelope: Envelope, receipt: Receipt) -> Receipt:
+        envelope.properties["delivery_mode"] = 1
+        envelope.mandatory = False
+        with self._cond:
+            skipped, self._ephemeral = self._ephemeral, (envelope, receipt)
+            if not self._connected.is_set() or len(envelope.body) > self.settings.max_message_bytes:
+                skipped, self._ephemeral = (envelope, receipt), skipped
+        self._settle_ephemeral(skipped, "skipped (publisher disconnected, message too large, or superseded)")
+        self._wake.set()
+        return receipt
+
+    @staticmethod
+    def _settle_ephemeral(item: tuple[Envelope, Receipt] | None, reason: str | None) -> None:
+        if item is not None:
+            item[1].refused_reason = reason
+            item[1]._set()
 
     def _enqueue(self, envelope: Envelope, receipt: Receipt, block: bool) -> None:
         with self._cond:
@@ -292,6 +318,9 @@ class Publisher:
                     log.error("[RMQ] ❌ Publisher failed to connect to RabbitMQ: %s", message)
             finally:
                 self._connected.clear()
+                with self._cond:
+                    dropped, self._ephemeral = self._ephemeral, None
+                self._settle_ephemeral(dropped, "publisher disconnected")
                 self._on_state("disconnected")
                 if connection is not None and connection.is_open:
                     try:
@@ -313,7 +342,10 @@ class Publisher:
         """Send pending messages in order; between messages keep heartbeats flowing."""
         while True:
             with self._cond:
+                ephemeral, self._ephemeral = self._ephemeral, None
                 envelope = self._pending[0] if self._pending else None
+            if ephemeral is not None:
+                self._send_ephemeral(channel, *ephemeral)
             if envelope is None:
                 if self._stopping:
                     return
@@ -341,6 +373,18 @@ class Publisher:
                 self._refuse_head(envelope, "nacked", (
                     f"message of {len(envelope.body):,} bytes was nacked by the broker {NACK_LIMIT} times in a row "
                     "(a queue at its x-max-length with overflow reject-publish, or a broker alarm)"))
+
+    def _send_ephemeral(self, channel: BlockingChannel, envelope: Envelope, receipt: Receipt) -> None:
+        """Once, unspooled, ``mandatory=False``; a nack or a lost channel only skips it."""
+        reason: str | None = "not sent (connection lost)"
+        try:
+            channel.basic_publish(envelope.exchange, envelope.routing_key, envelope.body,
+                                  properties=pika.BasicProperties(**envelope.properties), mandatory=False)
+            reason = None
+        except pika.exceptions.NackError:
+            reason = "nacked by the broker"
+        finally:
+            self._settle_ephemeral((envelope, receipt), reason)
 
     def _send(self, channel: BlockingChannel, envelope: Envelope) -> Literal["sent", "retry", "nacked"]:
         props = pika.BasicProperties(**envelope.properties)

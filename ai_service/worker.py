@@ -22,6 +22,7 @@ from types import FrameType
 from ai_service.broker import Topology
 from ai_service.config import Settings
 from ai_service.consumer import Consumer
+from ai_service.heartbeat import Heartbeat
 from ai_service.metrics import HealthServer, Metrics
 from ai_service.operation import Operation, Resources
 from ai_service.publisher import Publisher
@@ -121,6 +122,8 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
         log.error("[RMQ] ❌ %s; give each worker process its own WORKER_NAME (or WORK_DIR)", exc)
         return EXIT_CONFIG
     consumer = Consumer(settings, operation, publisher, resources, topology)
+    heartbeat = Heartbeat(settings, operation.name, publisher, consumer)  # worker.<state>.<name> beats
+    heartbeat.start()
     health = start_health(settings, metrics, consumer, publisher)
     signals = StopSignals(consumer)
     signals.install()
@@ -140,6 +143,7 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
         return EXIT_FORCED
     if consumer.crashed is not None or not consumer.stop_requested:
         return crashed_exit(consumer, publisher)
+    heartbeat.stop()  # its last beat says `stopped`
     publisher.stop(timeout=PUBLISHER_DRAIN_SECONDS)
     log.info("[RMQ] Worker stopped cleanly")
     return EXIT_OK

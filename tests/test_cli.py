@@ -155,7 +155,7 @@ def test_the_asyncapi_document_covers_every_channel_and_message_of_the_contract(
         "train_request", "training_started", "epoch_update", "training_completed", "training_failed",
         "training_cancelled", "convert_request", "conversion_started", "conversion_update",
         "conversion_completed", "conversion_failed", "conversion_cancelled", "infer_request",
-        "inference_completed", "inference_failed", "cancel",
+        "inference_completed", "inference_failed", "cancel", "worker_heartbeat",
     }
     schemas = doc["components"]["schemas"]
     assert schemas["TrainingRequest"]["required"] == ["job_id", "dataset", "output", "hyperparams"]
