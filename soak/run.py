@@ -718,13 +718,52 @@ def sustained_section(world: World, h: Harness) -> Part:
     return part
 
 
+STALL_LIMIT = 3000  # MAX_MESSAGE_BYTES of the "tight" infer worker: the request fits, its answer (>= 75 B an image) cannot
+
+
+def stall_lines(world: World, h: Harness, part: Part) -> None:
+    """An answer over MAX_MESSAGE_BYTES must become a small *_failed, and the answers behind it go on."""
+    queue = f"{h.settings.infer_request_queue}-tight"
+    h.worker("infer", "tight", INFER_REQUEST_QUEUE=queue, MAX_MESSAGE_BYTES=str(STALL_LIMIT))
+    key = "images/soak-stall.png"
+    (world.storage / key).parent.mkdir(parents=True, exist_ok=True)
+    (world.storage / key).write_bytes(base64.b64decode(world.images[0]))
+    params = {"conf": 0.001, "iou": 0.7, "imgsz": IMGSZ_INFER, "max_det": 1000, "classes": None}
+    jobs = {"hs-stall-big": [{"path": key}] * 48, **{f"hs-stall-after{i}": [{"path": key}] for i in range(3)}}
+    for job_id, images in jobs.items():
+        body = {"job_id": job_id, "model": {"path": MODEL_KEY}, "images": images, "params": params}
+        h.sender.send(queue, json.dumps(body).encode(), content_type="application/json")
+    deadline = time.monotonic() + 120
+    terms: dict[str, list[Got]] = {}
+    while time.monotonic() < deadline:
+        terms = terminals_by_job(h.messages())
+        if all(terms.get(j) for j in jobs):
+            break
+        time.sleep(0.5)
+    big = terms.get("hs-stall-big", [])
+    replaced = bool(big) and big[0].type == "inference_failed" and "byte limit" in str(
+        big[0].body.get("error_message", ""))
+    after = sum(1 for j in jobs if j != "hs-stall-big" and terms.get(j) and terms[j][0].type == "inference_completed")
+    stalled = 0 if replaced and after == 3 else 1
+    part.add(f"oversized answer (48 images, conf 0.001, max_det 1000, MAX_MESSAGE_BYTES {STALL_LIMIT}): "
+             f"{'replaced by a small inference_failed' if replaced else 'NOT replaced'}; answers behind it "
+             f"delivered: {after} of 3; stalled publishers: {stalled}")
+    if stalled:
+        got = big[0].body if big else {}
+        part.fail(f"an oversized answer stalled a worker's publishing (got {got.get('type')}: "
+                  f"{str(got.get('error_message', ''))[:200]})")
+    part.data["stalled_publishers"] = stalled
+
+
 def corpus_and_load(world: World) -> list[Part]:
     h = Harness(world.root, "corpus", storage_dir=world.storage, env={"LEASE_SECONDS": "10"})
     try:
         for op in ("train", "convert", "infer"):
             h.worker(op, op, wait=False)
         h.wait_started(["train", "convert", "infer"])
-        parts = [corpus_section(world, h), sustained_section(world, h)]
+        parts = [corpus_section(world, h)]
+        stall_lines(world, h, parts[0])
+        parts.append(sustained_section(world, h))
         stop_lines(parts[-1], h)
         return parts
     finally:

@@ -34,6 +34,7 @@ def test_the_short_soak_loses_nothing_and_no_worker_crashes(tmp_path: Path) -> N
     assert ran == [[]], f"hostile payloads ran code: {ran}"
     corpus = next(p["data"] for p in result["parts"] if p["key"] == "corpus")
     assert corpus["records_touched"] == 0 and corpus["symlink_leaks"] == 0, corpus
+    assert corpus["stalled_publishers"] == 0, corpus
     for case in ("train:list-file-escape", "train:symlink-out", "train:reserved-output", "infer:torchscript-foreign"):
         assert corpus["outcomes"][case]["answered"], (case, corpus["outcomes"][case])
     assert {p["key"] for p in result["parts"]} >= {"kill", "proxy", "restart", "corpus", "sustained"}

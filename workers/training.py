@@ -414,6 +414,7 @@ class TrainingJob:
             return  # a cut-short epoch, or an epoch Ultralytics redid after NaN recovery
         if trainer.epoch_time:
             self.progress.epoch_seconds.append(float(trainer.epoch_time))
+            self.ctx.resources.metrics.epoch_seconds.observe(float(trainer.epoch_time))
         self._announce(epoch, metrics, self._eta(self.progress.total_epochs - epoch))
 
     def _announce(self, epoch: int, metrics: dict[str, float], eta: float | None) -> None:
