@@ -10,13 +10,8 @@ PYTEST_WORKERS ?= 3
 
 export STORAGE_DIR ?= $(CURDIR)/data
 export WORK_DIR ?= $(CURDIR)/.work
-# GPU split for supervisord.conf: one worker of each kind on GPU 0 (or the CPU).
-export AI_TRAIN_GPUS ?= 1
-export AI_TRAIN_FIRST_GPU ?= 0
-export AI_CONVERT_GPUS ?= 1
-export AI_CONVERT_FIRST_GPU ?= 0
-export AI_INFER_GPUS ?= 1
-export AI_INFER_FIRST_GPU ?= 0
+# supervisord.conf's worker programs (the GPU split): generated, git-ignored, see README "Operations".
+WORKERS_CONF := supervisor.d/workers.conf
 
 .PHONY: install lock test lint typecheck run run-train-worker run-convert-worker run-infer-worker \
         rabbitmq bench soak clean help
@@ -32,7 +27,12 @@ help:
 	@echo "                    pins it can, UPGRADE=1 moves everything to the newest allowed; commit the result"
 	@echo "make lint | typecheck | install | clean"
 
-install: $(STAMP)
+install: $(STAMP) $(WORKERS_CONF)
+
+# Written once, when missing (a fresh clone): one worker of each kind per GPU nvidia-smi lists, else
+# one of each on the CPU. To change the split, rerun `ai-service supervisor-config` (README).
+$(WORKERS_CONF): | $(STAMP)
+	$(BIN)/ai-service supervisor-config --output $@
 
 # Everything comes from requirements.lock: exact versions, each file checked against its sha256
 # (--require-hashes), so a machine installs only what CI ran. The lock is the whole dependency
@@ -90,6 +90,7 @@ soak: install rabbitmq
 run: install rabbitmq
 	@mkdir -p logs $(STORAGE_DIR) $(WORK_DIR)
 	@echo "Starting every worker under supervisord (Ctrl-C stops them warmly)."
+	@echo "  programs: $(WORKERS_CONF) (the GPU split: rerun $(BIN)/ai-service supervisor-config to change it)"
 	@echo "  status: $(BIN)/supervisorctl -c $(CONF) status   logs: logs/   storage: $(STORAGE_DIR)"
 	@echo "  try it: $(BIN)/ai-service demo"
 	$(BIN)/supervisord -n -c $(CONF)

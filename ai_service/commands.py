@@ -169,6 +169,39 @@ def add_commands(sub: Any) -> None:
                    help="use the queue, exchange and broker names of this environment instead of the defaults")
     p.set_defaults(func=cmd_asyncapi, needs_settings=False)
 
+    _add_supervisor_config(sub, fmt)
+
+
+def _add_supervisor_config(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    from ai_service.supervisor import DEFAULT_OUTPUT, parse_gpus
+
+    def gpus(text: str) -> Any:
+        from ai_service.supervisor import GpuListError
+
+        try:
+            return parse_gpus(text)
+        except GpuListError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    p = sub.add_parser(
+        "supervisor-config", help="write supervisord's worker programs (the GPU split) to supervisor.d/workers.conf",
+        formatter_class=fmt,
+        description="Write the include that supervisord.conf pulls in: group `ai` with one program per\n"
+        "operation and GPU (`train-gpu0`, ...), each pinned with CUDA_VISIBLE_DEVICES=<gpu>, or one\n"
+        "`<op>-cpu0` of each kind (CUDA_VISIBLE_DEVICES=\"\") without a GPU. An operation whose list is\n"
+        "not given gets every GPU that `nvidia-smi` lists (narrowed by CUDA_VISIBLE_DEVICES), else the\n"
+        "CPU. GPUS: 0-3, 0,2,5, 0-1,6, none (no worker of that kind), cpu, cpu:N.\n"
+        "Apply a new split with `supervisorctl reread && supervisorctl update` (restarts group ai warmly).",
+        epilog=EXIT_CODES_HELP,
+    )
+    for op in ("train", "convert", "infer"):
+        p.add_argument(f"--{op}-gpus", type=gpus, metavar="GPUS", dest=f"{op}_gpus",
+                       help=f"where the {op} workers run (default: every detected GPU, else the CPU)")
+    p.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), metavar="PATH|-",
+                   help=f"write here, `-` for stdout (default {DEFAULT_OUTPUT}, beside supervisord.conf in the "
+                        "current directory)")
+    p.set_defaults(func=cmd_supervisor_config, needs_settings=False)
+
 
 def _add_submit(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
@@ -893,4 +926,34 @@ def cmd_asyncapi(args: argparse.Namespace) -> ExitCode:
         err(f"wrote {args.output}")
         return ExitCode.OK
     sys.stdout.write(text)
+    return ExitCode.OK
+
+
+# --- supervisor-config -----------------------------------------------------------------
+
+
+def cmd_supervisor_config(args: argparse.Namespace) -> ExitCode:
+    from ai_service.supervisor import DEFAULT_OUTPUT, GpuListError, build_layout, render, slots, write_atomically
+
+    given = {op: getattr(args, f"{op}_gpus") for op in ("train", "convert", "infer")}
+    layout, how = build_layout(given)
+    try:
+        text = render(layout, how)
+    except GpuListError as exc:
+        raise CommandError(ExitCode.USAGE, str(exc)) from None
+    names = ", ".join(slot.name for slot in slots(layout))
+    if args.output == "-":
+        sys.stdout.write(text)
+        err(f"{how}; programs: {names}")
+        return ExitCode.OK
+    output = Path(args.output)
+    if args.output == str(DEFAULT_OUTPUT) and not Path("supervisord.conf").is_file():
+        raise CommandError(ExitCode.USAGE, f"no supervisord.conf here ({Path.cwd()}): run this from the directory "
+                           "that holds it (the checkout), or pass --output")
+    try:
+        write_atomically(output, text)
+    except OSError as exc:
+        raise CommandError(ExitCode.FAILED, f"cannot write {output}: {exc.strerror or exc}") from None
+    err(f"wrote {output} ({how}); programs: {names}\n"
+        "a running supervisord picks it up with `supervisorctl reread && supervisorctl update`")
     return ExitCode.OK

@@ -5,14 +5,23 @@ finish or hand its job back, flush the publisher, exit 0.  A second one forces: 
 unfinished deliveries back to the queue and exit 1 at once.  supervisord's
 ``stopwaitsecs`` is longer than the warm path needs.  A consumer that ends unasked (a
 bug on its I/O thread) exits ``EXIT_CRASHED`` (70), which supervisord restarts.
+
+Under supervisord (``SUPERVISOR_ENABLED``) a worker whose supervisor dies stops warmly
+on its own (:class:`ParentWatch`), so that no orphan holds its spool when a new
+supervisord starts.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import logging
 import os
 import re
 import signal
+import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,24 +56,188 @@ SUPERVISED_MIN_UPTIME = 6.0
 PUBLISHER_DRAIN_SECONDS = 15.0
 
 
-def spool_dir(settings: Settings) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.worker_name).strip("_") or "worker"
-    return settings.work_dir / "spool" / safe
+#: Under supervisord, how long a worker whose spool is held waits for the holder to stop
+#: (an orphan of a supervisord that died, finishing its warm stop) before exiting EXIT_CONFIG.
+#: Longer than the longest stopwaitsecs (conversion: 600 s).
+SPOOL_LOCK_WAIT_SECONDS = 660.0
+
+#: How often the parent watch looks at os.getppid().
+PARENT_POLL_SECONDS = 1.0
+PR_SET_PDEATHSIG = 1
+
+
+def safe_worker_name(settings: Settings) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.worker_name).strip("_") or "worker"
+
+
+def spool_dir(settings: Settings, op: str) -> Path:
+    """``<WORK_DIR>/spool/<worker>/<op>``: processes of different operations may share a
+    WORKER_NAME and WORK_DIR; two processes of one operation may not (the spool is locked)."""
+    return settings.work_dir / "spool" / safe_worker_name(settings) / op
+
+
+def adopt_legacy_spool(settings: Settings, op: str) -> int:
+    """Move the messages an older version left in ``<WORK_DIR>/spool/<worker>/`` (before the
+    operation was part of the path) into this operation's spool; returns how many."""
+    new = spool_dir(settings, op)
+    old = new.parent
+    if not any(old.glob("*.msg")):
+        return 0
+    locks = []
+    try:
+        for directory in (old, new):
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = open(directory / ".lock", "wb")
+            locks.append(lock)
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a live process holds one of them; the publisher's own lock says so
+        if any(new.glob("*.msg")):
+            log.warning("[RMQ] Old-layout spool %s still holds messages; %s has its own, so they stay there",
+                        old, new)
+            return 0
+        moved = sorted(old.glob("*.msg"))
+        for path in moved:
+            os.replace(path, new / path.name)
+        log.warning("[RMQ] Moved %d unconfirmed message(s) from the old-layout spool %s to %s", len(moved), old, new)
+        return len(moved)
+    finally:
+        for lock in locks:
+            lock.close()
+
+
+def under_supervisor() -> bool:
+    """supervisord sets SUPERVISOR_ENABLED=1 in its children's environment."""
+    return bool(os.environ.get("SUPERVISOR_ENABLED"))
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Linux ``prctl(PR_SET_PDEATHSIG, sig)``: the kernel sends ``sig`` when the parent dies."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        result = libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), ctypes.c_ulong(0),
+                            ctypes.c_ulong(0), ctypes.c_ulong(0))
+    except (OSError, AttributeError) as exc:
+        log.warning("[RMQ] prctl(PR_SET_PDEATHSIG) unavailable (%s); the parent watch alone notices "
+                    "supervisord's death", exc)
+        return False
+    if result != 0:
+        code = ctypes.get_errno()
+        log.warning("[RMQ] prctl(PR_SET_PDEATHSIG) failed (%s); the parent watch alone notices supervisord's death",
+                    errno.errorcode.get(code, code))
+        return False
+    return True
+
+
+def _is_supervisord(pid: int) -> bool:
+    try:
+        return b"supervisord" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # cannot tell: assume it is
+
+
+class ParentWatch:
+    """Notices that the parent process (supervisord) died, so that the worker stops warmly.
+
+    Two ways, because neither is enough alone: ``PR_SET_PDEATHSIG`` (SIGTERM when the
+    parent *thread* exits; lost across some exec paths), and a thread that compares
+    ``os.getppid()`` every second with the parent read at start.  The parent read at start
+    is checked again right after ``prctl`` (it may have died in between), and a parent
+    that is already pid 1 but not supervisord means it died before the worker looked.
+    """
+
+    def __init__(self, parent: int, orphan_log: Path | None = None) -> None:
+        self.parent = parent
+        self.orphan_log = orphan_log
+        self.pdeathsig = False
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+
+    @classmethod
+    def arm(cls, orphan_log: Path | None = None) -> "ParentWatch":
+        watch = cls(os.getppid(), orphan_log)
+        watch.pdeathsig = set_parent_death_signal(signal.SIGTERM)
+        return watch
+
+    def gone(self) -> str | None:
+        """Why the parent is gone, or None while it lives."""
+        now = os.getppid()
+        if now != self.parent:
+            return f"the supervisor (parent pid {self.parent}) is gone: this worker is now a child of pid {now}"
+        if now == 1 and not _is_supervisord(1):
+            return "the supervisor exited before this worker started watching it (parent is now pid 1)"
+        return None
+
+    def start(self, on_death: Callable[[str], None]) -> None:
+        """Call ``on_death(why)`` once, from a daemon thread, when the parent is gone (checked at once)."""
+
+        def watch() -> None:
+            while not self._done.is_set():
+                why = self.gone()
+                if why is not None:
+                    on_death(why)
+                    return
+                self._done.wait(PARENT_POLL_SECONDS)
+
+        self._thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def detach_output(self) -> Path | None:
+        """Point stdout/stderr away from supervisord's pipes (nobody reads them now: a write
+        would raise BrokenPipeError in whatever prints) to ``orphan_log``; returns it."""
+        if self.orphan_log is None:
+            return None
+        pipes = [fd for fd in (1, 2) if _is_pipe(fd)]
+        if not pipes:
+            return None
+        try:
+            self.orphan_log.parent.mkdir(parents=True, exist_ok=True)
+            target = os.open(self.orphan_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:
+            target = os.open(os.devnull, os.O_WRONLY)
+        for fd in pipes:
+            os.dup2(target, fd)
+        os.close(target)
+        return self.orphan_log
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 class StopSignals:
-    """Counts SIGTERM/SIGINT: the first asks for a warm stop, the second forces."""
+    """Counts SIGTERM/SIGINT: the first asks for a warm stop, the second forces.
 
-    def __init__(self, consumer: Consumer) -> None:
+    Once the parent (``parent``, a :class:`ParentWatch`) is gone, a signal is its
+    ``PR_SET_PDEATHSIG`` SIGTERM (or comes after it): a warm stop that never forces.
+    """
+
+    def __init__(self, consumer: Consumer, parent: ParentWatch | None = None) -> None:
         self.consumer = consumer
         self.count = 0
         self.forced = threading.Event()
+        self.parent = parent
+        self.orphaned = False
+        self._orphan_lock = threading.Lock()
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        why = self.parent.gone() if self.parent is not None else None
+        if why is not None:
+            self.parent_died(why)
+            return
         self.count += 1
         name = signal.Signals(signum).name
         if self.count == 1:
@@ -75,6 +248,22 @@ class StopSignals:
             log.warning("[RMQ] %s received again: forced shutdown", name)
             self.forced.set()
             self.consumer.request_stop(force=True)
+
+    def parent_died(self, why: str) -> None:
+        """Stop warmly because nobody supervises this worker any more (once; any thread)."""
+        if not self._orphan_lock.acquire(blocking=False):
+            return
+        try:
+            if self.orphaned:
+                return
+            self.orphaned = True
+        finally:
+            self._orphan_lock.release()
+        moved = self.parent.detach_output() if self.parent is not None else None
+        log.warning("[RMQ] %s: warm shutdown (finishing or handing back the running job)%s", why,
+                    f"; output continues in {moved}" if moved else "")
+        self.count = max(self.count, 1)
+        self.consumer.request_stop()
 
 
 def make_resources(settings: Settings) -> Resources:
@@ -97,6 +286,9 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
             # outlive it so that the exit is recorded as the expected, final one.
             time.sleep(SUPERVISED_MIN_UPTIME)
         return EXIT_OK
+    # Under supervisord: stop warmly, on our own, if supervisord dies (no orphans holding spools).
+    parent = ParentWatch.arm(settings.work_dir / "orphaned" / f"{safe_worker_name(settings)}.{op}.log") \
+        if under_supervisor() else None
     operation = load(settings)
     insecure = settings.insecurity()
     if insecure:
@@ -111,22 +303,25 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     metrics = resources.metrics
     from ai_service.publisher import failure_replacer  # an answer refused for good becomes the job's *_failed
 
-    publisher = Publisher(settings, spool_dir=spool_dir(settings), topology=topology,
+    adopt_legacy_spool(settings, op)
+    publisher = Publisher(settings, spool_dir=spool_dir(settings, op), topology=topology,
                           client_name=f"ai-service {operation.name} publisher ({settings.worker_name})",
                           on_state=lambda state: publisher_state(metrics, state),
                           replace=failure_replacer(settings, operation.name, operation.failure),
                           on_refused=lambda code, envelope, reason: metrics.publisher_refused.labels(code).inc())
     try:
-        publisher.start()
+        start_publisher(publisher, SPOOL_LOCK_WAIT_SECONDS if parent is not None else 0.0)
     except SpoolLocked as exc:
-        log.error("[RMQ] ❌ %s; give each worker process its own WORKER_NAME (or WORK_DIR)", exc)
+        log.error("[RMQ] ❌ %s; give each worker process of an operation its own WORKER_NAME (or WORK_DIR)", exc)
         return EXIT_CONFIG
     consumer = Consumer(settings, operation, publisher, resources, topology)
     heartbeat = Heartbeat(settings, operation.name, publisher, consumer)  # worker.<state>.<name> beats
     heartbeat.start()
     health = start_health(settings, metrics, consumer, publisher)
-    signals = StopSignals(consumer)
+    signals = StopSignals(consumer, parent)
     signals.install()
+    if parent is not None:
+        parent.start(signals.parent_died)
     log.info("[RMQ] 🐰 Initializing RabbitMQ consumer...")
     consumer.start()
     deadline = time.monotonic() + 15
@@ -147,6 +342,23 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     publisher.stop(timeout=PUBLISHER_DRAIN_SECONDS)
     log.info("[RMQ] Worker stopped cleanly")
     return EXIT_OK
+
+
+def start_publisher(publisher: Publisher, wait: float) -> None:
+    """Start ``publisher``; while its spool is held by another process, retry for ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            publisher.start()
+            return
+        except SpoolLocked as exc:
+            if time.monotonic() >= deadline:
+                raise
+            if wait:
+                log.warning("[RMQ] %s: waiting up to %.0f s for it to stop (an orphan of a supervisor that died, "
+                            "finishing its warm stop?)", exc, deadline - time.monotonic())
+                wait = 0.0  # say it once
+        time.sleep(1.0)
 
 
 def crashed_exit(consumer: Consumer, publisher: Publisher) -> int:

@@ -304,7 +304,7 @@ def test_a_spool_left_by_a_killed_process_is_re_sent_in_order_with_the_same_mess
     spooler.wait_for("SPOOLED")
     spooled = json.loads(next(line for line in spooler.text().splitlines() if line.startswith("{")))
     assert spooled["pending"] == 30 and len(set(spooled["spooled"])) == 30
-    directory = spool_dir(Settings.from_env(env))
+    directory = spool_dir(Settings.from_env(env), "train")
     assert len(list(directory.glob("*.msg"))) == 30
     spooler.kill()
 

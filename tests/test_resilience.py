@@ -178,7 +178,7 @@ def test_a_worker_rides_out_a_broker_restart_and_what_it_published_meanwhile_arr
     assert "CONNECTION_FORCED" in worker.log()
     # The job ends while the broker is away: its result waits in the publisher's spool.
     worker.wait_log("[Handler] [rs-2] Done", timeout=15)
-    spooled = list(spool_dir(settings).glob("*.msg"))
+    spooled = list(spool_dir(settings, "train").glob("*.msg"))
     assert len(spooled) == 1 and b'"rs-2"' in spooled[0].read_bytes()
 
     private_broker.start()
@@ -201,7 +201,7 @@ def test_a_worker_rides_out_a_broker_restart_and_what_it_published_meanwhile_arr
     # again (at the core level), answering again with the same type.
     record_property("restart_mid_handler_runs", runs_of(worker, "rs-2"))
     assert len(by_job["rs-2"]) == runs_of(worker, "rs-2") <= 2
-    assert list(spool_dir(settings).glob("*.msg")) == []
+    assert list(spool_dir(settings, "train").glob("*.msg")) == []
     assert be.count(settings.train_request_queue) == 0
     be.connection.close()
 

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     mode = argv[0]
     settings = Settings.from_env().for_program("publish-script")
     setup_logging(settings)
-    publisher = Publisher(settings, spool_dir=spool_dir(settings), topology=Topology(settings, ops=("train",)))
+    publisher = Publisher(settings, spool_dir=spool_dir(settings, "train"), topology=Topology(settings, ops=("train",)))
     publisher.start()
     if mode == "spool":
         count = int(argv[1])
