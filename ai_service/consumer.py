@@ -44,6 +44,7 @@ import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 from pydantic import ValidationError
 
+from ai_service import tracing
 from ai_service.broker import (
     QueueNames,
     Topology,
@@ -658,9 +659,14 @@ class Consumer:
     def _handle(self, delivery: _Delivery) -> None:
         with self._handlers_cond:
             self._handlers_running += 1
+        info = delivery.info
+        span = tracing.consume(self.names.request, info.headers, op=self.op.name, correlation_id=info.correlation_id,
+                               redelivered=info.redelivered, delivery_count=info.delivery_count,
+                               body_size=len(info.body))
         try:
             self._handle_delivery(delivery)
         finally:
+            span.end()
             with self._handlers_cond:
                 self._handlers_running -= 1
                 self._handlers_cond.notify_all()
@@ -680,6 +686,7 @@ class Consumer:
             request, _ = parse_request(self.op.request_model, delivery.info.body, self.settings.max_message_bytes,
                                        self.limits)
             job_id = str(request.job_id)
+            tracing.current_span().set("ai.job_id", job_id)
             ctx = JobContext(
                 op=self.op.name,
                 job_id=job_id,
@@ -705,6 +712,7 @@ class Consumer:
         self._log_outcome(job_id, error, decision)
         job_ctx = delivery.ctx
         already_answered = job_ctx is not None and job_ctx.terminal is not None
+        self._trace_outcome(job_id, error, decision, job_ctx)
         receipt: Receipt | None = None
         if decision.report is not None and job_id is not None and not already_answered:
             failure = self.op.failure(job_id, decision.report)
@@ -723,6 +731,19 @@ class Consumer:
         self._count(delivery, decision, started)
         counted = retry and self.counts_deliveries
         self._call_on_io(lambda: self._settle(delivery, decision.outcome, counted_retry=counted))
+
+    @staticmethod
+    def _trace_outcome(job_id: str | None, error: BaseException | None, decision: Decision,
+                       ctx: JobContext | None) -> None:
+        span = tracing.current_span()
+        span.set("ai.job_id", job_id)
+        span.set("ai.outcome", decision.outcome.value)
+        terminal = ctx.terminal if ctx is not None else None
+        span.set("ai.job.status", getattr(terminal, "status", None))
+        if decision.report is not None:
+            span.fail(decision.report if error is None or isinstance(error, AIServiceError) else error)
+        elif getattr(terminal, "error_code", None):
+            span.fail(f"{getattr(terminal, 'type', 'failed')}: {getattr(terminal, 'error_code', '')}")
 
     def _count(self, delivery: _Delivery, decision: Decision, started: float) -> None:
         ctx = delivery.ctx
@@ -853,6 +874,8 @@ class DeliveryOutbox:
         self.op = consumer.op.name
         self.job_id = job_id
         self.info = info
+        #: The job's trace context (its consume span), for publishes from other threads.
+        self.trace = tracing.current()
 
     def _correlation(self) -> str:
         return self.info.correlation_id or self.job_id
@@ -873,18 +896,20 @@ class DeliveryOutbox:
             exchange, key = "", self.info.reply_to
         else:
             exchange, key = self.settings.events_exchange, routing_key(self.op, kind, self.job_id)
-        return self.publisher.publish(
-            exchange, key, body, message_type=message_type, correlation_id=self._correlation(),
-            message_id=message_id,
-        )
+        with tracing.within(self.trace):
+            return self.publisher.publish(
+                exchange, key, body, message_type=message_type, correlation_id=self._correlation(),
+                message_id=message_id,
+            )
 
     def _request(self, exchange: str, key: str, **extra: Any) -> Receipt:
         headers = {k: v for k, v in self.info.headers.items() if not k.startswith("x-") or k == LEASE_HEADER}
         headers.update(extra.pop("headers", {}))
-        return self.publisher.publish(
-            exchange, key, self.info.body, message_type="request", correlation_id=self.info.correlation_id,
-            headers=headers or None, **extra,
-        )
+        with tracing.within(self.trace):
+            return self.publisher.publish(
+                exchange, key, self.info.body, message_type="request", correlation_id=self.info.correlation_id,
+                headers=headers or None, **extra,
+            )
 
     def lease(self, token: str, ttl_ms: int) -> Receipt:
         return self._request("", self.names.lease, headers={LEASE_HEADER: token}, expiration=str(ttl_ms))

@@ -35,6 +35,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from ai_service import tracing
 from ai_service.broker import Topology, connect, describe_endpoint, describe_pika_error
 from ai_service.config import Settings
 from ai_service.errors import AIServiceError, AuthenticationFailed, BrokerError, PermanentError, SpoolFull
@@ -92,6 +93,8 @@ class Receipt:
         self.refused_reason: str | None = None
         self.replaced = False
         self.replacement_id: str | None = None
+        #: The message's publish span (inside a trace), ended when the receipt settles.
+        self.span: tracing.Span = tracing.NO_SPAN
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._event.wait(timeout)
@@ -102,6 +105,8 @@ class Receipt:
 
     def _set(self) -> None:
         self._event.set()
+        span, self.span = self.span, tracing.NO_SPAN
+        tracing.published(span, unroutable=self.unroutable, refused_reason=self.refused_reason, replaced=self.replaced)
 
 
 class Publisher:
@@ -183,6 +188,9 @@ class Publisher:
         disconnected, too large, or replaced by a newer one before it went out.
         """
         message_id = message_id or new_message_id()
+        span = tracing.publishing(exchange, routing_key, message_type=message_type, message_id=message_id,
+                                  correlation_id=correlation_id, body_size=len(body))
+        headers = span.inject(headers)  # traceparent: the message carries the job's trace on
         properties: dict[str, Any] = {
             "content_type": "application/json",
             "delivery_mode": 2,
@@ -198,6 +206,7 @@ class Publisher:
             properties["expiration"] = expiration
         envelope = Envelope(exchange, routing_key, body, properties, mandatory)
         receipt = Receipt(message_id)
+        receipt.span = span
         if ephemeral:
             return self._publish_ephemeral(envelope, receipt)
         if len(body) > self.settings.max_message_bytes:

@@ -289,6 +289,10 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     # Under supervisord: stop warmly, on our own, if supervisord dies (no orphans holding spools).
     parent = ParentWatch.arm(settings.work_dir / "orphaned" / f"{safe_worker_name(settings)}.{op}.log") \
         if under_supervisor() else None
+    # OpenTelemetry only when OTEL_EXPORTER_OTLP_*ENDPOINT asks for it (README "Tracing").
+    from ai_service import tracing
+
+    tracing.setup(op, worker=settings.worker_name)
     operation = load(settings)
     insecure = settings.insecurity()
     if insecure:

@@ -63,6 +63,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from ai_service import tracing
 from ai_service.config import Settings
 from ai_service.errors import (
     AIServiceError,
@@ -745,14 +746,18 @@ class ConversionJob:
                 continue
             self.current = plan.requested
             self._checkpoint()
-            artifact = self._convert_one(plan, source, verifier, data_yaml)
-            if artifact is None:
-                continue
-            self._checkpoint()  # a cancel that came during the export: nothing uploaded for this format
-            self._upload(plan, artifact)
-            progress = round(100.0 * (index + 1) / len(plans), 2)
-            ctx.update(ConversionUpdate(job_id=req.job_id, current_format=plan.requested, progress=progress,
-                                        artifact=self.artifacts[-1]))
+            attributes = {"ai.job_id": req.job_id, "ai.format": plan.requested, "ai.precision": precision(req.options)}
+            with tracing.span(f"export {plan.requested}", attributes=attributes) as span:
+                artifact = self._convert_one(plan, source, verifier, data_yaml)
+                if artifact is None:
+                    span.fail(f"{plan.requested}: {self.failures[-1].error.error_code}" if self.failures else "failed")
+                    continue
+                span.set("ai.verified", artifact.verified)
+                self._checkpoint()  # a cancel that came during the export: nothing uploaded for this format
+                self._upload(plan, artifact)
+                progress = round(100.0 * (index + 1) / len(plans), 2)
+                ctx.update(ConversionUpdate(job_id=req.job_id, current_format=plan.requested, progress=progress,
+                                            artifact=self.artifacts[-1]))
             if self.on_format_done is not None:
                 self.on_format_done(plan.requested, ctx)
         self.current = None

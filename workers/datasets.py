@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from PIL import Image, UnidentifiedImageError
 
+from ai_service import tracing
 from ai_service.errors import PermanentError
 from ai_service.storage import Storage, forget_prefix, sync_prefix_report
 
@@ -74,13 +75,20 @@ def materialise(
     limits = limits or DatasetLimits()
     cache_root = work_dir / "datasets"
     view = run_dir / "dataset"
-    report = sync_prefix_report(storage, prefix, cache_root)
-    try:
-        return _build(report.path.resolve(), prefix, view, limits)
-    except DatasetError:
-        shutil.rmtree(view, ignore_errors=True)
-        forget_prefix(storage, prefix, cache_root)
-        raise
+    with tracing.span("dataset materialise", attributes={"ai.dataset.prefix": prefix}) as span:
+        with tracing.span("dataset sync") as sync:
+            report = sync_prefix_report(storage, prefix, cache_root)
+            sync.set_attributes({"ai.dataset.objects": report.objects, "ai.dataset.downloaded": report.downloaded,
+                                 "ai.dataset.removed": report.removed,
+                                 "ai.dataset.bytes_downloaded": report.bytes_downloaded})
+        try:
+            built = _build(report.path.resolve(), prefix, view, limits)
+        except DatasetError:
+            shutil.rmtree(view, ignore_errors=True)
+            forget_prefix(storage, prefix, cache_root)
+            raise
+        span.set_attributes({f"ai.dataset.images.{split}": n for split, n in built.images.items()})
+        return built
 
 
 def _build(root: Path, prefix: str, view: Path, limits: DatasetLimits) -> Materialised:

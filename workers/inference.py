@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from ai_service import tracing
 from ai_service.config import Settings
 from ai_service.errors import AIServiceError, InvalidInput, ObjectNotFound, PermanentError
 from ai_service.messages import (
@@ -453,6 +454,8 @@ class Job:
     params: Params
     images: list[np.ndarray]
     future: Future[Outcome]
+    #: The request's trace context (its consume span): the batch span's parent or link.
+    trace: Any = None
 
     @property
     def key(self) -> tuple[str, str, Params]:
@@ -559,9 +562,15 @@ class Engine:
 
     def _run_batch(self, batch: list[Job]) -> None:
         images = [image for job in batch for image in job.images]
+        # A child of the first request's span, linked to every request it answers.
+        span = tracing.start("predict batch", parent=batch[0].trace, links=[job.trace for job in batch], attributes={
+            "ai.model": batch[0].model.ref.key, "ai.model.format": batch[0].model.fmt,
+            "ai.batch.requests": len(batch), "ai.batch.images": len(images)})
         try:
             detections, calls = self._predict(batch[0].model, batch[0].params, images)
+            span.end()
         except BaseException as exc:  # noqa: BLE001 - reported to the request(s)
+            span.end(exc)
             if len(batch) > 1:  # find the request that fails; the others still get answers
                 for job in batch:
                     self._run_batch([job])
@@ -709,7 +718,8 @@ class InferenceService:
         try:
             model = self.cache.get(request.model.path, params.imgsz, ctx.log)
             images = self._decode_all(request)
-            future = self.engine.submit(Job(model, params, [image.array for image in images], Future()))
+            future = self.engine.submit(Job(model, params, [image.array for image in images], Future(),
+                                            tracing.current()))
             submitted = True
         finally:
             if not submitted:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ai_service import tracing
 from ai_service.config import Settings
 from ai_service.errors import (
     AIServiceError,
@@ -161,12 +162,14 @@ class CheckpointUploads:
         for name, src in files.items():
             staged[name] = self.staging / f"{name}.pt"
             shutil.copyfile(src, staged[name])
-        self._thread = threading.Thread(target=self._run, args=(staged,), name="checkpoint-upload", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(staged, tracing.current()), name="checkpoint-upload",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, staged: dict[str, Path]) -> None:
+    def _run(self, staged: dict[str, Path], trace: Any = None) -> None:
         try:
-            self.store(staged)
+            with tracing.span("checkpoint upload", parent=trace, attributes={"ai.checkpoints": ",".join(staged)}):
+                self.store(staged)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
             self._error = exc
 
@@ -200,6 +203,7 @@ class TrainingJob:
         self.job = LongJob(ctx, ledger, cancelled_message=self._cancelled, failed_message=self._failed)
         self.record: JobRecord | None = None
         self.uploads = CheckpointUploads(self.run_dir / "checkpoint-staging", self._store_checkpoints)
+        self.epoch_span, self.span_epoch = tracing.NO_SPAN, 0  # from on_train_epoch_start to on_fit_epoch_end
 
     # --- the job -----------------------------------------------------------------------
 
@@ -221,7 +225,8 @@ class TrainingJob:
             best = self._train(yaml_name, record)
             self.uploads.flush()
             ctx.log.info("Uploading best weights to %s", req.output.model_key)
-            ctx.storage.upload_file(best, req.output.model_key)
+            with tracing.span("model upload", attributes={"ai.storage.key": req.output.model_key}):
+                ctx.storage.upload_file(best, req.output.model_key)
             final = self._final_metrics()
             self.job.finish(record, "completed", TrainingCompleted(
                 job_id=req.job_id,
@@ -249,6 +254,7 @@ class TrainingJob:
             if isinstance(error, InvalidInput):
                 ctx.outbox.dead_letter().wait(30)
         finally:
+            self._end_epoch_span()  # an epoch cut short by an exception
             self.uploads.settle()
             self.job.stop_renewing()
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -350,13 +356,29 @@ class TrainingJob:
         model.add_callback("on_train_epoch_end", self._on_train_epoch_end)
         model.add_callback("on_model_save", self._on_model_save)
         model.add_callback("on_fit_epoch_end", self._on_fit_epoch_end)
+        model.add_callback("on_fit_epoch_end", self._end_epoch_span)  # after the epoch_update went out
         for event, fns in self.callbacks.items():
             for fn in fns:
                 model.add_callback(event, fn)
 
     def _on_epoch_start(self, trainer: Any) -> None:
+        self._end_epoch_span()
+        self.span_epoch = int(trainer.epoch) + 1
+        self.epoch_span = tracing.start("train epoch", attach=True, attributes={
+            "ai.job_id": self.request.job_id, "ai.epoch": self.span_epoch, "ai.epochs": int(trainer.epochs)})
         if getattr(trainer.device, "type", "cpu") == "cpu":
             yolo.set_cpu_threads()  # Ultralytics leaves one core idle on the CPU
+
+    def _end_epoch_span(self, trainer: Any = None) -> None:
+        span, self.epoch_span = self.epoch_span, tracing.NO_SPAN
+        if span is tracing.NO_SPAN:
+            return  # also Ultralytics' final evaluation (on_fit_epoch_end without an epoch)
+        finished = self.progress.current_epoch >= self.span_epoch  # announced (not cut short)
+        span.set("ai.epoch.finished", finished)
+        span.set("ai.epoch.stopped_by", self.progress.stopped_by)
+        for key in ("train_loss", "mAP50", "mAP50_95") if finished else ():
+            span.set(f"ai.metrics.{key}", self.progress.last_metrics.get(key))
+        span.end()
 
     def _on_batch_end(self, trainer: Any) -> None:
         """Cancellation and warm shutdown act within one batch.
