@@ -1,5 +1,5 @@
 """The BE-side ``ai-service`` commands: ``submit``, ``cancel``, ``status``, ``dlq``,
-``workers``, ``demo`` and ``asyncapi``.
+``workers``, ``demo``, ``asyncapi`` and ``openapi``.
 
 Nothing here (or in what it imports) loads torch or Ultralytics, so these start fast;
 ``tests/test_cli.py`` checks it.  Every command returns an :class:`ExitCode`.
@@ -54,7 +54,7 @@ EXIT_CODES_HELP = """\
 exit codes (stable, for scripts):
   0    success; with --follow (and demo): the job completed
   1    the job failed (*_failed), an inference was answered inference_failed,
-       or asyncapi --check found the file stale
+       or asyncapi|openapi --check found the file stale
   2    usage error, invalid request (every bad field is named) or bad configuration
   3    the job was cancelled (*_cancelled)
   4    --timeout passed before the job ended (the job itself goes on)
@@ -168,6 +168,17 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--env", action="store_true",
                    help="use the queue, exchange and broker names of this environment instead of the defaults")
     p.set_defaults(func=cmd_asyncapi, needs_settings=False)
+
+    p = sub.add_parser(
+        "openapi", help="print the OpenAPI 3 document of the worker HTTP API", formatter_class=fmt,
+        description="Generate the OpenAPI document (docs/openapi.json) of the workers' HTTP API from\n"
+        "its routes and the pydantic message models.",
+        epilog=EXIT_CODES_HELP,
+    )
+    p.add_argument("-o", "--output", type=Path, help="write it to this file instead of stdout")
+    p.add_argument("--check", type=Path, metavar="FILE",
+                   help="exit 1 if FILE differs from the generated document (stale)")
+    p.set_defaults(func=cmd_openapi, needs_settings=False)
 
     _add_supervisor_config(sub, fmt)
 
@@ -897,6 +908,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> ExitCode:
         return follow(client, watch, job_id, args.timeout)
 
 
+# --- openapi ---------------------------------------------------------------------------
+
+
+def cmd_openapi(args: argparse.Namespace) -> ExitCode:
+    from ai_service.http.openapi import render
+
+    return _write_document(render(), args, "openapi")
+
+
 # --- asyncapi --------------------------------------------------------------------------
 
 
@@ -909,7 +929,11 @@ def cmd_asyncapi(args: argparse.Namespace) -> ExitCode:
             settings = Settings.from_env()
         except ConfigError as exc:
             raise CommandError(ExitCode.USAGE, f"configuration error: {exc}") from None
-    text = render(settings)
+    return _write_document(render(settings), args, "asyncapi")
+
+
+def _write_document(text: str, args: argparse.Namespace, command: str) -> ExitCode:
+    """Print ``text``, write it to ``--output``, or compare it with ``--check``."""
     if args.check is not None:
         try:
             current = args.check.read_text(encoding="utf-8")
@@ -917,7 +941,7 @@ def cmd_asyncapi(args: argparse.Namespace) -> ExitCode:
             raise CommandError(ExitCode.FAILED, f"cannot read {args.check}: {exc.strerror or exc}") from None
         if current != text:
             raise CommandError(ExitCode.FAILED, f"{args.check} is stale: regenerate it with "
-                               f"`ai-service asyncapi -o {args.check}`")
+                               f"`ai-service {command} -o {args.check}`")
         err(f"{args.check} is up to date")
         return ExitCode.OK
     if args.output is not None:

@@ -129,6 +129,10 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     metrics_port: int | None = None
+    # HTTP (CONTRACT.md "HTTP"; README "HTTP"): the API, health and metrics on one server
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
+    http_token: str = field(default="", repr=False)  # never logged; /v1/* needs it when set
     heartbeat_seconds: float = 5.0  # worker.<state>.<name> beats on EVENTS_EXCHANGE; 0 = none
     # bounded worker internals (ours, documented in the README)
     control_queue_size: int = 1000  # cancels waiting for the cancel hook; past it they are dropped
@@ -230,6 +234,11 @@ class Settings:
             return self
         return replace(self, worker_name=f"{socket.gethostname()}/{program}")
 
+    @property
+    def http_api_allowed(self) -> bool:
+        """The ``/v1`` API is served: on a loopback ``HTTP_HOST``, or with ``HTTP_TOKEN`` set."""
+        return bool(self.http_token) or is_loopback(self.http_host.strip("[]"))
+
     def insecurity(self) -> str | None:
         """Why this broker configuration is only fit for development, or None."""
         local = is_loopback(self.rabbitmq_host)
@@ -243,4 +252,5 @@ class Settings:
         """The settings as a dict safe to log (password masked)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["rabbitmq_password"] = "***"
+        out["http_token"] = "***" if self.http_token else ""
         return {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}

@@ -27,15 +27,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ai_service.broker import Topology
 from ai_service.config import Settings
 from ai_service.consumer import Consumer
 from ai_service.heartbeat import Heartbeat
-from ai_service.metrics import HealthServer, Metrics
+from ai_service.metrics import Metrics
 from ai_service.operation import Operation, Resources
 from ai_service.publisher import Publisher
 from ai_service.spool import SpoolLocked
+
+if TYPE_CHECKING:
+    from ai_service.http.server import HttpServer
 
 log = logging.getLogger("ai_service.worker")
 
@@ -278,6 +282,10 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     ``load`` builds the operation (importing its heavy libraries) only when messaging
     is enabled, so a disabled worker exits at once and supervisord leaves it be.
     """
+    if not settings.enable_rabbitmq and settings.http_port is not None:
+        from ai_service.http.outbox import serve_http_only  # HTTP-only mode (README "HTTP-only mode")
+
+        return serve_http_only(settings, op, load)
     if not settings.enable_rabbitmq:
         log.warning("[RMQ] Messaging is disabled (ENABLE_RABBITMQ=false): the %s worker has nothing to do; exiting",
                     op)
@@ -321,7 +329,7 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     consumer = Consumer(settings, operation, publisher, resources, topology)
     heartbeat = Heartbeat(settings, operation.name, publisher, consumer)  # worker.<state>.<name> beats
     heartbeat.start()
-    health = start_health(settings, metrics, consumer, publisher)
+    health = start_health(settings, metrics, consumer, publisher, resources, operation.name)
     signals = StopSignals(consumer, parent)
     signals.install()
     if parent is not None:
@@ -391,10 +399,19 @@ def publisher_state(metrics: Metrics, state: str) -> None:
         metrics.publisher_connected.set(0)
 
 
-def start_health(settings: Settings, metrics: Metrics, consumer: Consumer, publisher: Publisher) -> HealthServer | None:
-    """Serve /metrics, /healthz, /readyz when METRICS_PORT is set."""
-    if settings.metrics_port is None:
+def start_health(settings: Settings, metrics: Metrics, consumer: Consumer, publisher: Publisher,
+                 resources: Resources | None = None, op: str | None = None) -> HttpServer | None:
+    """The worker's HTTP server (README "HTTP"), or None when neither port is set.
+
+    ``HTTP_PORT``: health, metrics and ``op``'s ``/v1`` routes on ``HTTP_HOST``; with
+    ``METRICS_PORT`` set too, the same server also serves health and metrics (no ``/v1``)
+    on all interfaces there.  ``METRICS_PORT`` alone: health and metrics only, on all
+    interfaces, as before ``HTTP_PORT`` existed.
+    """
+    if settings.http_port is None and settings.metrics_port is None:
         return None
+    from ai_service.http.app import create_app, routers_for
+    from ai_service.http.server import HttpServer
 
     def ready() -> tuple[bool, str]:
         if not consumer.connected.is_set():
@@ -403,9 +420,26 @@ def start_health(settings: Settings, metrics: Metrics, consumer: Consumer, publi
             return False, "publisher not connected to RabbitMQ"
         return True, "consuming" if consumer.consuming.is_set() else "connected (running a job)"
 
-    server = HealthServer(settings.metrics_port, metrics, ready,
-                          refresh=lambda: metrics.spool_depth.set(publisher.pending),
-                          threads=settings.metrics_threads, max_connections=settings.metrics_max_connections,
-                          request_timeout=settings.metrics_request_timeout)
+    api = settings.http_port is not None
+    routers = routers_for(op, settings, resources, consumer=consumer, publisher=publisher) \
+        if api and op is not None and resources is not None else []
+    app = create_app(settings, metrics=metrics, ready=ready, routers=routers,
+                     refresh=lambda: metrics.spool_depth.set(publisher.pending))
+    extra: list[tuple[str, int]] = []
+    if settings.http_port is not None:
+        host, port = settings.http_host, settings.http_port
+        if settings.metrics_port is not None and settings.metrics_port != settings.http_port:
+            extra.append(("0.0.0.0", settings.metrics_port))
+    else:
+        assert settings.metrics_port is not None
+        host, port = "0.0.0.0", settings.metrics_port
+    server = HttpServer(app, host, port, limit_concurrency=settings.metrics_max_connections,
+                        timeout_keep_alive=settings.metrics_request_timeout,
+                        request_timeout=settings.metrics_request_timeout, metrics=metrics, extra=extra)
+    if extra or not api:
+        app.state.api_ports = frozenset({server.port} if api else ())
     server.start()
+    where = f"http://{host}:{server.port}" + (f" (health and metrics also on :{server.ports[1]})" if extra else "")
+    served = "/v1, " if api and routers and settings.http_api_allowed else ""
+    log.info("[HTTP] Serving %s%s on %s", served, "/metrics, /healthz, /readyz", where)
     return server
