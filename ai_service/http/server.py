@@ -10,7 +10,8 @@ pools a route uses on purpose) and a file descriptor per open connection:
   connection -- else it is closed (``reason="timeout"``).  uvicorn itself only times out
   *idle keep-alive* connections, not one that never sends a byte or sends half a head
   (checked in uvicorn 0.54's ``h11_impl``): :class:`_GuardedH11` adds that;
-* a request head is at most :data:`MAX_REQUEST_HEAD` bytes (h11 answers 400 past it);
+* a request head is at most :data:`MAX_REQUEST_HEAD` bytes (431 past it,
+  ``reason="too_large"``);
 * kept-alive connections idle for ``request_timeout`` are closed (uvicorn's
   ``timeout_keep_alive``).
 
@@ -58,6 +59,20 @@ class _GuardedH11(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # h11's own limit only counts a head that arrives in pieces; a whole one in one read passes it.
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            head = bytes(self.conn.trailing_data[0]) + data[:MAX_REQUEST_HEAD + 4]
+            end = head.find(b"\r\n\r\n")
+            if end > MAX_REQUEST_HEAD or (end < 0 and len(head) > MAX_REQUEST_HEAD):
+                self._count("too_large")
+                self._disarm()
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
+                                     b"connection: close\r\n\r\n")
+                self.transport.close()
+                return
+        super().data_received(data)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
