@@ -84,4 +84,8 @@ def routers_for(op: str, settings: Settings, resources: Any, **parts: Any) -> li
         from ai_service.http.infer import infer_router
 
         return [infer_router(settings, resources)]
+    if op in ("train", "convert"):
+        from ai_service.http.jobs import job_routers
+
+        return job_routers(op, settings, resources, **parts)
     return []
