@@ -29,6 +29,7 @@ from ai_service.config import ConfigError, Settings
 from ai_service.errors import AuthenticationFailed, BrokerError, ObjectNotFound, StorageError
 from ai_service.messages import (
     JOB_ID_RE,
+    TERMINAL_TYPES,
     Cancel,
     ConversionRequest,
     InferenceRequest,
@@ -154,6 +155,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--timeout", type=float, help="give up following after this many seconds (exit 4)")
     p.add_argument("--no-wait", action="store_true",
                    help="do not submit when no worker consumes the train request queue (exit 8)")
+    p.add_argument("--http", metavar="URL",
+                   help="submit to a training worker's HTTP API (HTTP-only set-ups, ENABLE_RABBITMQ=false) and "
+                        "follow /v1/jobs/<id>/events; HTTP_TOKEN from the environment")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -233,6 +237,10 @@ def _add_submit(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                        help="follow the job until it ends, through a queue of our own bound to its routing keys")
     group.add_argument("--timeout", type=float, metavar="SECONDS",
                        help="stop waiting after this many seconds (exit 4); the job goes on")
+    group.add_argument("--http", metavar="URL",
+                       help="send it to a worker's HTTP API instead (e.g. http://127.0.0.1:8101; HTTP_TOKEN "
+                            "from the environment as the bearer token): POST /v1/<op>, --follow reads "
+                            "/v1/jobs/<id>/events")
 
     t = ops.add_parser(
         "train", parents=[common], help="a training job", formatter_class=fmt, epilog=EXIT_CODES_HELP,
@@ -539,6 +547,8 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> ExitCode:
     payload = build_request(args)
     body = validate_request(op, payload, settings)
     job_id = str(payload["job_id"])
+    if args.http:
+        return submit_http(args.http, op, body, job_id, settings, follow_it=args.follow, timeout=args.timeout)
     rpc = op == "infer" and not args.follow
     with _connect(settings, f"submit {op}") as client:
         _declare(client, op)
@@ -886,6 +896,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> ExitCode:
     if args.images < 1:
         raise CommandError(ExitCode.USAGE, "--images must be at least 1")
     storage = _storage(settings)
+    if args.http:
+        _upload_demo(storage, args.images)
+        err(f"training job {job_id} ({args.model}, {args.epochs} epochs, imgsz {args.imgsz}) over {args.http}")
+        return submit_http(args.http, "train", body, job_id, settings, follow_it=True, timeout=args.timeout)
     with _connect(settings, "demo") as client:
         _declare(client, "train")
         queue = queue_names(settings, "train").request
@@ -915,6 +929,81 @@ def cmd_openapi(args: argparse.Namespace) -> ExitCode:
     from ai_service.http.openapi import render
 
     return _write_document(render(), args, "openapi")
+
+
+def _upload_demo(storage: Any, images: int) -> None:
+    from ai_service.shapes import generate_shapes_dataset
+
+    with tempfile.TemporaryDirectory(prefix="ai-service-demo-") as tmp:
+        generate_shapes_dataset(Path(tmp), n_train=images, n_val=max(8, images // 4), size=128, seed=0)
+        try:
+            infos = storage.upload_dir(Path(tmp), DEMO_PREFIX)
+        except StorageError as exc:
+            raise CommandError(ExitCode.STORAGE, f"uploading the demo dataset failed: {exc.message}") from None
+    err(f"uploaded the shapes dataset ({len(infos)} files) to {storage.describe()} {DEMO_PREFIX}")
+
+
+# --- over HTTP (README "HTTP-only mode") -----------------------------------------------
+
+
+def submit_http(base: str, op: str, body: bytes, job_id: str, settings: Settings, *, follow_it: bool,
+                timeout: float | None) -> ExitCode:
+    """POST the request to a worker's ``/v1/<op>``; with ``follow_it`` follow its events stream."""
+    from ai_service.http.follow import HttpFailure, post
+
+    try:
+        answer = post(base, f"/v1/{op}", body, settings.http_token, timeout=timeout or 300.0)
+    except HttpFailure as exc:
+        raise CommandError(ExitCode.BROKER, exc.message) from None
+    if op == "infer" and isinstance(answer.body, dict) and "type" in answer.body:
+        print(json.dumps(answer.body, indent=2, ensure_ascii=False), flush=True)
+        return _outcome(str(answer.body["type"]))
+    if answer.status in (400, 413) and isinstance(answer.body, dict) and answer.body.get("type"):
+        print(json.dumps(answer.body, indent=2, ensure_ascii=False), flush=True)
+        raise CommandError(ExitCode.USAGE, f"invalid {OP_WORDS[op]} request: {answer.body.get('error_message')}")
+    if answer.status != 202:
+        detail = answer.body.get("detail") if isinstance(answer.body, dict) else answer.body
+        retry = answer.headers.get("Retry-After")
+        hint = f" (retry after {retry} s)" if retry else ""
+        code = {401: ExitCode.USAGE, 409: ExitCode.USAGE, 429: ExitCode.NO_WORKER}.get(answer.status,
+                                                                                    ExitCode.BROKER)
+        raise CommandError(code, f"{base} answered HTTP {answer.status}: {detail}{hint}")
+    if not follow_it:
+        print(job_id, flush=True)
+        return ExitCode.OK
+    err(f"submitted {OP_WORDS[op]} job {job_id} to {base}")
+    return follow_http(base, job_id, settings.http_token, timeout)
+
+
+def follow_http(base: str, job_id: str, token: str, timeout: float | None) -> ExitCode:
+    """As :func:`follow`, from ``/v1/jobs/<job_id>/events`` (reopened after a drop)."""
+    from ai_service.http.follow import HttpFailure, events
+    from ai_service.progress import ProgressView
+
+    view = ProgressView(sys.stderr, live=sys.stderr.isatty())
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for message in events(base, job_id, token, deadline=deadline):
+            if message is not None:
+                view.show(message)
+                if str(message.get("type", "")) in TERMINAL_TYPES:
+                    view.close()
+                    print(json.dumps(message, indent=2, ensure_ascii=False), flush=True)
+                    return _outcome(str(message["type"]))
+            else:
+                view.tick()
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+    except KeyboardInterrupt:
+        view.close()
+        raise CommandError(ExitCode.INTERRUPTED, f"interrupted; job {job_id} goes on "
+                           f"(POST {base}/v1/jobs/{job_id}/cancel stops it)") from None
+    except HttpFailure as exc:
+        view.close()
+        raise CommandError(ExitCode.NOT_FOUND if exc.status == 404 else ExitCode.BROKER, exc.message) from None
+    view.close()
+    raise CommandError(ExitCode.TIMEOUT, f"job {job_id} did not end within {timeout or 0:g} s; it goes on "
+                       f"(GET {base}/v1/jobs/{job_id})")
 
 
 # --- asyncapi --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ jobs they are given over HTTP, through the same handlers, and stream their messa
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -122,3 +123,34 @@ def test_an_http_only_job_killed_mid_training_resumes_on_restart_and_its_stream_
     # The whole stream, read again from the start, is the same messages.
     assert [e.id for e in events(url)] == [e.id for e in seen]
 
+
+
+def test_submit_and_demo_with_http_follow_an_http_only_worker_with_the_bearer_token_from_the_environment(
+        start_worker: WorkerFactory, worker_env: dict[str, str], shapes_dir: Path, tmp_path: Path) -> None:
+    from tests.test_cli import REPO, cli_args, cli_env
+
+    poison = tmp_path / "poison"  # the BE-side commands never import torch / Ultralytics
+    for name in ("torch", "ultralytics"):
+        (poison / name).mkdir(parents=True)
+        (poison / name / "__init__.py").write_text(f"raise ImportError('{name} imported by a BE-side command')\n")
+    base, _, _ = http_only_worker(start_worker, worker_env, shapes_dir, HTTP_TOKEN="tok-1")
+    env = {**worker_env, "ENABLE_RABBITMQ": "false", "HTTP_TOKEN": "tok-1"}
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cli_args(*args), cwd=REPO, env=cli_env({**env, **extra}, poison), capture_output=True,
+                              text=True, timeout=300)
+
+    train = ("submit", "train", "--http", base, "--dataset", "datasets/shapes/", "--epochs", "2", "--imgsz", "64",
+             "--batch", "8")
+    refused = cli(*train, "--job-id", "cli-refused", "--follow", HTTP_TOKEN="wrong")
+    assert refused.returncode == 2 and "HTTP 401" in refused.stderr, refused.stderr
+    done = cli(*train, "--job-id", "cli-http", "--follow")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["type"] == "training_completed"
+    assert "training started on test/http-only (2 epochs)" in done.stderr and "epoch 2/2" in done.stderr
+    again = cli(*train, "--job-id", "cli-http")
+    assert again.returncode == 2 and "HTTP 409" in again.stderr, again.stderr
+
+    demo = cli("demo", "--http", base, "--epochs", "1", "--imgsz", "64", "--images", "16", "--job-id", "demo-http")
+    assert demo.returncode == 0, demo.stderr
+    assert json.loads(demo.stdout)["model_path"] == "models/demo/shapes-demo-http.pt"
