@@ -93,6 +93,10 @@ run: install rabbitmq
 	@echo "  programs: $(WORKERS_CONF) (the GPU split: rerun $(BIN)/ai-service supervisor-config to change it)"
 	@echo "  status: $(BIN)/supervisorctl -c $(CONF) status   logs: logs/   storage: $(STORAGE_DIR)"
 	@echo "  try it: $(BIN)/ai-service demo"
+	@echo "  HTTP (README \"HTTP\"; /healthz /readyz /metrics /openapi.json /v1/...):"
+	@awk '/^\[program:/ { name = substr($$0, 10, length($$0) - 10) } \
+	     match($$0, /HTTP_PORT="[0-9]+"/) { print "    " name ": http://127.0.0.1:" substr($$0, RSTART + 11, RLENGTH - 12) }' \
+	     $(WORKERS_CONF)
 	$(BIN)/supervisord -n -c $(CONF)
 
 run-train-worker: install rabbitmq

@@ -29,6 +29,8 @@ from pathlib import Path
 OPS = ("train", "convert", "infer")
 #: METRICS_PORT = base + GPU index (or CPU worker number): 91nn, 92nn, 93nn.
 METRICS_PORT_BASE = {"train": 9100, "convert": 9200, "infer": 9300}
+#: HTTP_PORT (the worker's HTTP API, README "HTTP") likewise: 81nn, 82nn, 83nn.
+HTTP_PORT_BASE = {"train": 8100, "convert": 8200, "infer": 8300}
 MAX_INDEX = 99
 #: How long a warm stop may take before supervisord kills (see README "Operations").
 STOPWAITSECS = {"train": 60, "convert": 600, "infer": 30}
@@ -82,6 +84,10 @@ class Slot:
     @property
     def metrics_port(self) -> int:
         return METRICS_PORT_BASE[self.op] + self.number
+
+    @property
+    def http_port(self) -> int:
+        return HTTP_PORT_BASE[self.op] + self.number
 
 
 def parse_gpus(text: str) -> Placement:
@@ -253,7 +259,7 @@ process_name=%(program_name)s
 numprocs=1
 directory=%(here)s/..
 environment=CUDA_VISIBLE_DEVICES="{cuda}",CUDA_DEVICE_ORDER="PCI_BUS_ID",METRICS_PORT="{port}",\
-WORKER_NAME="%(host_node_name)s/%(program_name)s",PYTHONUNBUFFERED="1"
+HTTP_PORT="{http_port}",WORKER_NAME="%(host_node_name)s/%(program_name)s",PYTHONUNBUFFERED="1"
 autorestart=unexpected
 exitcodes=0,2
 startsecs=5
@@ -279,7 +285,7 @@ def render(layout: Mapping[str, Placement], how: str) -> str:
     parts.append("[group:ai]\nprograms=" + ",".join(s.name for s in processes) + "\n")
     for slot in processes:
         parts.append(PROGRAM.format(name=slot.name, op=slot.op, cuda=slot.cuda_visible_devices,
-                                    port=slot.metrics_port, stop_note=STOP_NOTES[slot.op],
+                                    port=slot.metrics_port, http_port=slot.http_port, stop_note=STOP_NOTES[slot.op],
                                     stopwaitsecs=STOPWAITSECS[slot.op]))
     return "\n".join(parts)
 

@@ -102,6 +102,7 @@ def test_an_8_gpu_split_gives_every_program_its_own_gpu_port_and_worker_name(tmp
         assert env["CUDA_VISIBLE_DEVICES"] == gpu, name
         assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
         assert env["METRICS_PORT"] == str(ports[op] + int(gpu)), name
+        assert env["HTTP_PORT"] == str(ports[op] - 1000 + int(gpu)), name  # 81nn, 82nn, 83nn
         assert env["WORKER_NAME"] == "%(host_node_name)s/%(program_name)s"
         assert section["command"] == f"%(here)s/../.venv/bin/ai-service worker {op}"
         assert section["process_name"] == "%(program_name)s" and section["numprocs"] == "1"
