@@ -111,7 +111,7 @@ def test_an_http_only_job_killed_mid_training_resumes_on_restart_and_its_stream_
     restarted = start_worker("train", env=env, wait_started=False, name="http-only")
     restarted.wait_log("HTTP-only train worker on", timeout=120)
     wait_http(base)
-    after = list(events(url, last_event_id=before[-1].id))
+    after = list(events(url, last_event_id=before[-1].id, timeout=150))
     restarted.wait_log("Resuming after the restart")
 
     seen = before + after

@@ -27,15 +27,17 @@ class SseEvent:
 
 def events(url: str, *, last_event_id: str | None = None, timeout: float = 240,
            headers: dict[str, str] | None = None) -> Iterator[SseEvent]:
-    """The events of one stream until the server ends it."""
+    """The events of one stream until the server ends it (an AssertionError past ``timeout`` seconds)."""
     sent = dict(headers or {})
     if last_event_id:
         sent["Last-Event-ID"] = last_event_id
-    with httpx.stream("GET", url, headers=sent, timeout=httpx.Timeout(timeout, connect=10)) as response:
+    deadline = time.monotonic() + timeout  # keepalives never let a read time out: bound the whole stream
+    with httpx.stream("GET", url, headers=sent, timeout=httpx.Timeout(30, connect=10)) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         fields: dict[str, str] = {}
         for line in response.iter_lines():
+            assert time.monotonic() < deadline, f"{url}: the stream did not end within {timeout} s"
             if line == "":
                 if "data" in fields:
                     yield SseEvent(fields.get("id", ""), fields.get("event", "message"), json.loads(fields["data"]))
