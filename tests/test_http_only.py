@@ -154,3 +154,23 @@ def test_submit_and_demo_with_http_follow_an_http_only_worker_with_the_bearer_to
     demo = cli("demo", "--http", base, "--epochs", "1", "--imgsz", "64", "--images", "16", "--job-id", "demo-http")
     assert demo.returncode == 0, demo.stderr
     assert json.loads(demo.stdout)["model_path"] == "models/demo/shapes-demo-http.pt"
+
+
+def test_an_event_log_keeps_each_message_once_in_order_and_reloads_from_disk(tmp_path: Path) -> None:
+    from ai_service.http.outbox import EventLog
+
+    path = tmp_path / "events" / "train" / "job.jsonl"
+    log = EventLog(path)
+    log.append("update", "training_started", {"type": "training_started"}, "m1")
+    log.append("update", "epoch_update", {"type": "epoch_update", "current_epoch": 1, "progress": 50.0}, "m2")
+    log.append("update", "epoch_update", {"type": "epoch_update", "current_epoch": 1, "progress": 50.0}, "m2b")
+    log.append("update", "training_started", {"type": "training_started"}, "m1")
+    log.append("result", "training_completed", {"type": "training_completed", "progress": 100.0}, "m3")
+    log.append("result", "training_failed", {"type": "training_failed"}, "m4")
+    assert [e.id for e in log.entries] == ["m1", "m2", "m3"]
+    again = EventLog(path)
+    assert [e.id for e in again.entries] == ["m1", "m2", "m3"] and again.terminal is not None
+    assert again.index_after("m2") == 2 and again.index_after("unknown") == 0 and again.progress == 100.0
+    with open(path, "ab") as torn:
+        torn.write(b'{"id": "m5", "kind"')  # a line cut by a crash is skipped
+    assert [e.id for e in EventLog(path).entries] == ["m1", "m2", "m3"]
