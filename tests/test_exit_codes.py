@@ -4,7 +4,10 @@ a warm stop exits 0.  Real worker processes on the real broker."""
 from __future__ import annotations
 
 import configparser
+import os
 import signal
+import subprocess
+import sys
 import time
 
 from ai_service.worker import EXIT_CONFIG, EXIT_CRASHED, EXIT_FORCED, EXIT_OK
@@ -52,8 +55,13 @@ def test_a_sigterm_to_a_worker_with_a_cancel_hook_exits_zero(be: BE, start_worke
 
 
 def test_supervisord_restarts_the_crash_code_and_not_a_clean_stop_or_a_configuration_error() -> None:
+    # The programs live in the include `ai-service supervisor-config` generates (CPU and GPU layouts).
     conf = configparser.RawConfigParser(strict=False)
-    conf.read(REPO / "supervisord.conf")
+    for args in ([], ["--train-gpus", "0-1", "--convert-gpus", "2", "--infer-gpus", "3"]):
+        text = subprocess.run([sys.executable, "-m", "ai_service.cli", "supervisor-config", *args, "--output", "-"],
+                              cwd=REPO, env={**os.environ, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+        conf.read_string(text)
     programs = [s for s in conf.sections() if s.startswith("program:")]
     assert programs
     for section in programs:
