@@ -13,6 +13,9 @@ generated shapes PNGs of ``IMGSZ`` px, sent inline (base64), one image per reque
   ``inference_completed`` (on ``infer_result_q``).
 * single request: one request in flight at a time (the default worker), p50 latency
   against the raw one-image call.
+* HTTP (:mod:`bench.http_infer`): the batching-on worker also serves ``HTTP_PORT``; the
+  same bodies are posted to ``POST /v1/infer`` by 1 and ``INFLIGHT`` keep-alive
+  ``http.client`` connections, interleaved with the AMQP runs on the same warm worker.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import http_infer
 from bench.common import Proc, build_model, percentile, run_module, worker_command
 from bench.context import Bench, Section
 from bench.images import png_images
@@ -132,22 +136,73 @@ def run(bench: Bench) -> list[Section]:
     single = f("single_p50", "one request at a time, service (default settings): latency p50", "ms",
                baseline="raw_single_p50")
     overhead = f("single_overhead", "  … single-request overhead over a raw one-image call (p50 − p50)", "ms")
+    # HTTP vs AMQP vs raw, side by side: the batching-on worker (default settings) with HTTP_PORT set
+    amqp32_tput = f("amqp_32_tput", f"AMQP, {INFLIGHT} in flight (= batching on): throughput", "img/s",
+                    better="higher", baseline="raw_single_tput")
+    amqp32_p50 = f("amqp_32_p50", f"AMQP, {INFLIGHT} in flight: latency p50", "ms")
+    amqp32_p99 = f("amqp_32_p99", f"AMQP, {INFLIGHT} in flight: latency p99", "ms")
+    amqp1_tput = f("amqp_1_tput", "AMQP, 1 in flight: throughput", "img/s", better="higher",
+                   baseline="raw_single_tput")
+    amqp1_p50 = f("amqp_1_p50", "AMQP, 1 in flight: latency p50", "ms", baseline="raw_single_p50")
+    amqp1_p99 = f("amqp_1_p99", "AMQP, 1 in flight: latency p99", "ms", baseline="raw_single_p99")
+    http32_tput = f("http_32_tput", f"HTTP, {INFLIGHT} in flight: throughput (vs raw)", "img/s", better="higher",
+                    baseline="raw_single_tput")
+    http32_tput_a = f("http_32_tput_vs_amqp", f"HTTP, {INFLIGHT} in flight: throughput (vs AMQP)", "img/s",
+                      better="higher", baseline="amqp_32_tput")
+    http32_p50 = f("http_32_p50", f"HTTP, {INFLIGHT} in flight: latency p50 (vs AMQP)", "ms",
+                   baseline="amqp_32_p50")
+    http32_p99 = f("http_32_p99", f"HTTP, {INFLIGHT} in flight: latency p99 (vs AMQP)", "ms",
+                   baseline="amqp_32_p99")
+    http1_tput = f("http_1_tput", "HTTP, 1 in flight: throughput (vs raw)", "img/s", better="higher",
+                   baseline="raw_single_tput")
+    http1_tput_a = f("http_1_tput_vs_amqp", "HTTP, 1 in flight: throughput (vs AMQP)", "img/s", better="higher",
+                     baseline="amqp_1_tput")
+    http1_p50 = f("http_1_p50", "HTTP, 1 in flight: latency p50 (vs raw)", "ms", baseline="raw_single_p50")
+    http1_p50_a = f("http_1_p50_vs_amqp", "HTTP, 1 in flight: latency p50 (vs AMQP)", "ms", baseline="amqp_1_p50")
+    http1_p99 = f("http_1_p99", "HTTP, 1 in flight: latency p99 (vs raw)", "ms", baseline="raw_single_p99")
+    http1_p99_a = f("http_1_p99_vs_amqp", "HTTP, 1 in flight: latency p99 (vs AMQP)", "ms", baseline="amqp_1_p99")
+    lone_count = 50
 
     model = prepare_model(bench)
     pngs = png_images(count, IMGSZ)
     for name, max_batch, tput, p50, p99 in (("off", "1", off_tput, off_p50, off_p99),
                                             ("on", "8", on_tput, on_p50, on_p99)):
-        proc = start_worker(bench, f"infer-{name}", MAX_BATCH=max_batch)
+        port = http_infer.free_port() if name == "on" else 0
+        proc = start_worker(bench, f"infer-{name}", MAX_BATCH=max_batch, **({"HTTP_PORT": str(port)} if port else {}))
         try:
             drive(bench, bodies(pngs[:16], f"warm-{name}"), 1)
+            if port:
+                http_infer.wait_ready(port)
+                with http_infer.clients(port, INFLIGHT) as pool:
+                    http_infer.drive(pool, bodies(pngs[:INFLIGHT], "warm-http"))
             for r in range(bench.repeats):
                 seconds, latencies = drive(bench, bodies(pngs, f"{name}-{r}"), INFLIGHT)
                 tput.add(count / seconds)
                 p50.add(percentile(latencies, 50))
                 p99.add(percentile(latencies, 99))
                 if name == "on":
-                    _, lone = drive(bench, bodies(pngs[:50], f"single-{r}"), 1)
+                    amqp32_tput.add(count / seconds)
+                    amqp32_p50.add(percentile(latencies, 50))
+                    amqp32_p99.add(percentile(latencies, 99))
+                    lone_s, lone = drive(bench, bodies(pngs[:lone_count], f"single-{r}"), 1)
                     single.add(percentile(lone, 50))
+                    amqp1_tput.add(lone_count / lone_s)
+                    amqp1_p50.add(percentile(lone, 50))
+                    amqp1_p99.add(percentile(lone, 99))
+                    with http_infer.clients(port, INFLIGHT) as pool:
+                        h_s, h_lat = http_infer.drive(pool, bodies(pngs, f"http-{r}"))
+                    for fig in (http32_tput, http32_tput_a):
+                        fig.add(count / h_s)
+                    http32_p50.add(percentile(h_lat, 50))
+                    http32_p99.add(percentile(h_lat, 99))
+                    with http_infer.clients(port, 1) as pool:
+                        h_s, h_lat = http_infer.drive(pool, bodies(pngs[:lone_count], f"http-single-{r}"))
+                    for fig in (http1_tput, http1_tput_a):
+                        fig.add(lone_count / h_s)
+                    for fig in (http1_p50, http1_p50_a):
+                        fig.add(percentile(h_lat, 50))
+                    for fig in (http1_p99, http1_p99_a):
+                        fig.add(percentile(h_lat, 99))
         finally:
             proc.stop(timeout=30)
     result = raw(bench, model, count, bench.repeats)
@@ -167,5 +222,12 @@ def run(bench: Bench) -> list[Section]:
         "Latency through the service is BE publish (with confirm) → BE receipt: queueing in RabbitMQ and in the "
         "worker, base64 and PNG decoding, predict, the answer's spool write and confirm, and delivery.",
         "The single-request overhead pairs the i-th service run with the i-th raw run.",
+        f"HTTP vs AMQP vs raw: one worker with default settings (MAX_BATCH=8) and HTTP_PORT set serves both; "
+        f"each repeat runs, in turn, {count} AMQP requests with {INFLIGHT} in flight, {lone_count} with 1 in "
+        f"flight, then the same bodies as POST /v1/infer from a pool of {INFLIGHT} (then 1) threads, each "
+        "with one keep-alive http.client connection. HTTP latency: request written → whole response read "
+        "(200, the inference_completed body). The raw baseline is the one-image-per-call predict loop (it "
+        "has no concurrency: the same figures stand for 1 and 32 in flight). Ratio rows: HTTP ÷ raw "
+        "(\"vs raw\") and HTTP ÷ AMQP (\"vs AMQP\"), medians of the same run.",
     ]
     return [section]

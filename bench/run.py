@@ -124,6 +124,15 @@ def headlines(sections: list[Section]) -> list[str]:
     over = med("inference", "single_overhead")
     if ok(over):
         out.append(f"One request alone costs {fmt(over)} ms more through the service than a raw predict call (p50).")
+    h32, a32, h1, a1, h1p, a1p = (med("inference", k) for k in ("http_32_tput", "amqp_32_tput", "http_1_tput",
+                                                                "amqp_1_tput", "http_1_p50", "amqp_1_p50"))
+    if ok(h32, a32, raw1):
+        text = (f"Inference over HTTP (POST /v1/infer, 32 keep-alive clients): {fmt(h32)} img/s vs {fmt(a32)} img/s "
+                f"over AMQP on the same worker (HTTP ÷ AMQP ×{h32 / a32:.2f}, HTTP ÷ raw ×{h32 / raw1:.2f})")
+        if ok(h1, a1, h1p, a1p):
+            text += (f"; 1 in flight {fmt(h1)} vs {fmt(a1)} img/s, p50 {fmt(h1p)} ms vs {fmt(a1p)} ms "
+                     f"(HTTP ÷ AMQP ×{h1p / a1p:.2f})")
+        out.append(text + ".")
     cold = [med("cost", f"cold_{op}") for op in ("train", "convert", "infer")]
     if ok(*cold):
         out.append("Cold start to consuming: train {} s, convert {} s, infer {} s.".format(*(fmt(c) for c in cold)))
