@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -326,7 +327,12 @@ def test_hostile_datasets_and_keys_through_the_real_worker_run_nothing_and_touch
     victim = be.terminal(be.settings.train_result_queue, "victim", timeout=240)
     assert victim.type == "training_completed", victim.body
     record = root / "jobs/train/victim.json"
+    # The worker marks the terminal message sent just after the BE got it: wait for that last write.
+    deadline = time.monotonic() + 30
+    while not json.loads(record.read_bytes()).get("terminal_sent") and time.monotonic() < deadline:
+        time.sleep(0.1)
     before = record.read_bytes()
+    assert json.loads(before)["terminal_sent"] is True
 
     cases = {
         "escape": (_request("escape", "datasets/escape/"), "dataset_invalid"),
