@@ -67,7 +67,7 @@ from ai_service.errors import (
 )
 from ai_service.jobs import LEASE_HEADER
 from ai_service.limits import Limits
-from ai_service.messages import Cancel, InvalidRequest, _Message, parse_request, readable_job_id
+from ai_service.messages import Cancel, InvalidRequest, _Message, derived_message_id, parse_request, readable_job_id
 from ai_service.metrics import CONNECTED, CONSUMING, DISCONNECTED
 from ai_service.operation import DeliveryInfo, JobContext, Operation, Resources
 from ai_service.publisher import Backoff, Publisher, Receipt
@@ -886,7 +886,12 @@ class DeliveryOutbox:
     def emit(self, kind: str, message: _Message, *, message_id: str | None = None) -> Receipt:
         progress = getattr(message, "progress", None)
         self.progress = float(progress) if isinstance(progress, (int, float)) else self.progress
-        return self.republish(kind, message.to_json_dict(), str(getattr(message, "type", "")), message_id)
+        message_type = str(getattr(message, "type", ""))
+        if message_id is None and self.op == "infer" and kind == "result":
+            # Inference keeps no job record: an answer sent again after a redelivery the
+            # tracker could not recognise (a broker restart) carries the same message_id.
+            message_id = derived_message_id("infer", self.job_id, message_type)
+        return self.republish(kind, message.to_json_dict(), message_type, message_id)
 
     def republish(
         self, kind: str, payload: dict[str, Any], message_type: str, message_id: str | None

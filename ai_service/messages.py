@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 import uuid
@@ -46,6 +47,12 @@ def utc_now() -> str:
 
 def new_message_id() -> str:
     return uuid.uuid4().hex
+
+
+def derived_message_id(op: str, job_id: str, message_type: str, detail: str = "") -> str:
+    """A message_id derived from the job (CONTRACT.md, Common rules): the same message of the
+    same job has the same id whichever worker sends it, and however often."""
+    return hashlib.sha256(f"{op}\0{job_id}\0{message_type}\0{detail}".encode()).hexdigest()[:32]
 
 
 def _key(value: str, info: ValidationInfo) -> str:
