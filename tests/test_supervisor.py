@@ -246,7 +246,6 @@ def test_the_parent_watch_fires_at_once_when_the_parent_died_before_it_was_armed
     assert called == [] and alive.gone() is None
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_prctl_pdeathsig_is_set_for_the_process_that_arms_the_watch(tmp_path: Path) -> None:
     script = (
         "import ctypes, signal\n"
