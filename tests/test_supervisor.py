@@ -16,8 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from ai_service.worker import ParentWatch
 from tests.support.procs import REPO
 
