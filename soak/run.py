@@ -718,7 +718,8 @@ def sustained_section(world: World, h: Harness) -> Part:
     return part
 
 
-STALL_LIMIT = 3000  # MAX_MESSAGE_BYTES of the "tight" infer worker: the request fits, its answer (>= 75 B an image) cannot
+# MAX_MESSAGE_BYTES of the "tight" infer worker: the request fits, its answer (>= 75 B an image) cannot
+STALL_LIMIT = 3000
 
 
 def stall_lines(world: World, h: Harness, part: Part) -> None:
