@@ -72,6 +72,20 @@ def _bound(name: str, value: int, limit: int, setting: str) -> None:
         raise ValueError(f"{name} {value} is over the limit of {limit} ({setting})")
 
 
+def _within(name: str, limit: str, setting: str) -> AfterValidator:
+    """Check a number against the configured ``Limits.<limit>`` (README: ``setting``)."""
+
+    def check(value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None:
+            _bound(name, value, getattr(limits_of(info.context), limit), setting)
+        return value
+
+    return AfterValidator(check)
+
+
+ImgSize = Annotated[int, Field(ge=32, le=8192), _within("imgsz", "max_imgsz", "MAX_IMGSZ")]
+
+
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 StorageKey = Annotated[str, StringConstraints(max_length=MAX_STRING_CHARS), AfterValidator(_key)]
 ShortStr = Annotated[str, StringConstraints(max_length=MAX_STRING_CHARS)]
@@ -145,15 +159,16 @@ Optimizer = Literal["SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp
 
 class Hyperparams(_Request):
     model: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    epochs: int = Field(ge=1, le=1_000_000)
+    epochs: Annotated[int, Field(ge=1, le=1_000_000), _within("epochs", "max_epochs", "MAX_EPOCHS")]
     batch: int
-    imgsz: int = Field(ge=32, le=8192)
+    imgsz: ImgSize
     patience: int | None = Field(default=None, ge=0, le=10000)
     lr0: float | None = Field(default=None, gt=0, le=10)
     lrf: float | None = Field(default=None, gt=0, le=10)
     optimizer: Optimizer | None = None
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    workers: int | None = Field(default=None, ge=0, le=64)
+    workers: Annotated[int | None, Field(ge=0, le=64),
+                       _within("workers", "max_dataloader_workers", "MAX_DATALOADER_WORKERS")] = None
     cos_lr: bool | None = None
     close_mosaic: int | None = Field(default=None, ge=0, le=10000)
     fraction: float | None = Field(default=None, gt=0, le=1)
@@ -166,25 +181,6 @@ class Hyperparams(_Request):
         limit = limits_of(info.context).max_train_batch
         if value != -1 and not 1 <= value <= limit:
             raise ValueError(f"batch must be -1 (auto) or between 1 and {limit} (MAX_TRAIN_BATCH)")
-        return value
-
-    @field_validator("epochs")
-    @classmethod
-    def _epochs_bound(cls, value: int, info: ValidationInfo) -> int:
-        _bound("epochs", value, limits_of(info.context).max_epochs, "MAX_EPOCHS")
-        return value
-
-    @field_validator("imgsz")
-    @classmethod
-    def _imgsz_bound(cls, value: int, info: ValidationInfo) -> int:
-        _bound("imgsz", value, limits_of(info.context).max_imgsz, "MAX_IMGSZ")
-        return value
-
-    @field_validator("workers")
-    @classmethod
-    def _workers_bound(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None:
-            _bound("workers", value, limits_of(info.context).max_dataloader_workers, "MAX_DATALOADER_WORKERS")
         return value
 
     @field_validator("cache")
@@ -269,25 +265,15 @@ class ModelRef(_Request):
 
 
 class ConversionOptions(_Request):
-    imgsz: int = Field(default=640, ge=32, le=8192)
+    imgsz: ImgSize = 640
     half: bool = False
     int8: bool = False
     dynamic: bool = False
     simplify: bool = True
     opset: int | None = Field(default=None, ge=7, le=30)
-    batch: int = Field(default=1, ge=1, le=1024)
+    batch: Annotated[int, Field(ge=1, le=1024), _within("batch", "max_export_batch", "MAX_EXPORT_BATCH")] = 1
 
-    @field_validator("imgsz")
-    @classmethod
-    def _imgsz_bound(cls, value: int, info: ValidationInfo) -> int:
-        _bound("imgsz", value, limits_of(info.context).max_imgsz, "MAX_IMGSZ")
-        return value
 
-    @field_validator("batch")
-    @classmethod
-    def _batch_bound(cls, value: int, info: ValidationInfo) -> int:
-        _bound("batch", value, limits_of(info.context).max_export_batch, "MAX_EXPORT_BATCH")
-        return value
 
 
 class ConversionOutput(_Request):
@@ -397,21 +383,11 @@ class ImageData(_Request):
 class InferenceParams(_Request):
     conf: float = Field(default=0.25, ge=0, le=1)
     iou: float = Field(default=0.7, ge=0, le=1)
-    imgsz: int = Field(default=640, ge=32, le=8192)
-    max_det: int = Field(default=300, ge=1, le=10000)
+    imgsz: ImgSize = 640
+    max_det: Annotated[int, Field(ge=1, le=10000), _within("max_det", "max_det", "MAX_DET")] = 300
     classes: list[Annotated[int, Field(ge=0, le=100000)]] | None = Field(default=None, max_length=1000)
 
-    @field_validator("imgsz")
-    @classmethod
-    def _imgsz_bound(cls, value: int, info: ValidationInfo) -> int:
-        _bound("imgsz", value, limits_of(info.context).max_imgsz, "MAX_IMGSZ")
-        return value
 
-    @field_validator("max_det")
-    @classmethod
-    def _max_det_bound(cls, value: int, info: ValidationInfo) -> int:
-        _bound("max_det", value, limits_of(info.context).max_det, "MAX_DET")
-        return value
 
 
 class InferenceRequest(JobRequest):
