@@ -116,6 +116,8 @@ def _build(root: Path, prefix: str, view: Path, limits: DatasetLimits) -> Materi
     }
     data_yaml = view / "data.yaml"
     data_yaml.write_text(yaml.safe_dump(own, sort_keys=False))
+    log.info("[Handler] Dataset %s checked: %d train / %d val images, %d classes", prefix, counts["train"],
+             counts["val"], len(names))
     return Materialised(data_yaml, counts)
 
 
