@@ -8,85 +8,33 @@ Nothing here (or in what it imports) loads torch or Ultralytics, so these start 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import UTC, datetime
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
+from ai_service.cli import demo
+from ai_service.cli.base import (
+    EXIT_CODES_HELP,
+    OP_WORDS,
+    CommandError,
+    ExitCode,
+    check_job_id,
+    connect,
+    err,
+    iso,
+    open_storage,
+)
+from ai_service.cli.follow import declare, follow, request_reply, submit_http, warn_if_no_worker
+from ai_service.cli.payloads import build_request, validate_request
 from ai_service.config import ConfigError, Settings
 from ai_service.errors import AuthenticationFailed, BrokerError, ObjectNotFound, StorageError
-from ai_service.messages import (
-    JOB_ID_RE,
-    TERMINAL_TYPES,
-    Cancel,
-    ConversionRequest,
-    InferenceRequest,
-    TrainingRequest,
-    describe_validation_error,
-)
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILED = 1
-    USAGE = 2
-    CANCELLED = 3
-    TIMEOUT = 4
-    BROKER = 5
-    NOT_FOUND = 6
-    STORAGE = 7
-    NO_WORKER = 8
-    INTERRUPTED = 130
-
-
-EXIT_CODES_HELP = """\
-exit codes (stable, for scripts):
-  0    success; with --follow (and demo): the job completed
-  1    the job failed (*_failed), an inference was answered inference_failed,
-       or asyncapi|openapi --check found the file stale
-  2    usage error, invalid request (every bad field is named) or bad configuration
-  3    the job was cancelled (*_cancelled)
-  4    --timeout passed before the job ended (the job itself goes on)
-  5    RabbitMQ unreachable, credentials refused, or the connection dropped
-  6    not found: no job record (status), no such dead-letter queue or no
-       matching dead letter (dlq), no worker heard (workers)
-  7    storage error (status, demo, cancel --record)
-  8    no worker consumes the train request queue (demo --no-wait)
-  130  interrupted (Ctrl-C); a job already submitted goes on
-"""
-
-REQUEST_MODELS: dict[str, type[BaseModel]] = {
-    "train": TrainingRequest,
-    "convert": ConversionRequest,
-    "infer": InferenceRequest,
-}
-OP_WORDS = {"train": "training", "convert": "conversion", "infer": "inference"}
-DEMO_PREFIX = "datasets/shapes-demo/"
-
-class CommandError(Exception):
-    """Ends a command with ``code`` after printing ``message`` on stderr."""
-
-    def __init__(self, code: ExitCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def err(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
+from ai_service.messages import Cancel
 
 # --- the parser ----------------------------------------------------------------------
 
@@ -137,28 +85,8 @@ def add_commands(sub: Any) -> None:
                    help="print a JSON list: each worker's last heartbeat with status, last_seen and age_seconds")
     p.set_defaults(func=cmd_workers)
 
-    p = sub.add_parser(
-        "demo", help="generate the shapes dataset into storage, train on it and follow the job",
-        formatter_class=fmt,
-        description=f"Generate the synthetic circles-and-squares dataset into storage under\n"
-        f"{DEMO_PREFIX} (local or s3 backend, by the settings), submit a short training job\n"
-        "and follow it like `submit --follow`. A training worker must be running:\n"
-        "`make run` or `make run-train-worker` in another shell.",
-        epilog=EXIT_CODES_HELP,
-    )
-    p.add_argument("--epochs", type=int, default=10, help="epochs to train (default 10)")
-    p.add_argument("--imgsz", type=int, default=128, help="image size (default 128)")
-    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    p.add_argument("--model", default="yolov8n", help="model architecture (default yolov8n)")
-    p.add_argument("--images", type=int, default=64, help="training images to generate (default 64)")
-    p.add_argument("--job-id", help="job id (default: generated)")
-    p.add_argument("--timeout", type=float, help="give up following after this many seconds (exit 4)")
-    p.add_argument("--no-wait", action="store_true",
-                   help="do not submit when no worker consumes the train request queue (exit 8)")
-    p.add_argument("--http", metavar="URL",
-                   help="submit to a training worker's HTTP API (HTTP-only set-ups, ENABLE_RABBITMQ=false) and "
-                        "follow /v1/jobs/<id>/events; HTTP_TOKEN from the environment")
-    p.set_defaults(func=cmd_demo)
+    demo.add_parser(sub, fmt)
+
 
     p = sub.add_parser(
         "asyncapi", help="print the AsyncAPI 3.0 document of the message contract", formatter_class=fmt,
@@ -368,178 +296,7 @@ def run_command(args: argparse.Namespace) -> int:
         return int(ExitCode.OK)
 
 
-def _connect(settings: Settings, purpose: str) -> Any:
-    from ai_service.broker import describe_endpoint
-    from ai_service.client import BrokerClient
-
-    try:
-        return BrokerClient(settings, purpose=purpose)
-    except AuthenticationFailed:
-        raise
-    except BrokerError as exc:
-        raise CommandError(
-            ExitCode.BROKER,
-            f"cannot reach RabbitMQ at {describe_endpoint(settings)}: {exc.message}\n"
-            "Is it running? `make rabbitmq` starts a local one; RABBITMQ_HOST/RABBITMQ_PORT say where.",
-        ) from None
-
-
-def _job_id(value: str) -> str:
-    if not JOB_ID_RE.fullmatch(value):
-        raise CommandError(ExitCode.USAGE, f"job id {value!r} is invalid: 1-64 characters of A-Z a-z 0-9 _ -")
-    return value
-
-
 # --- submit ----------------------------------------------------------------------------
-
-
-def _kv(items: list[str] | None, flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise CommandError(ExitCode.USAGE, f"{flag} takes KEY=VALUE, not {item!r}")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
-
-
-def _load_request_file(name: str) -> dict[str, Any]:
-    try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CommandError(ExitCode.USAGE, f"cannot read {name}: {exc}") from None
-    try:
-        payload = json.loads(text)
-    except ValueError as exc:
-        raise CommandError(ExitCode.USAGE, f"{'stdin' if name == '-' else name} is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise CommandError(ExitCode.USAGE, "the request must be a JSON object")
-    return payload
-
-
-#: Flags that build a request from scratch (not allowed together with --file).
-_REQUEST_FLAGS = {
-    "train": ("dataset", "dataset_name", "model", "epochs", "batch", "imgsz", "output_prefix", "model_name", "param"),
-    "convert": ("model_path", "formats", "output_prefix", "imgsz", "half", "int8", "dynamic", "opset", "option"),
-    "infer": ("model_path", "images", "conf", "iou", "imgsz", "max_det", "classes"),
-}
-
-
-def build_request(args: argparse.Namespace) -> dict[str, Any]:
-    """The request payload from --file or the flags (not validated yet)."""
-    op = args.op
-    given = [f for f in _REQUEST_FLAGS[op] if getattr(args, f, None) is not None]
-    if args.file:
-        if given:
-            flags = ", ".join("--" + f.replace("_", "-") for f in given)
-            raise CommandError(ExitCode.USAGE, f"--file cannot be combined with {flags} (edit the file instead)")
-        payload = _load_request_file(args.file)
-        if args.job_id:
-            payload["job_id"] = args.job_id
-        elif "job_id" not in payload:
-            payload["job_id"] = _new_job_id(op)
-        return payload
-    job_id = args.job_id or _new_job_id(op)
-    builders = {"train": _train_payload, "convert": _convert_payload, "infer": _infer_payload}
-    return builders[op](args, job_id)
-
-
-def _new_job_id(op: str) -> str:
-    return f"{op}-{uuid.uuid4().hex[:12]}"
-
-
-def _train_payload(args: argparse.Namespace, job_id: str) -> dict[str, Any]:
-    if not args.dataset:
-        raise CommandError(ExitCode.USAGE, "submit train needs --dataset PREFIX (or --file)")
-    name = args.dataset_name or args.dataset.rstrip("/").rsplit("/", 1)[-1] or "dataset"
-    model = args.model or "yolov8n"
-    hyperparams: dict[str, Any] = {
-        "model": model,
-        "epochs": 100 if args.epochs is None else args.epochs,
-        "batch": 16 if args.batch is None else args.batch,
-        "imgsz": 640 if args.imgsz is None else args.imgsz,
-    }
-    hyperparams.update(_kv(args.param, "--param"))
-    return {
-        "job_id": job_id,
-        "dataset": {"s3_prefix": args.dataset, "name": name},
-        "output": {
-            "prefix": args.output_prefix or f"models/{model}",
-            "model_name": args.model_name or f"{name}-{job_id}.pt",
-        },
-        "hyperparams": hyperparams,
-    }
-
-
-def _convert_payload(args: argparse.Namespace, job_id: str) -> dict[str, Any]:
-    if not args.model_path:
-        raise CommandError(ExitCode.USAGE, "submit convert needs --model-path KEY (or --file)")
-    formats = [f.strip() for f in (args.formats or "onnx").split(",") if f.strip()]
-    folder = args.model_path.rsplit("/", 1)[0] if "/" in args.model_path else ""
-    options: dict[str, Any] = {}
-    for name in ("imgsz", "half", "int8", "dynamic", "opset"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    options.update(_kv(args.option, "--option"))
-    payload: dict[str, Any] = {
-        "job_id": job_id,
-        "model": {"path": args.model_path},
-        "formats": formats,
-        "output": {"prefix": args.output_prefix or (f"{folder}/exports" if folder else "exports")},
-    }
-    if options:
-        payload["options"] = options
-    return payload
-
-
-def _infer_payload(args: argparse.Namespace, job_id: str) -> dict[str, Any]:
-    if not args.model_path:
-        raise CommandError(ExitCode.USAGE, "submit infer needs --model-path KEY (or --file)")
-    if not args.images:
-        raise CommandError(ExitCode.USAGE, "submit infer needs at least one --image KEY or --image-file PATH")
-    images: list[dict[str, str]] = []
-    for kind, value in args.images:
-        if kind == "path":
-            images.append({"path": value})
-            continue
-        try:
-            images.append({"data": base64.b64encode(Path(value).read_bytes()).decode("ascii")})
-        except OSError as exc:
-            raise CommandError(ExitCode.USAGE, f"cannot read image file {value}: {exc.strerror or exc}") from None
-    params: dict[str, Any] = {}
-    for name in ("conf", "iou", "imgsz", "max_det"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
-    if args.classes is not None:
-        try:
-            params["classes"] = [int(c) for c in args.classes.split(",") if c.strip()]
-        except ValueError:
-            raise CommandError(
-                ExitCode.USAGE, f"--classes takes comma-separated integers, not {args.classes!r}"
-            ) from None
-    payload: dict[str, Any] = {"job_id": job_id, "model": {"path": args.model_path}, "images": images}
-    if params:
-        payload["params"] = params
-    return payload
-
-
-def validate_request(op: str, payload: dict[str, Any], settings: Settings) -> bytes:
-    """Validate with the contract's model; the body to publish (exit 2 when invalid)."""
-    try:
-        REQUEST_MODELS[op].model_validate(payload)
-    except ValidationError as exc:
-        problem = describe_validation_error(exc)
-        raise CommandError(ExitCode.USAGE, f"invalid {OP_WORDS[op]} request: {problem}") from None
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(body) > settings.max_message_bytes:
-        raise CommandError(
-            ExitCode.USAGE,
-            f"the request is {len(body)} bytes, over the {settings.max_message_bytes}-byte limit (MAX_MESSAGE_BYTES)",
-        )
-    return body
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> ExitCode:
@@ -550,12 +307,12 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> ExitCode:
     if args.http:
         return submit_http(args.http, op, body, job_id, settings, follow_it=args.follow, timeout=args.timeout)
     rpc = op == "infer" and not args.follow
-    with _connect(settings, f"submit {op}") as client:
-        _declare(client, op)
+    with connect(settings, f"submit {op}") as client:
+        declare(client, op)
         if args.follow or rpc:
-            _warn_if_no_worker(client, settings, op)
+            warn_if_no_worker(client, settings, op)
         if rpc:
-            return _rpc(client, op, body, job_id, args.timeout)
+            return request_reply(client, op, body, job_id, args.timeout)
         queue = client.watch(op, job_id) if args.follow else None
         client.submit(op, body, job_id)
         if queue is None:
@@ -565,92 +322,22 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> ExitCode:
         return follow(client, queue, job_id, args.timeout)
 
 
-def _declare(client: Any, op: str) -> None:
-    problem = client.declare((op,))
-    if problem:
-        err(f"ai-service: note: could not declare the queues ({problem}); using them as they are")
-
-
-def _warn_if_no_worker(client: Any, settings: Settings, op: str) -> int | None:
-    from ai_service.broker import queue_names
-
-    queue = queue_names(settings, op).request
-    consumers = client.consumer_count(queue)
-    if not consumers:
-        err(f"ai-service: no worker is consuming {queue!r} yet: the job waits there until one starts "
-            f"(start one with `make run` or `make run-{op}-worker`)")
-    return consumers
-
-
-def _outcome(message_type: str) -> ExitCode:
-    if message_type.endswith("_completed"):
-        return ExitCode.OK
-    if message_type.endswith("_cancelled"):
-        return ExitCode.CANCELLED
-    return ExitCode.FAILED
-
-
-def follow(client: Any, queue: str, job_id: str, timeout: float | None,
-           correlation_id: str | None = None) -> ExitCode:
-    """Show the job's progress until its terminal message; print that (JSON) on stdout."""
-    from ai_service.progress import ProgressView
-
-    view = ProgressView(sys.stderr, live=sys.stderr.isatty())
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        for event in client.events(queue):
-            if event is not None:
-                if correlation_id is not None and event.properties.correlation_id != correlation_id:
-                    continue
-                view.show(event.body)
-                if event.terminal:
-                    view.close()
-                    print(json.dumps(event.body, indent=2, ensure_ascii=False), flush=True)
-                    return _outcome(event.type)
-            else:
-                view.tick()
-            if deadline is not None and time.monotonic() >= deadline:
-                view.close()
-                raise CommandError(
-                    ExitCode.TIMEOUT,
-                    f"job {job_id} did not end within {timeout:g} s; it goes on (see `ai-service status {job_id}`, "
-                    f"or `ai-service cancel {job_id}`)",
-                )
-    except KeyboardInterrupt:
-        view.close()
-        raise CommandError(ExitCode.INTERRUPTED,
-                           f"interrupted; job {job_id} goes on (`ai-service cancel {job_id}` stops it)") from None
-    except BrokerError as exc:
-        view.close()
-        raise CommandError(ExitCode.BROKER, f"lost the connection to RabbitMQ while following {job_id} "
-                           f"({exc.message}); the job goes on") from None
-    raise CommandError(ExitCode.BROKER, "the broker ended the subscription")  # pragma: no cover
-
-
-def _rpc(client: Any, op: str, body: bytes, job_id: str, timeout: float | None) -> ExitCode:
-    reply_to = client.reply_queue()
-    correlation_id = uuid.uuid4().hex
-    client.submit(op, body, job_id, reply_to=reply_to, correlation_id=correlation_id)
-    err(f"submitted {OP_WORDS[op]} job {job_id}; waiting for the result")
-    return follow(client, reply_to, job_id, timeout, correlation_id=correlation_id)
-
-
 # --- cancel ----------------------------------------------------------------------------
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> ExitCode:
-    job_id = _job_id(args.job_id)
+    job_id = check_job_id(args.job_id)
     Cancel(type="cancel", job_id=job_id)  # the contract's shape, checked
     if args.record:
         from ai_service.jobs import Ledger
 
-        storage = _storage(settings)
+        storage = open_storage(settings)
         try:
             Ledger(storage, op="", worker="ai-service-cli", lease_seconds=settings.lease_seconds,
                    prefix=settings.jobs_prefix).request_cancel(job_id)
         except StorageError as exc:
             raise CommandError(ExitCode.STORAGE, f"cannot write the cancel marker: {exc.message}") from None
-    with _connect(settings, "cancel") as client:
+    with connect(settings, "cancel") as client:
         delivered = client.cancel(job_id)
     if delivered:
         err(f"cancel requested for job {job_id}")
@@ -664,26 +351,12 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> ExitCode:
 # --- status ----------------------------------------------------------------------------
 
 
-def _storage(settings: Settings) -> Any:
-    from ai_service.storage import open_storage
-
-    try:
-        return open_storage(settings)
-    except ConfigError as exc:
-        raise CommandError(ExitCode.USAGE, f"configuration error: {exc}") from None
-    except StorageError as exc:
-        raise CommandError(ExitCode.STORAGE, exc.message) from None
-
-
-def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
-
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> ExitCode:
     from ai_service.jobs import JobRecord, cancel_key, legacy_record_key, record_key
 
-    job_id = _job_id(args.job_id)
-    storage = _storage(settings)
+    job_id = check_job_id(args.job_id)
+    storage = open_storage(settings)
     prefix = settings.jobs_prefix
     ops = [args.op] if getattr(args, "op", None) else ["train", "convert"]
     keys = [record_key(op, job_id, prefix) for op in ops] + [legacy_record_key(job_id, prefix)]
@@ -710,8 +383,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> ExitCode:
         raise CommandError(ExitCode.STORAGE, f"the job record of {job_id} is unreadable ({exc})") from None
     data = asdict(record)
     data["cancel_requested"] = cancel_requested
-    data["lease_expires_at"] = _iso(record.lease_expires)
-    data["updated_at"] = _iso(record.updated)
+    data["lease_expires_at"] = iso(record.lease_expires)
+    data["updated_at"] = iso(record.updated)
     data["terminal_type"] = (record.terminal or {}).get("type")
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
@@ -760,7 +433,7 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> ExitCode:
     from ai_service.client import QueueNotFound, request_queue
 
     queue = request_queue(settings, args.queue)
-    with _connect(settings, "dlq list") as client:
+    with connect(settings, "dlq list") as client:
         try:
             count, letters = client.peek_dead_letters(queue, max(0, args.limit))
         except QueueNotFound as exc:
@@ -788,8 +461,8 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> ExitCode:
 
     queue = request_queue(settings, args.queue)
     if args.job_id:
-        _job_id(args.job_id)
-    with _connect(settings, "dlq replay") as client:
+        check_job_id(args.job_id)
+    with connect(settings, "dlq replay") as client:
         try:
             replayed, left = client.replay_dead_letters(
                 queue, lambda letter: bool(args.all) or letter.job_id == args.job_id, max(0, args.limit)
@@ -820,7 +493,7 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> ExitCode:
         raise CommandError(ExitCode.USAGE, "--wait must be more than 0 seconds")
     exchange = settings.events_exchange
     heard: dict[str, tuple[float, dict[str, Any]]] = {}  # routing name -> (received at, last beat)
-    with _connect(settings, "workers") as client:
+    with connect(settings, "workers") as client:
         try:
             client.channel.exchange_declare(exchange, "topic", passive=True)
             queue = str(client.channel.queue_declare("", exclusive=True, auto_delete=True).method.queue)
@@ -846,7 +519,7 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> ExitCode:
         every = float(beat.get("interval_seconds") or interval)
         state = str(beat.get("state", "?"))
         status = state if state == "stopped" or now - seen_at <= EXPIRY_INTERVALS * every else "lost"
-        rows.append({**beat, "status": status, "last_seen": _iso(seen_at), "age_seconds": round(now - seen_at, 1)})
+        rows.append({**beat, "status": status, "last_seen": iso(seen_at), "age_seconds": round(now - seen_at, 1)})
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     elif rows:
@@ -881,129 +554,13 @@ def format_workers(rows: list[dict[str, Any]]) -> str:
 # --- demo ------------------------------------------------------------------------------
 
 
-def cmd_demo(args: argparse.Namespace, settings: Settings) -> ExitCode:
-    from ai_service.broker import queue_names
-    from ai_service.shapes import generate_shapes_dataset
-
-    job_id = _job_id(args.job_id) if args.job_id else _new_job_id("demo")
-    payload = {
-        "job_id": job_id,
-        "dataset": {"s3_prefix": DEMO_PREFIX, "name": "shapes-demo"},
-        "output": {"prefix": "models/demo", "model_name": f"shapes-{job_id}.pt"},
-        "hyperparams": {"model": args.model, "epochs": args.epochs, "batch": args.batch, "imgsz": args.imgsz},
-    }
-    body = validate_request("train", payload, settings)
-    if args.images < 1:
-        raise CommandError(ExitCode.USAGE, "--images must be at least 1")
-    storage = _storage(settings)
-    if args.http:
-        _upload_demo(storage, args.images)
-        err(f"training job {job_id} ({args.model}, {args.epochs} epochs, imgsz {args.imgsz}) over {args.http}")
-        return submit_http(args.http, "train", body, job_id, settings, follow_it=True, timeout=args.timeout)
-    with _connect(settings, "demo") as client:
-        _declare(client, "train")
-        queue = queue_names(settings, "train").request
-        if not client.consumer_count(queue):
-            err(f"ai-service: no training worker is consuming {queue!r}: start one with `make run` or "
-                "`make run-train-worker` in another shell")
-            if args.no_wait:
-                return ExitCode.NO_WORKER
-            err("ai-service: submitting anyway; the job starts when a worker does")
-        with tempfile.TemporaryDirectory(prefix="ai-service-demo-") as tmp:
-            generate_shapes_dataset(Path(tmp), n_train=args.images, n_val=max(8, args.images // 4), size=128, seed=0)
-            try:
-                infos = storage.upload_dir(Path(tmp), DEMO_PREFIX)
-            except StorageError as exc:
-                raise CommandError(ExitCode.STORAGE, f"uploading the demo dataset failed: {exc.message}") from None
-        err(f"uploaded the shapes dataset ({len(infos)} files) to {storage.describe()} {DEMO_PREFIX}")
-        watch = client.watch("train", job_id)
-        client.submit("train", body, job_id)
-        err(f"submitted training job {job_id} ({args.model}, {args.epochs} epochs, imgsz {args.imgsz})")
-        return follow(client, watch, job_id, args.timeout)
-
-
 # --- openapi ---------------------------------------------------------------------------
 
 
 def cmd_openapi(args: argparse.Namespace) -> ExitCode:
     from ai_service.http.openapi import render
 
-    return _write_document(render(), args, "openapi")
-
-
-def _upload_demo(storage: Any, images: int) -> None:
-    from ai_service.shapes import generate_shapes_dataset
-
-    with tempfile.TemporaryDirectory(prefix="ai-service-demo-") as tmp:
-        generate_shapes_dataset(Path(tmp), n_train=images, n_val=max(8, images // 4), size=128, seed=0)
-        try:
-            infos = storage.upload_dir(Path(tmp), DEMO_PREFIX)
-        except StorageError as exc:
-            raise CommandError(ExitCode.STORAGE, f"uploading the demo dataset failed: {exc.message}") from None
-    err(f"uploaded the shapes dataset ({len(infos)} files) to {storage.describe()} {DEMO_PREFIX}")
-
-
-# --- over HTTP (README "HTTP-only mode") -----------------------------------------------
-
-
-def submit_http(base: str, op: str, body: bytes, job_id: str, settings: Settings, *, follow_it: bool,
-                timeout: float | None) -> ExitCode:
-    """POST the request to a worker's ``/v1/<op>``; with ``follow_it`` follow its events stream."""
-    from ai_service.http.follow import HttpFailure, post
-
-    try:
-        answer = post(base, f"/v1/{op}", body, settings.http_token, timeout=timeout or 300.0)
-    except HttpFailure as exc:
-        raise CommandError(ExitCode.BROKER, exc.message) from None
-    if op == "infer" and isinstance(answer.body, dict) and "type" in answer.body:
-        print(json.dumps(answer.body, indent=2, ensure_ascii=False), flush=True)
-        return _outcome(str(answer.body["type"]))
-    if answer.status in (400, 413) and isinstance(answer.body, dict) and answer.body.get("type"):
-        print(json.dumps(answer.body, indent=2, ensure_ascii=False), flush=True)
-        raise CommandError(ExitCode.USAGE, f"invalid {OP_WORDS[op]} request: {answer.body.get('error_message')}")
-    if answer.status != 202:
-        detail = answer.body.get("detail") if isinstance(answer.body, dict) else answer.body
-        retry = answer.headers.get("Retry-After")
-        hint = f" (retry after {retry} s)" if retry else ""
-        code = {401: ExitCode.USAGE, 409: ExitCode.USAGE, 429: ExitCode.NO_WORKER}.get(answer.status,
-                                                                                    ExitCode.BROKER)
-        raise CommandError(code, f"{base} answered HTTP {answer.status}: {detail}{hint}")
-    if not follow_it:
-        print(job_id, flush=True)
-        return ExitCode.OK
-    err(f"submitted {OP_WORDS[op]} job {job_id} to {base}")
-    return follow_http(base, job_id, settings.http_token, timeout)
-
-
-def follow_http(base: str, job_id: str, token: str, timeout: float | None) -> ExitCode:
-    """As :func:`follow`, from ``/v1/jobs/<job_id>/events`` (reopened after a drop)."""
-    from ai_service.http.follow import HttpFailure, events
-    from ai_service.progress import ProgressView
-
-    view = ProgressView(sys.stderr, live=sys.stderr.isatty())
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        for message in events(base, job_id, token, deadline=deadline):
-            if message is not None:
-                view.show(message)
-                if str(message.get("type", "")) in TERMINAL_TYPES:
-                    view.close()
-                    print(json.dumps(message, indent=2, ensure_ascii=False), flush=True)
-                    return _outcome(str(message["type"]))
-            else:
-                view.tick()
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-    except KeyboardInterrupt:
-        view.close()
-        raise CommandError(ExitCode.INTERRUPTED, f"interrupted; job {job_id} goes on "
-                           f"(POST {base}/v1/jobs/{job_id}/cancel stops it)") from None
-    except HttpFailure as exc:
-        view.close()
-        raise CommandError(ExitCode.NOT_FOUND if exc.status == 404 else ExitCode.BROKER, exc.message) from None
-    view.close()
-    raise CommandError(ExitCode.TIMEOUT, f"job {job_id} did not end within {timeout or 0:g} s; it goes on "
-                       f"(GET {base}/v1/jobs/{job_id})")
+    return write_document(render(), args, "openapi")
 
 
 # --- asyncapi --------------------------------------------------------------------------
@@ -1018,10 +575,10 @@ def cmd_asyncapi(args: argparse.Namespace) -> ExitCode:
             settings = Settings.from_env()
         except ConfigError as exc:
             raise CommandError(ExitCode.USAGE, f"configuration error: {exc}") from None
-    return _write_document(render(settings), args, "asyncapi")
+    return write_document(render(settings), args, "asyncapi")
 
 
-def _write_document(text: str, args: argparse.Namespace, command: str) -> ExitCode:
+def write_document(text: str, args: argparse.Namespace, command: str) -> ExitCode:
     """Print ``text``, write it to ``--output``, or compare it with ``--check``."""
     if args.check is not None:
         try:

@@ -3,7 +3,7 @@
 ``worker train|convert|infer`` runs a worker; the operation's module is imported by name
 (``workers.<module>``), so this package never imports the workers statically and the
 BE-side subcommands (``submit``, ``cancel``, ``status``, ``dlq``, ``demo``,
-``asyncapi``, in :mod:`ai_service.commands`) start without torch or Ultralytics.
+``asyncapi``, in :mod:`ai_service.cli.commands`) start without torch or Ultralytics.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ai_service.commands import EXIT_CODES_HELP, add_commands, run_command
+from ai_service.cli.commands import EXIT_CODES_HELP, add_commands, run_command
 from ai_service.config import ConfigError, Settings
 
 #: operation name -> module under ``workers`` that defines ``operation()``.
@@ -81,7 +81,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker":
         return cmd_worker(args)
     return run_command(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
