@@ -1,0 +1,244 @@
+"""The storage interface both backends implement, and the transfer helpers they share.
+
+Every public method validates its keys before touching the disk or the network, and
+nothing downloaded is ever written outside the directory it was asked for: the
+checks live here, once, and the backends only implement the I/O hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from ai_service.errors import ObjectNotFound, StorageError, UnsafeKey
+from ai_service.storage.keys import folder as as_folder
+from ai_service.storage.keys import object_key, show
+
+log = logging.getLogger("ai_service.storage")
+
+#: Objects transferred at once by the prefix operations.
+TRANSFER_WORKERS = 8
+MiB = 1024 * 1024
+#: Files at least this big are uploaded/downloaded in parts by boto3's transfer manager.
+MULTIPART_THRESHOLD = 8 * MiB
+MULTIPART_CHUNKSIZE = 8 * MiB
+#: Marks our own temporary files so that listings skip half-written objects.
+TMP_MARK = ".ais-tmp-"
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its key, size in bytes and a version token (ETag or local)."""
+
+    key: str
+    size: int
+    etag: str
+
+
+ObjectInfos = list[ObjectInfo]
+Paths = list[Path]
+#: A listed object and the local file it is to be downloaded to.
+Download = tuple[ObjectInfo, Path]
+
+
+# --- transfer helpers ----------------------------------------------------------------
+
+
+def parallel(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> list[_R]:
+    """``[fn(x) for x in items]`` on up to ``workers`` threads; the first error wins."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(
+        max_workers=min(workers, len(items)), thread_name_prefix="storage"
+    ) as pool:
+        futures: list[Future[_R]] = [pool.submit(fn, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success it replaces ``dest`` atomically.
+
+    Readers (and a crashed writer's next run) therefore see either the old file or the
+    complete new one, never a half-written file.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name[:100]}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def is_tmp_name(name: str) -> bool:
+    """Whether ``name`` is one of :func:`atomic_file`'s half-written temporary files."""
+    return name.startswith(".") and TMP_MARK in name
+
+
+def _source_file(src: Path) -> Path:
+    """``src`` as a Path, if it is a readable regular file to upload."""
+    path = Path(src)
+    if not path.is_file():
+        raise StorageError(f"cannot upload {path}: not a file")
+    return path
+
+
+def _relative_keys(prefix: str, objects: Sequence[ObjectInfo]) -> dict[str, ObjectInfo]:
+    """Listed objects by their safe key relative to ``prefix``; the others are logged."""
+    rels: dict[str, ObjectInfo] = {}
+    for info in objects:
+        if not info.key.startswith(prefix):
+            log.warning("skipping listed object %s: not under prefix %r", show(info.key), prefix)
+            continue
+        rel = info.key[len(prefix):]
+        try:
+            object_key(rel)
+        except UnsafeKey as exc:
+            log.warning("skipping listed object %s: %s", show(info.key), exc.message)
+            continue
+        rels[rel] = info
+    return rels
+
+
+def plan_downloads(prefix: str, objects: Sequence[ObjectInfo], dest_dir: Path) -> list[Download]:
+    """Map listed objects under ``prefix`` to files under ``dest_dir``.
+
+    Anything that would land outside ``dest_dir`` (a ``..`` key from a hostile or buggy
+    listing, a symlink planted inside ``dest_dir``) is skipped with a warning, as is an
+    object whose key is also used as a folder by another object (a file cannot be both).
+    """
+    root = dest_dir.resolve()
+    rels = _relative_keys(prefix, objects)
+    folders = {"/".join(rel.split("/")[:i]) for rel in rels for i in range(1, rel.count("/") + 1)}
+    plan: list[Download] = []
+    for rel, info in sorted(rels.items()):
+        if rel in folders:
+            log.warning("skipping object %s: other objects use it as a folder", show(info.key))
+            continue
+        target = (root / rel).resolve()
+        if target == root or not target.is_relative_to(root):
+            log.warning("skipping object %s: it would be written outside %s", show(info.key), root)
+            continue
+        plan.append((info, target))
+    return plan
+
+
+# --- the interface ---------------------------------------------------------------------
+
+
+class Storage(ABC):
+    """Where keys live.  Both backends have exactly the same semantics.
+
+    Prefixes are folders: ``list("a/b")`` and ``list("a/b/")`` both return the objects
+    under ``a/b/`` and never ``a/bc``.  Deleting a missing object is not an error.
+    """
+
+    workers: int = TRANSFER_WORKERS
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where this storage is, for logs and cache names (no secrets)."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size and version of ``key``, or None when there is no such object."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> ObjectInfos:
+        """Every object under the folder ``prefix`` (``""``: all), sorted by key."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """The whole content of ``key`` (for small objects: manifests, images)."""
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Create or replace ``key`` with ``data``, atomically."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is fine."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under the folder ``prefix`` (which must not be empty)."""
+
+    @abstractmethod
+    def _fetch(self, key: str, dest: Path, *, bulk: bool) -> None:
+        """Download the already validated ``key`` to ``dest`` atomically.
+
+        ``bulk``: one of many parallel transfers, so do not add threads of its own.
+        """
+
+    @abstractmethod
+    def _store(self, src: Path, key: str, *, bulk: bool) -> ObjectInfo:
+        """Upload the file ``src`` to the already validated ``key``."""
+
+    def fetch_file(self, key: str, dest: Path, *, bulk: bool = False) -> None:
+        """Download ``key`` to the file ``dest`` (replaced atomically), without a stat.
+
+        For callers that have just listed ``key`` (the dataset cache) and so already know
+        its size and version.  ``bulk``: the caller runs many transfers in parallel, so
+        the backend adds no threads of its own.  A missing object is ObjectNotFound.
+        """
+        self._fetch(object_key(key), Path(dest), bulk=bulk)
+
+    def download_file(self, key: str, dest: Path) -> ObjectInfo:
+        """Download ``key`` to the file ``dest`` (replaced atomically); return its info."""
+        object_key(key)
+        info = self.stat(key)
+        if info is None:
+            raise ObjectNotFound(f"no object {show(key)} in {self.describe()}")
+        self._fetch(key, Path(dest), bulk=False)
+        return info
+
+    def upload_file(self, src: Path, key: str) -> ObjectInfo:
+        """Store the local file ``src`` as ``key`` (multipart when large)."""
+        object_key(key)
+        return self._store(_source_file(src), key, bulk=False)
+
+    def upload_dir(self, src_dir: Path, prefix: str) -> ObjectInfos:
+        """Upload every file below ``src_dir`` to ``<prefix>/<relative path>``.
+
+        All keys are derived and validated before the first upload, so an unsafe file
+        name fails the whole call instead of leaving half a folder behind.
+        """
+        folder = as_folder(prefix, allow_empty=False)
+        src_dir = Path(src_dir)
+        if not src_dir.is_dir():
+            raise StorageError(f"cannot upload {src_dir}: not a directory")
+        pairs: list[tuple[Path, str]] = []
+        for path in sorted(p for p in src_dir.rglob("*") if p.is_file()):
+            key = folder + path.relative_to(src_dir).as_posix()
+            pairs.append((path, object_key(key)))
+        return parallel(lambda pair: self._store(pair[0], pair[1], bulk=True), pairs, self.workers)
+
+    def download_prefix(self, prefix: str, dest_dir: Path) -> Paths:
+        """Download every object under ``prefix`` into ``dest_dir``, keeping the layout.
+
+        Returns the local paths written.  An empty or missing prefix is ObjectNotFound.
+        """
+        folder = as_folder(prefix, allow_empty=True)
+        plan = plan_downloads(folder, self.list(folder), Path(dest_dir))
+        if not plan:
+            raise ObjectNotFound(f"no objects under prefix {show(prefix)} in {self.describe()}")
+        parallel(lambda item: self.fetch_file(item[0].key, item[1], bulk=True), plan, self.workers)
+        return [dest for _, dest in plan]

@@ -1,0 +1,313 @@
+"""The S3 backend (``STORAGE_BACKEND=s3``): keys are objects in one bucket.
+
+The endpoint and credentials come only from boto3's standard sources
+(``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, profiles,
+instance roles).  botocore itself switches to path-style addressing whenever an endpoint
+URL is configured (unless a profile asks for ``addressing_style = virtual``), which is
+what MinIO/SeaweedFS-style servers need, so nothing here overrides it.
+
+botocore exceptions never leak out: a missing object or bucket is
+:class:`ObjectNotFound`, anything else is the retryable :class:`StorageError`, and the
+messages carry no secrets.  boto3 is imported on first use only, so importing the
+storage package stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
+
+from ai_service.config import ConfigError
+from ai_service.errors import ObjectNotFound, StorageError, UnsafeKey
+from ai_service.storage.base import (
+    MULTIPART_CHUNKSIZE,
+    MULTIPART_THRESHOLD,
+    TRANSFER_WORKERS,
+    ObjectInfo,
+    ObjectInfos,
+    Storage,
+    atomic_file,
+)
+from ai_service.storage.keys import folder as as_folder
+from ai_service.storage.keys import object_key, show
+
+if TYPE_CHECKING:
+    from boto3.s3.transfer import TransferConfig
+    from botocore.config import _RetryDict
+    from mypy_boto3_s3.client import S3Client
+
+log = logging.getLogger("ai_service.storage")
+
+#: DeleteObjects takes at most this many keys per call.
+_DELETE_BATCH = 1000
+
+
+# --- the client ------------------------------------------------------------------------
+
+
+def make_s3_client(
+    *,
+    connect_timeout: float = 10.0,
+    read_timeout: float = 60.0,
+    max_attempts: int | None = None,
+    max_pool_connections: int = 4 * TRANSFER_WORKERS,
+) -> S3Client:
+    """Build an S3 client from boto3's standard configuration sources only.
+
+    Endpoint, credentials and region come from the environment / shared config / instance
+    role exactly as the AWS CLI would read them; the region defaults to us-east-1 (what
+    S3-compatible servers expect).  Retries use botocore's "standard" mode unless the
+    environment or profile chose a mode; ``max_attempts`` (total tries) overrides
+    ``AWS_MAX_ATTEMPTS`` -- tests use 1 to fail fast.
+    """
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        core = botocore.session.get_session()
+        session = boto3.session.Session(botocore_session=core)
+        region = session.region_name or "us-east-1"
+        retries: dict[str, Any] = {
+            "mode": core.get_config_variable("retry_mode") or "standard"
+        }
+        if max_attempts is not None:
+            retries["total_max_attempts"] = max_attempts
+        config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries=cast("_RetryDict", retries),
+            max_pool_connections=max_pool_connections,
+        )
+        return session.client("s3", region_name=region, config=config)
+    except BotoCoreError as exc:  # bad profile, unknown retry mode, ...
+        raise StorageError(f"cannot configure the S3 client: {exc}") from None
+
+
+def _endpoint_label(client: Any) -> str | None:
+    """``scheme://host[:port]`` of a non-AWS endpoint (credentials in the URL dropped)."""
+    url = getattr(getattr(client, "meta", None), "endpoint_url", None)
+    if not isinstance(url, str):
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws")):
+        return None
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def _transfer_config(*, use_threads: bool) -> TransferConfig:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_CHUNKSIZE,
+        max_concurrency=TRANSFER_WORKERS,
+        use_threads=use_threads,
+    )
+
+
+# --- error mapping ---------------------------------------------------------------------
+
+
+def _explain(exc: BaseException) -> str:
+    """A short, secret-free reason for a botocore/boto3 failure."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code") or "?"
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        return f"{code} (HTTP {status})"
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+        return "cannot connect to the S3 endpoint"
+    if isinstance(exc, ReadTimeoutError):
+        return "the S3 endpoint did not answer in time"
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return (
+            "no usable S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or use an instance role)"
+        )
+    return type(exc).__name__
+
+
+def _client_error(exc: BaseException) -> BaseException:
+    """The ClientError behind a boto3 transfer error, if there is one."""
+    from botocore.exceptions import ClientError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ClientError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def _etag(raw: object) -> str:
+    return str(raw or "").strip('"')
+
+
+# --- the backend -----------------------------------------------------------------------
+
+
+class S3Storage(Storage):
+    """Keys are objects in one bucket of S3 or an S3-compatible server.
+
+    The client is shared by all threads (boto3 clients are thread-safe; sessions are
+    not).  Pass ``client`` to control timeouts/retries (see :func:`make_s3_client`).
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        client: S3Client | None = None,
+        *,
+        workers: int = TRANSFER_WORKERS,
+    ) -> None:
+        if not bucket or "/" in bucket:
+            raise ConfigError(f"S3_BUCKET must be a bucket name, not {bucket!r}")
+        self.bucket = bucket
+        self.workers = workers
+        self._client = client if client is not None else make_s3_client()
+        self._transfer = _transfer_config(use_threads=True)
+        # Prefix transfers already run ``workers`` objects at once; nesting a thread pool
+        # per object would multiply threads and connections.
+        self._bulk_transfer = _transfer_config(use_threads=False)
+
+    def describe(self) -> str:
+        endpoint = _endpoint_label(self._client)
+        where = f"s3://{self.bucket}"
+        return f"{where} at {endpoint}" if endpoint else where
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.describe()!r})"
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, key: str) -> Iterator[None]:
+        """Translate botocore/boto3 failures; ``from None`` keeps their details out."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (ClientError, BotoCoreError, Boto3Error) as raw:
+            exc = _client_error(raw)
+            if isinstance(exc, ClientError):
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code == "NoSuchBucket":
+                    raise ObjectNotFound(
+                        f"bucket {self.bucket!r} does not exist ({self.describe()})"
+                    ) from None
+                if code in ("404", "NoSuchKey", "NotFound") or status == 404:
+                    raise ObjectNotFound(f"no object {show(key)} in {self.describe()}") from None
+            raise StorageError(
+                f"S3 {action} of {show(key)} in {self.describe()} failed: {_explain(exc)}"
+            ) from None
+        except OSError as exc:  # the local side of a transfer
+            raise StorageError(
+                f"S3 {action} of {show(key)}: local file error: {exc.strerror or exc}"
+            ) from None
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        object_key(key)
+        try:
+            with self._errors("stat", key):
+                head = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(key, int(head.get("ContentLength", 0)), _etag(head.get("ETag")))
+
+    def _iter_raw(self, folder: str) -> Iterator[dict[str, Any]]:
+        """Every listed object dict under ``folder``, unfiltered."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._errors("list", folder):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=folder):
+                for obj in page.get("Contents", []):
+                    yield dict(obj)
+
+    def list(self, prefix: str = "") -> ObjectInfos:
+        folder = as_folder(prefix, allow_empty=True)
+        out: ObjectInfos = []
+        for obj in self._iter_raw(folder):
+            key = str(obj.get("Key", ""))
+            if key.endswith("/") and int(obj.get("Size", 0)) == 0:
+                continue  # a "folder" marker made by consoles and some tools
+            try:
+                object_key(key)
+            except UnsafeKey as exc:
+                log.warning("skipping listed S3 object in %s: %s", self.describe(), exc.message)
+                continue
+            out.append(ObjectInfo(key, int(obj.get("Size", 0)), _etag(obj.get("ETag"))))
+        out.sort(key=lambda info: info.key)
+        return out
+
+    def read_bytes(self, key: str) -> bytes:
+        object_key(key)
+        with self._errors("read", key):
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            return response["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        object_key(key)
+        with self._errors("write", key):
+            if len(data) < MULTIPART_THRESHOLD:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=data)
+            else:
+                self._client.upload_fileobj(
+                    io.BytesIO(data), self.bucket, key, Config=self._transfer
+                )
+
+    def _fetch(self, key: str, dest: Path, *, bulk: bool) -> None:
+        config = self._bulk_transfer if bulk else self._transfer
+        with self._errors("download", key), atomic_file(dest) as tmp:
+            self._client.download_file(self.bucket, key, str(tmp), Config=config)
+
+    def _store(self, src: Path, key: str, *, bulk: bool) -> ObjectInfo:
+        config = self._bulk_transfer if bulk else self._transfer
+        with self._errors("upload", key):
+            self._client.upload_file(str(src), self.bucket, key, Config=config)
+        info = self.stat(key)
+        if info is None:
+            raise StorageError(f"S3 upload of {show(key)} in {self.describe()} did not stick")
+        return info
+
+    def delete(self, key: str) -> None:
+        object_key(key)
+        with self._errors("delete", key):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        folder = as_folder(prefix, allow_empty=False)
+        # Raw listing: objects with odd keys under the prefix are deleted too.
+        keys = [str(obj["Key"]) for obj in self._iter_raw(folder) if "Key" in obj]
+        for start in range(0, len(keys), _DELETE_BATCH):
+            self._delete_batch(folder, keys[start:start + _DELETE_BATCH])
+
+    def _delete_batch(self, folder: str, batch: Sequence[str]) -> None:
+        with self._errors("delete", folder):
+            response = self._client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            )
+        errors = response.get("Errors", [])
+        if errors:
+            first = errors[0]
+            raise StorageError(
+                f"S3 delete of {len(errors)} object(s) under {show(folder)} in "
+                f"{self.describe()} failed: {first.get('Code', '?')}"
+            )
