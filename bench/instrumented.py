@@ -114,7 +114,7 @@ def training_probes(journal: Journal) -> dict[str, list[Callable[[Any], None]]]:
     _timed(journal, jobs.LongJob, "begin", "take", ctx_job)
     _timed(journal, jobs.LongJob, "finish", "finish", ctx_job)
     _timed(journal, storage.Storage, "upload_file", "upload", upload_of)
-    _timed(journal, training, "prepare_dataset", "download", prepare_of)
+    _timed(journal, training.job, "prepare_dataset", "download", prepare_of)
 
     def on_train_start(trainer: Any) -> None:
         journal.write("train_start")

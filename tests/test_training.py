@@ -209,7 +209,7 @@ def test_s3_going_away_mid_job_ends_with_storage_error_and_the_worker_goes_on(
 def test_checkpoints_are_staged_so_the_next_epoch_cannot_overwrite_what_is_uploading(tmp_path: Path) -> None:
     import threading
 
-    from workers.training import CheckpointUploads
+    from workers.training.uploads import CheckpointUploads
 
     release = threading.Event()
     stored: list[bytes] = []
@@ -234,7 +234,7 @@ def test_at_most_one_checkpoint_upload_is_pending_and_its_failure_reaches_the_tr
     import threading
 
     from ai_service.errors import StorageError
-    from workers.training import CheckpointUploads
+    from workers.training.uploads import CheckpointUploads
 
     running = threading.Event()
     release = threading.Event()
@@ -273,7 +273,7 @@ def test_at_most_one_checkpoint_upload_is_pending_and_its_failure_reaches_the_tr
 def test_a_stored_checkpoint_tells_how_far_training_got_and_each_epochs_metrics() -> None:
     from types import SimpleNamespace
 
-    from workers.training import checkpoint_progress
+    from workers.training.metrics import checkpoint_progress
 
     table = {"epoch": [1, 2], "train/box_loss": [1.5, 1.25], "train/cls_loss": [2.0, 1.5],
              "train/dfl_loss": [1.0, 1.0], "metrics/mAP50(B)": [0.1, 0.25], "val/box_loss": [1.75, 1.5]}

@@ -1,25 +1,15 @@
-"""Training worker: dataset from storage -> Ultralytics training -> weights to storage.
-
-The handler publishes ``training_started``, one ``epoch_update`` per finished epoch (not
-for Ultralytics' final evaluation call), then ``training_completed`` with the storage
-key of the best weights, or ``training_failed`` with the contract's error code and the
-metrics of the last finished epoch.
-"""
+"""One training request, from taking it to its terminal message."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ai_service import tracing
-from ai_service.config import Settings
 from ai_service.errors import (
     AIServiceError,
     InvalidInput,
@@ -27,7 +17,7 @@ from ai_service.errors import (
     PermanentError,
     StorageError,
 )
-from ai_service.jobs import JobRecord, LeaseLost, LongJob, record_cancel
+from ai_service.jobs import JobRecord, LeaseLost, LongJob
 from ai_service.jobs import ledger as jobs_ledger
 from ai_service.messages import (
     EpochUpdate,
@@ -37,155 +27,14 @@ from ai_service.messages import (
     TrainingRequest,
     TrainingStarted,
 )
-from ai_service.operation import JobContext, Operation, Resources
+from ai_service.operation import JobContext
 from workers import yolo
-from workers.datasets import DatasetError, limits_from, prepare_dataset
-
-__all__ = ["DatasetError", "TrainingJob", "operation", "prepare_dataset"]
+from workers.datasets import limits_from, prepare_dataset
+from workers.training.metrics import Progress, checkpoint_progress, epoch_metrics, partial
+from workers.training.uploads import CheckpointUploads
 
 #: Ultralytics callback name -> extra callbacks (tests inject faults through this).
 Callbacks = dict[str, list[Callable[[Any], None]]]
-
-
-def failure_message(job_id: str, error: AIServiceError) -> TrainingFailed:
-    """The ``training_failed`` a BE gets when a request fails before training started."""
-    return TrainingFailed(job_id=job_id, error_code=error.error_code, error_message=error.message)
-
-
-def operation(settings: Settings, *, callbacks: Callbacks | None = None) -> Operation:
-    """The training operation: prefetch 1, one job at a time per worker (and GPU)."""
-    extra = callbacks or {}
-
-    def handler(request: TrainingRequest, ctx: JobContext) -> None:
-        TrainingJob(request, ctx, extra).run()
-
-    return Operation(
-        name="train",
-        request_model=TrainingRequest,
-        handler=handler,
-        failure=failure_message,
-        prefetch=1,
-        setup=setup,
-        on_cancel=record_cancel,
-    )
-
-
-def setup(resources: Resources) -> None:
-    """Make Ultralytics offline and safe, import it once, pick the device."""
-    settings = resources.settings
-    yolo.prepare_ultralytics(settings.work_dir)
-    import ultralytics  # noqa: F401 - pay the import once, before the first job
-
-    resources.extras["device"] = yolo.select_device(settings.device)
-
-
-@dataclass
-class Progress:
-    """What the callbacks learned so far; the failure message reads it."""
-
-    total_epochs: int
-    current_epoch: int = 0
-    last_metrics: dict[str, float] = field(default_factory=dict)
-    final_metrics: dict[str, float] = field(default_factory=dict)
-    train_epoch_seen: int = -1
-    epoch_seconds: list[float] = field(default_factory=list)
-    stopped_by: str | None = None
-
-
-def _round(value: Any) -> float:
-    return round(float(value), 6)
-
-
-def epoch_metrics(trainer: Any) -> dict[str, float]:
-    """The contract's epoch metrics from an Ultralytics trainer at ``on_fit_epoch_end``."""
-    losses = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
-    return contract_metrics(losses, trainer.metrics or {})
-
-
-def checkpoint_progress(model: Any) -> tuple[int, int, dict[int, dict[str, float]]]:
-    """From a loaded ``last.pt``: epochs finished, epochs planned, and each finished
-    epoch's contract metrics (from the results table Ultralytics stores in it)."""
-    ckpt = getattr(model, "ckpt", None) or {}
-    finished = int(ckpt.get("epoch", -1)) + 1
-    total = int((ckpt.get("train_args") or {}).get("epochs") or 0)
-    table = ckpt.get("train_results") or {}
-    rows: dict[int, dict[str, float]] = {}
-    for i, epoch in enumerate(table.get("epoch") or []):
-        row = {key: values[i] for key, values in table.items() if isinstance(values, list) and i < len(values)}
-        with contextlib.suppress(TypeError, ValueError):
-            rows[int(epoch)] = contract_metrics(row, row)
-    return finished, total, rows
-
-
-def contract_metrics(losses: dict[str, Any], m: dict[str, Any]) -> dict[str, float]:
-    """Ultralytics' names (``train/box_loss``, ``metrics/mAP50(B)``, ...) to the contract's."""
-    box = float(losses.get("train/box_loss", 0.0))
-    cls = float(losses.get("train/cls_loss", 0.0))
-    dfl = float(losses.get("train/dfl_loss", 0.0))
-    out = {
-        "train_loss": box + cls + dfl,
-        "mAP50": float(m.get("metrics/mAP50(B)", 0.0)),
-        "box_loss": box,
-        "cls_loss": cls,
-        "dfl_loss": dfl,
-        "mAP50_95": float(m.get("metrics/mAP50-95(B)", 0.0)),
-        "precision": float(m.get("metrics/precision(B)", 0.0)),
-        "recall": float(m.get("metrics/recall(B)", 0.0)),
-    }
-    for key in ("val/box_loss", "val/cls_loss", "val/dfl_loss"):
-        if key in m:
-            out[key.replace("/", "_")] = float(m[key])
-    return {k: _round(v) for k, v in out.items()}
-
-
-class CheckpointUploads:
-    """Each epoch's checkpoints go to storage in the background while the next epoch trains.
-
-    Synchronous uploads cost ~0.35 s an epoch against local SeaweedFS (bench: ~45% of a
-    toy CPU epoch).  At most one upload is pending: the next submit (or a flush) waits for
-    it and re-raises its failure in the training thread.  The job record names a
-    checkpoint only once it is in storage, so a resume is at most one epoch behind the
-    last announced epoch (Ultralytics redoes that epoch; the BE is not told twice).
-    """
-
-    def __init__(self, staging: Path, store: Callable[[dict[str, Path]], None]) -> None:
-        self.staging = staging
-        self.store = store
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, files: dict[str, Path]) -> None:
-        """Copy ``files`` (Ultralytics overwrites them next epoch) and upload them in the background."""
-        self.flush()
-        self.staging.mkdir(parents=True, exist_ok=True)
-        staged: dict[str, Path] = {}
-        for name, src in files.items():
-            staged[name] = self.staging / f"{name}.pt"
-            shutil.copyfile(src, staged[name])
-        self._thread = threading.Thread(target=self._run, args=(staged, tracing.current()), name="checkpoint-upload",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, staged: dict[str, Path], trace: Any = None) -> None:
-        try:
-            with tracing.span("checkpoint upload", parent=trace, attributes={"ai.checkpoints": ",".join(staged)}):
-                self.store(staged)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
-            self._error = exc
-
-    def flush(self) -> None:
-        """Wait for the pending upload; raise its failure."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def settle(self) -> None:
-        """Wait for the pending upload, ignoring its failure (the job ends another way)."""
-        with contextlib.suppress(BaseException):
-            self.flush()
 
 
 class TrainingJob:
@@ -269,7 +118,7 @@ class TrainingJob:
             current_epoch=max(self.progress.current_epoch, record.last_epoch),
             error_code=error.error_code,
             error_message=error.message,
-            partial_metrics=self._partial_metrics() or _partial(record.last_metrics),
+            partial_metrics=self._partial_metrics() or partial(record.last_metrics),
         )
 
     def _train(self, yaml_name: str, record: JobRecord) -> Path:
@@ -477,7 +326,7 @@ class TrainingJob:
         }
 
     def _partial_metrics(self) -> dict[str, float]:
-        return _partial(self.progress.last_metrics)
+        return partial(self.progress.last_metrics)
 
     def _stopped_error(self) -> AIServiceError:
         if self.progress.stopped_by == "cancel":
@@ -500,11 +349,6 @@ class TrainingJob:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         return PermanentError(f"training failed: {type(exc).__name__}: {detail}", error_code="training_error")
 
-
-def _partial(last: dict[str, float]) -> dict[str, float]:
-    if not last:
-        return {}
-    return {"last_loss": last.get("train_loss", 0.0), "last_mAP50": last.get("mAP50", 0.0)}
 
 
 def _is_storage_failure(exc: BaseException) -> bool:
