@@ -28,6 +28,8 @@ from tests.conftest import WorkerFactory
 from tests.support.amqp import BE, Received
 from tests.support.s3 import S3Server
 from workers import conversion
+from workers.conversion import formats as conversion_formats
+from workers.conversion import job as conversion_job
 
 AUDIT_SITE = Path(__file__).parent / "support" / "audit_site"
 HOOKED_WORKER = "tests.support.conversion_worker"
@@ -349,8 +351,8 @@ def test_unsupported_formats_are_named_with_what_is_missing_before_any_export(
     assert "tensorflow" in (reason("saved_model") or "")
     assert "ncnn" in (reason("ncnn") or "")
     assert "nncf" in (reason("openvino", int8=True) or "")
-    real = conversion._module_available
-    monkeypatch.setattr(conversion, "_module_available", lambda m: m != "onnxslim" and real(m))
+    real = conversion_formats._module_available
+    monkeypatch.setattr(conversion_formats, "_module_available", lambda m: m != "onnxslim" and real(m))
     assert "onnxslim" in (reason("onnx") or "")
     assert reason("onnx", simplify=False) is None
     args = conversion.export_arguments(conversion.Plan("torchscript", table["torchscript"]),
@@ -413,5 +415,5 @@ def test_a_folder_digest_is_sha256sum_of_the_sorted_file_list(tmp_path: Path) ->
     assert sha == hashlib.sha256(listing.encode()).hexdigest()
     file_size, file_sha = conversion.describe_local(folder / "model.bin")
     assert (file_size, file_sha) == (200, hashlib.sha256(b"\x00\x01" * 100).hexdigest())
-    assert conversion._artifact_name("models/a/my-data.pt", "model_openvino_model") == "my-data_openvino_model"
-    assert conversion._artifact_name("models/a/my-data.pt", "model_int8.onnx") == "my-data_int8.onnx"
+    assert conversion_job._artifact_name("models/a/my-data.pt", "model_openvino_model") == "my-data_openvino_model"
+    assert conversion_job._artifact_name("models/a/my-data.pt", "model_int8.onnx") == "my-data_int8.onnx"
