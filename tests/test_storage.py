@@ -85,6 +85,30 @@ def test_deleting_removes_the_object_and_deleting_a_missing_one_is_fine(storage:
     assert storage.stat("d/x") is None
 
 
+def test_fetch_file_replaces_the_destination_with_the_object_and_leaves_no_temp_file(
+    storage: Storage, tmp_path: Path
+) -> None:
+    storage.write_bytes("ds/images/1.jpg", b"new content")
+    dest = tmp_path / "cache" / "images" / "1.jpg"
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"stale")
+    for bulk in (False, True):
+        storage.fetch_file("ds/images/1.jpg", dest, bulk=bulk)
+        assert dest.read_bytes() == b"new content"
+        assert [p.name for p in dest.parent.iterdir()] == ["1.jpg"]
+
+
+def test_fetch_file_of_a_missing_object_is_object_not_found_and_keeps_the_old_file(
+    storage: Storage, tmp_path: Path
+) -> None:
+    dest = tmp_path / "kept.bin"
+    dest.write_bytes(b"old")
+    with pytest.raises(ObjectNotFound, match="ds/gone.bin"):
+        storage.fetch_file("ds/gone.bin", dest, bulk=True)
+    assert dest.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.bin"]
+
+
 # --- listing and prefixes ------------------------------------------------------------
 
 
@@ -99,7 +123,7 @@ def test_a_prefix_is_a_folder_with_or_without_its_trailing_slash(storage: Storag
     assert [o.size for o in storage.list("a/bc")] == [len("a/bc/3.txt")]
 
 
-def test_a_directory_uploaded_as_a_prefix_downloads_to_the_sametree(storage: Storage, tmp_path: Path) -> None:
+def test_a_directory_uploaded_as_a_prefix_downloads_to_the_same_tree(storage: Storage, tmp_path: Path) -> None:
     src = tmp_path / "export"
     (src / "sub" / "deeper").mkdir(parents=True)
     files = {"model.xml": b"<xml/>", "model.bin": os.urandom(3000), "sub/deeper/meta.yaml": b"a: 1"}

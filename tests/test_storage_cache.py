@@ -104,3 +104,27 @@ def test_the_cache_folder_is_a_hash_of_backend_and_prefix_with_the_manifest_besi
     assert len(path.name) == 64 and int(path.name, 16) >= 0
     assert (tmp_path / "cache" / f"{path.name}.manifest.json").is_file()
     assert cache_dir_name(LocalStorage(tmp_path / "other"), "ds") != path.name
+
+
+class _RecordingStorage(LocalStorage):
+    """Local storage that records what goes through its public download method."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.fetched: list[tuple[str, bool]] = []
+
+    def fetch_file(self, key: str, dest: Path, *, bulk: bool = False) -> None:
+        self.fetched.append((key, bulk))
+        super().fetch_file(key, dest, bulk=bulk)
+
+
+def test_the_cache_downloads_through_the_public_fetch_file_as_bulk_transfers(tmp_path: Path) -> None:
+    store = _RecordingStorage(tmp_path / "store")
+    _dataset(store)
+    sync_prefix(store, "datasets/d1", tmp_path / "cache")
+    assert sorted(store.fetched) == [
+        ("datasets/d1/data.yaml", True),
+        ("datasets/d1/images/train/1.jpg", True),
+        ("datasets/d1/labels/train/1.txt", True),
+    ]
+

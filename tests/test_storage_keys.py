@@ -50,6 +50,7 @@ def _every_method(store: Storage, key: str, tmp: Path) -> list[Callable[[], obje
         lambda: store.read_bytes(key),
         lambda: store.write_bytes(key, b"data"),
         lambda: store.download_file(key, tmp / "out"),
+        lambda: store.fetch_file(key, tmp / "out", bulk=True),
         lambda: store.upload_file(src, key),
         lambda: store.upload_dir(tmp / "dir", key),
         lambda: store.download_prefix(key, tmp / "outdir"),
