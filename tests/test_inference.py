@@ -236,7 +236,7 @@ def put_model(storage: Storage, models: dict[str, Any], name: str, key: str, *, 
 
 
 def decode(raw: bytes, **limits: int) -> tuple[Any, int, int]:
-    from workers.inference import decode_image
+    from workers.inference.images import decode_image
 
     return decode_image(raw, "images[0]", max_pixels=limits.get("max_pixels", 10**8),
                         pixels_left=limits.get("pixels_left", 10**8))
@@ -291,7 +291,7 @@ def test_truncated_and_corrupted_images_are_refused() -> None:
 
 
 def test_inline_size_is_the_decoded_length() -> None:
-    from workers.inference import inline_size
+    from workers.inference.images import inline_size
 
     for n in range(0, 40):
         assert inline_size(b64(b"x" * n)) == n
@@ -328,7 +328,7 @@ class FakeYolo:
 def fake_engine(**kwargs: Any) -> Any:
     from types import SimpleNamespace
 
-    from workers.inference import Engine
+    from workers.inference.engine import Engine
 
     defaults = {"max_batch": 8, "window_s": 0.0, "cpu_threads": 1}
     return Engine(SimpleNamespace(type="test"), **{**defaults, **kwargs})  # type: ignore[arg-type]
@@ -339,14 +339,14 @@ def fake_job(model: Any, values: list[int], shape: tuple[int, int] = (8, 8), con
 
     import numpy as np
 
-    from workers.inference import Job, Params
+    from workers.inference.engine import Job, Params
 
     images = [np.full((*shape, 3), v, dtype=np.uint8) for v in values]
     return Job(model, Params(conf, 0.7, 640, 300, None), images, Future())
 
 
 def fake_model(key: str = "m.pt") -> Any:
-    from workers.inference import LoadedModel, ModelRef
+    from workers.inference.cache import LoadedModel, ModelRef
 
     return LoadedModel(ModelRef(key, "pt", "v1", 1), FakeYolo(), Path("/nonexistent"), 1)
 
@@ -410,7 +410,7 @@ def test_the_batcher_waits_only_for_requests_being_prepared() -> None:
 
 
 def test_a_failing_request_in_a_batch_fails_alone() -> None:
-    from workers.inference import InferenceError
+    from workers.inference.engine import InferenceError
 
     engine = fake_engine(max_batch=8)
     model = fake_model()
@@ -428,7 +428,7 @@ def test_a_failing_request_in_a_batch_fails_alone() -> None:
 def test_the_model_cache_is_lru_by_count_and_memory_and_reloads_changed_objects(tmp_path: Path) -> None:
     from ai_service.errors import ObjectNotFound
     from ai_service.metrics import Metrics
-    from workers.inference import ModelCache
+    from workers.inference.cache import ModelCache
 
     storage = LocalStorage(tmp_path / "storage")
     for name in ("a", "b", "c"):
