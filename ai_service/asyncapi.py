@@ -13,6 +13,7 @@ drift from what the code accepts and sends.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -21,6 +22,7 @@ from pydantic.json_schema import models_json_schema
 
 from ai_service import messages as m
 from ai_service.config import Settings
+from ai_service.registry import OPERATIONS, MessageDoc, OperationSpec, Registry, listed
 
 ASYNCAPI_VERSION = "3.0.0"
 #: Version of the contract this document describes; bump with CONTRACT.md.
@@ -29,103 +31,53 @@ AMQP = "0.3.0"  # AMQP binding version
 SCHEMA_REF = "#/components/schemas/{model}"
 TS = "2024-01-15T10:30:45.123456+00:00"
 
-#: component message name -> (model, is a request (BE -> AI), summary)
-MESSAGES: dict[str, tuple[type[BaseModel], bool, str]] = {
-    "trainingRequest": (m.TrainingRequest, True, "Start a training job."),
-    "trainingStarted": (m.TrainingStarted, False, "A worker took the training job."),
-    "epochUpdate": (m.EpochUpdate, False, "One training epoch finished."),
-    "trainingCompleted": (m.TrainingCompleted, False, "Training ended; the best weights are in storage."),
-    "trainingFailed": (m.TrainingFailed, False, "Training ended with an error."),
-    "trainingCancelled": (m.TrainingCancelled, False, "Training was cancelled."),
-    "conversionRequest": (m.ConversionRequest, True, "Export a model to other formats."),
-    "conversionStarted": (m.ConversionStarted, False, "A worker took the conversion job."),
-    "conversionUpdate": (m.ConversionUpdate, False, "One format was exported."),
-    "conversionCompleted": (m.ConversionCompleted, False, "Every format was exported."),
-    "conversionFailed": (m.ConversionFailed, False, "A format failed; artifacts lists those that succeeded."),
-    "conversionCancelled": (m.ConversionCancelled, False, "The conversion was cancelled."),
-    "inferenceRequest": (m.InferenceRequest, True, "Run detection on images."),
-    "inferenceCompleted": (m.InferenceCompleted, False, "The detections of every image."),
-    "inferenceFailed": (m.InferenceFailed, False, "The inference failed."),
-    "cancel": (m.Cancel, True, "Cancel a training or conversion job."),
-    "workerHeartbeat": (m.WorkerHeartbeat, False, "A worker process announcing itself (ephemeral)."),
-}
 
-_ARTIFACT = {"format": "onnx", "path": "models/yolov8n/exports/my-dataset.onnx", "size_bytes": 12345678,
-             "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "verified": True}
 
-#: One example per message, in the contract's own words (validated by the models).
-EXAMPLES: dict[str, dict[str, Any]] = {
-    "trainingRequest": {
-        "job_id": "abc12345",
-        "dataset": {"s3_prefix": "datasets/my-dataset/", "name": "my-dataset"},
-        "output": {"prefix": "models/yolov8n", "model_name": "my-dataset.pt"},
-        "hyperparams": {"model": "yolov8n", "epochs": 100, "batch": 16, "imgsz": 640},
-    },
-    "trainingStarted": {"job_id": "abc12345", "total_epochs": 100, "resumed_from_epoch": 0,
-                        "worker": "host-a/train-gpu0", "timestamp": TS},
-    "epochUpdate": {"job_id": "abc12345", "current_epoch": 15, "total_epochs": 100, "progress": 15.0,
-                    "metrics": {"train_loss": 0.0234, "mAP50": 0.789, "box_loss": 0.0123, "cls_loss": 0.0089,
-                                "dfl_loss": 0.0022},
-                    "eta_seconds": 3120.5, "timestamp": TS},
-    "trainingCompleted": {"job_id": "abc12345", "model_path": "models/yolov8n/my-dataset.pt",
-                          "final_metrics": {"final_mAP50": 0.892, "final_loss": 0.0156, "training_epochs": 100},
-                          "training_time": 3600.5, "timestamp": TS},
-    "trainingFailed": {"job_id": "abc12345", "current_epoch": 23, "error_code": "out_of_memory",
-                       "error_message": "CUDA out of memory", "partial_metrics": {"last_loss": 0.0234,
-                                                                                 "last_mAP50": 0.567},
-                       "timestamp": TS},
-    "trainingCancelled": {"job_id": "abc12345", "current_epoch": 7,
-                          "checkpoint_path": "jobs/abc12345/last.pt", "timestamp": TS},
-    "conversionRequest": {
-        "job_id": "conv0001",
-        "model": {"path": "models/yolov8n/my-dataset.pt"},
-        "formats": ["onnx", "torchscript"],
-        "options": {"imgsz": 640, "half": False, "int8": False, "dynamic": False, "simplify": True, "opset": None,
-                    "batch": 1},
-        "output": {"prefix": "models/yolov8n/exports"},
-    },
-    "conversionStarted": {"job_id": "conv0001", "formats": ["onnx", "torchscript"], "worker": "host-a/convert-gpu0",
-                          "timestamp": TS},
-    "conversionUpdate": {"job_id": "conv0001", "current_format": "onnx", "progress": 50.0, "artifact": _ARTIFACT,
-                         "timestamp": TS},
-    "conversionCompleted": {"job_id": "conv0001", "artifacts": [_ARTIFACT], "conversion_time": 12.3,
-                            "timestamp": TS},
-    "conversionFailed": {"job_id": "conv0001", "error_code": "unsupported_format",
-                         "error_message": "engine export needs a CUDA GPU; none is visible",
-                         "failed_format": "engine", "artifacts": [_ARTIFACT], "timestamp": TS},
-    "conversionCancelled": {"job_id": "conv0001", "artifacts": [], "timestamp": TS},
-    "inferenceRequest": {
-        "job_id": "inf0001",
-        "model": {"path": "models/yolov8n/my-dataset.pt"},
-        "images": [{"path": "images/street.jpg"}, {"data": "iVBORw0KGgo="}],
-        "params": {"conf": 0.25, "iou": 0.7, "imgsz": 640, "max_det": 300, "classes": None},
-    },
-    "inferenceCompleted": {
-        "job_id": "inf0001", "model_path": "models/yolov8n/my-dataset.pt",
-        "results": [{"image": "images/street.jpg", "width": 1280, "height": 720,
-                     "detections": [{"class_id": 0, "class_name": "car", "confidence": 0.91,
-                                     "box": {"x1": 10.5, "y1": 20.0, "x2": 110.0, "y2": 90.25}}]}],
-        "inference_time_ms": 14.2, "timestamp": TS,
-    },
-    "inferenceFailed": {"job_id": "inf0001", "error_code": "model_not_found",
-                        "error_message": "model 'models/yolov8n/missing.pt' does not exist in storage",
-                        "timestamp": TS},
-    "cancel": {"type": "cancel", "job_id": "abc12345"},
-    "workerHeartbeat": {
+@dataclass(frozen=True)
+class _Entry:
+    doc: MessageDoc
+    request: bool  # BE -> AI
+    kind: str  # the AMQP ``type``: the model's ``type``, ``<op>_request`` for a request
+
+
+def _entries(operations: Registry) -> dict[str, _Entry]:
+    """component message name -> entry: every operation's messages, then control's."""
+    out = {}
+    for spec in operations:
+        for doc in spec.messages:
+            request = doc is spec.request
+            out[doc.name] = _Entry(doc, request, f"{spec.name}_request" if request else _type_of(doc))
+    for doc, request in CONTROL_MESSAGES:
+        out[doc.name] = _Entry(doc, request, _type_of(doc))
+    return out
+
+
+def _type_of(doc: MessageDoc) -> str:
+    type_field = doc.model.model_fields.get("type")
+    if type_field is not None and isinstance(type_field.default, str):
+        return type_field.default
+    return doc.name
+
+
+#: The messages of no operation: cancel (BE -> AI) and the workers' heartbeats.
+CONTROL_MESSAGES: tuple[tuple[MessageDoc, bool], ...] = (
+    (MessageDoc("cancel", m.Cancel, "Cancel a training or conversion job.",
+                {"type": "cancel", "job_id": "abc12345"}), True),
+    (MessageDoc("workerHeartbeat", m.WorkerHeartbeat, "A worker process announcing itself (ephemeral).", {
         "worker": "gpu-01/train-gpu0", "name": "gpu-01/train-gpu0/train", "operation": "train", "state": "busy",
         "device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3", "job_id": "abc12345", "progress": 15.0,
         "jobs_running": 1, "versions": {"ai-service": "0.1.0", "ultralytics": "8.3.0", "torch": "2.5.1"},
         "pid": 4242, "host": "gpu-01", "started_at": "2024-01-15T09:00:00.000000+00:00",
         "interval_seconds": 5.0, "timestamp": TS,
-    },
-}
+    }), False),
+)
 
 DESCRIPTION = """\
 The message contract between a backend (BE) and the ai-service workers (CONTRACT.md):
 RabbitMQ only, JSON bodies (UTF-8).
 
 Every AI -> BE message is published to the topic exchange `{events}` with routing key
-`<op>.<update|result>.<job_id>` (`op` = train, convert or infer) and these AMQP properties:
+`<op>.<update|result>.<job_id>` (`op` = {ops}) and these AMQP properties:
 `content_type=application/json`, `delivery_mode=2`, a unique `message_id` (drop duplicates
 by it), `correlation_id` = the job's `job_id` (or the request's own `correlation_id`),
 `type` = the message's `type` field, `timestamp`, `app_id=ai-service`. The service binds
@@ -160,14 +112,14 @@ def _outgoing_classes() -> dict[str, type[BaseModel]]:
     return found
 
 
-def schemas() -> dict[str, Any]:
+def schemas(operations: Registry = OPERATIONS) -> dict[str, Any]:
     """components/schemas: every model's JSON schema, nested models shared.
 
     Validation-mode schemas; for AI -> BE models every field the service always sends
     is marked required (all but the optional extras it leaves out when unset), and
     ``additionalProperties`` is left open (messages may gain optional fields).
     """
-    models = [(model, "validation") for model, _, _ in MESSAGES.values()]
+    models = [(entry.doc.model, "validation") for entry in _entries(operations).values()]
     _, top = models_json_schema(models, ref_template=SCHEMA_REF)  # type: ignore[arg-type]
     defs: dict[str, Any] = top.get("$defs", {})
     outgoing = _outgoing_classes()
@@ -181,37 +133,25 @@ def schemas() -> dict[str, Any]:
     return {name: defs[name] for name in sorted(defs)}
 
 
-def _example(name: str) -> dict[str, Any]:
-    model, request, _ = MESSAGES[name]
-    raw = EXAMPLES[name]
-    if request:
-        model.model_validate(raw)  # the example is a valid request
+def _example(entry: _Entry) -> dict[str, Any]:
+    raw = dict(entry.doc.example)
+    if entry.request:
+        entry.doc.model.model_validate(raw)  # the example is a valid request
         return raw
-    message = model.model_validate(raw)
+    message = entry.doc.model.model_validate(raw)
     assert isinstance(message, m._Message)
     return message.to_json_dict()
 
 
-def _message_type(name: str) -> str:
-    model, request, _ = MESSAGES[name]
-    type_field = model.model_fields.get("type")
-    if type_field is not None and isinstance(type_field.default, str):
-        return type_field.default
-    if name == "cancel":
-        return "cancel"
-    return {"trainingRequest": "train_request", "conversionRequest": "convert_request",
-            "inferenceRequest": "infer_request"}[name]
-
-
-def components_messages() -> dict[str, Any]:
+def components_messages(operations: Registry = OPERATIONS) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, (model, request, summary) in MESSAGES.items():
-        kind = _message_type(name)
-        direction = "BE -> AI" if request else "AI -> BE"
+    for name, entry in _entries(operations).items():
+        model, kind = entry.doc.model, entry.kind
+        direction = "BE -> AI" if entry.request else "AI -> BE"
         out[name] = {
             "name": kind,
             "title": model.__name__,
-            "summary": f"{summary} ({direction})",
+            "summary": f"{entry.doc.summary} ({direction})",
             "contentType": "application/json",
             "correlationId": {
                 "description": "AMQP correlation_id property: the job_id (or the request's own correlation_id)",
@@ -219,7 +159,7 @@ def components_messages() -> dict[str, Any]:
             },
             "payload": {"$ref": SCHEMA_REF.format(model=model.__name__)},
             "bindings": {"amqp": {"messageType": kind, "bindingVersion": AMQP}},
-            "examples": [{"name": kind, "payload": _example(name)}],
+            "examples": [{"name": kind, "payload": _example(entry)}],
         }
     return out
 
@@ -242,123 +182,135 @@ def _msgs(*names: str) -> dict[str, Any]:
 
 JOB_ID_PARAMETER = {"description": "The job's job_id (1-64 characters of A-Z a-z 0-9 _ -)."}
 
-#: op -> (word, request message, update messages, result messages)
-OPS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
-    "train": ("training", "trainingRequest", ("trainingStarted", "epochUpdate"),
-              ("trainingCompleted", "trainingFailed", "trainingCancelled")),
-    "convert": ("conversion", "conversionRequest", ("conversionStarted", "conversionUpdate"),
-                ("conversionCompleted", "conversionFailed", "conversionCancelled")),
-    "infer": ("inference", "inferenceRequest", (), ("inferenceCompleted", "inferenceFailed")),
-}
-
-
-def channels_and_operations(s: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+def channels_and_operations(
+    s: Settings, registry: Registry = OPERATIONS
+) -> tuple[dict[str, Any], dict[str, Any]]:
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
-    queues = {
-        "train": (s.train_request_queue, s.train_update_queue, s.train_result_queue),
-        "convert": (s.convert_request_queue, s.convert_update_queue, s.convert_result_queue),
-        "infer": (s.infer_request_queue, None, s.infer_result_queue),
-    }
-    for op, (word, request, updates, results) in OPS.items():
-        request_q, update_q, result_q = queues[op]
-        env = op.upper()
-        channels[f"{op}Requests"] = {
-            "address": request_q,
-            "title": f"{word} requests",
-            "description": (
-                f"`{env}_REQUEST_QUEUE`. Durable {s.rabbitmq_queue_type} queue; publish through the default "
-                f"exchange with routing key `{request_q}`. Dead-letters to `{s.dead_letter_exchange}` with routing "
-                f"key `{request_q}` (into `{request_q}.dlq`)."
-                + (" A request may carry the AMQP `reply_to` and `correlation_id` properties: the result then "
-                   "goes to that queue instead of the result queue (RPC)." if op == "infer" else "")
-            ),
-            "messages": _msgs(request),
-            "bindings": _queue(request_q),
-        }
-        channels[f"{op}DeadLetters"] = {
-            "address": f"{request_q}.dlq",
-            "title": f"dead {word} requests",
-            "description": (
-                f"Bound to the direct exchange `{s.dead_letter_exchange}` (`DEAD_LETTER_EXCHANGE`) with routing "
-                f"key `{request_q}`. Holds the requests the service rejected (invalid, or past the delivery "
-                "limit) with the broker's `x-death` header. Inspect and replay with `ai-service dlq list|replay`."
-            ),
-            "messages": _msgs(request),
-            "bindings": _queue(f"{request_q}.dlq"),
-        }
-        operations[f"receive{word.capitalize()}Request"] = {
-            "action": "receive",
-            "title": f"Take a {word} request",
-            "channel": _ref("channels", f"{op}Requests"),
-            "messages": [_ref(f"channels/{op}Requests/messages", request)],
-            "bindings": {"amqp": {"ack": True, "bindingVersion": AMQP}},
-        }
-        if op == "infer":
-            operations["receiveInferenceRequest"]["reply"] = {
-                "address": {
-                    "description": "The request's AMQP reply_to property (with its correlation_id).",
-                    "location": "$message.header#/reply_to",
-                },
-                "channel": _ref("channels", "inferReplies"),
-                "messages": [_ref("channels/inferReplies/messages", name) for name in results],
-            }
-        operations[f"deadLetter{word.capitalize()}Request"] = {
-            "action": "send",
-            "title": f"Dead-letter a {word} request",
-            "summary": "Rejected without requeue; the broker moves it to the .dlq.",
-            "channel": _ref("channels", f"{op}DeadLetters"),
-            "messages": [_ref(f"channels/{op}DeadLetters/messages", request)],
-        }
-        for kind, names, queue in (("update", updates, update_q), ("result", results, result_q)):
-            if not names or queue is None:
-                continue
-            cap = kind.capitalize()
-            channels[f"{op}{cap}s"] = {
-                "address": f"{op}.{kind}.{{job_id}}",
-                "title": f"{word} {kind}s of one job",
-                "description": (
-                    f"Routing key on the topic exchange `{s.events_exchange}` (`EVENTS_EXCHANGE`). Bind a queue "
-                    f"of your own to `{op}.{kind}.<job_id>` to follow one job, or consume `{queue}`."
-                ),
-                "parameters": {"job_id": JOB_ID_PARAMETER},
-                "messages": _msgs(*names),
-                "bindings": _exchange(s.events_exchange, "topic"),
-            }
-            channels[f"{op}{cap}Queue"] = {
-                "address": queue,
-                "title": f"{word} {kind}s queue",
-                "description": (
-                    f"`{env}_{kind.upper()}_QUEUE`. Durable queue bound to `{s.events_exchange}` with "
-                    f"`{op}.{kind}.#`: every job's {kind}s, for the BE to consume."
-                ),
-                "messages": _msgs(*names),
-                "bindings": _queue(queue),
-            }
-            operations[f"send{word.capitalize()}{cap}"] = {
-                "action": "send",
-                "title": f"Publish a {word} {kind}",
-                "channel": _ref("channels", f"{op}{cap}s"),
-                "messages": [_ref(f"channels/{op}{cap}s/messages", name) for name in names],
-                "bindings": {"amqp": {"deliveryMode": 2, "timestamp": True, "bindingVersion": AMQP}},
-            }
-    channels["inferReplies"] = {
-        "address": None,
-        "title": "inference replies (RPC)",
+    for spec in registry:
+        _request_channels(s, spec, channels, operations)
+        names = spec.queues(s)
+        for kind, docs, queue in (("update", spec.updates, names.update), ("result", spec.results, names.result)):
+            if docs and queue is not None:
+                _event_channels(s, spec, kind, tuple(d.name for d in docs), queue, channels, operations)
+    for spec in registry:
+        if spec.rpc:
+            _reply_channel(spec, channels, operations)
+    _control_channels(s, channels, operations)
+    return channels, operations
+
+
+def _request_channels(s: Settings, spec: OperationSpec, channels: dict[str, Any], operations: dict[str, Any]) -> None:
+    """The request queue and its dead letters; receiving (and answering, for RPC) a request."""
+    op, word, request = spec.name, spec.word, spec.request.name
+    request_q = spec.queues(s).request
+    channels[f"{op}Requests"] = {
+        "address": request_q,
+        "title": f"{word} requests",
         "description": (
-            "The queue an inference request names in its AMQP reply_to property (typically an exclusive, "
+            f"`{spec.env_prefix}_REQUEST_QUEUE`. Durable {s.rabbitmq_queue_type} queue; publish through the default "
+            f"exchange with routing key `{request_q}`. Dead-letters to `{s.dead_letter_exchange}` with routing "
+            f"key `{request_q}` (into `{request_q}.dlq`)." + spec.request_note
+        ),
+        "messages": _msgs(request),
+        "bindings": _queue(request_q),
+    }
+    channels[f"{op}DeadLetters"] = {
+        "address": f"{request_q}.dlq",
+        "title": f"dead {word} requests",
+        "description": (
+            f"Bound to the direct exchange `{s.dead_letter_exchange}` (`DEAD_LETTER_EXCHANGE`) with routing "
+            f"key `{request_q}`. Holds the requests the service rejected (invalid, or past the delivery "
+            "limit) with the broker's `x-death` header. Inspect and replay with `ai-service dlq list|replay`."
+        ),
+        "messages": _msgs(request),
+        "bindings": _queue(f"{request_q}.dlq"),
+    }
+    receive: dict[str, Any] = {
+        "action": "receive",
+        "title": f"Take a {word} request",
+        "channel": _ref("channels", f"{op}Requests"),
+        "messages": [_ref(f"channels/{op}Requests/messages", request)],
+        "bindings": {"amqp": {"ack": True, "bindingVersion": AMQP}},
+    }
+    if spec.rpc:
+        receive["reply"] = {
+            "address": {
+                "description": "The request's AMQP reply_to property (with its correlation_id).",
+                "location": "$message.header#/reply_to",
+            },
+            "channel": _ref("channels", f"{op}Replies"),
+            "messages": [_ref(f"channels/{op}Replies/messages", doc.name) for doc in spec.results],
+        }
+    operations[f"receive{word.capitalize()}Request"] = receive
+    operations[f"deadLetter{word.capitalize()}Request"] = {
+        "action": "send",
+        "title": f"Dead-letter a {word} request",
+        "summary": "Rejected without requeue; the broker moves it to the .dlq.",
+        "channel": _ref("channels", f"{op}DeadLetters"),
+        "messages": [_ref(f"channels/{op}DeadLetters/messages", request)],
+    }
+
+
+def _event_channels(s: Settings, spec: OperationSpec, kind: str, names: tuple[str, ...], queue: str,
+                    channels: dict[str, Any], operations: dict[str, Any]) -> None:
+    """``<op>.<kind>.<job_id>`` on the events exchange, the service's queue of them, sending one."""
+    op, word, cap = spec.name, spec.word, kind.capitalize()
+    channels[f"{op}{cap}s"] = {
+        "address": f"{op}.{kind}.{{job_id}}",
+        "title": f"{word} {kind}s of one job",
+        "description": (
+            f"Routing key on the topic exchange `{s.events_exchange}` (`EVENTS_EXCHANGE`). Bind a queue "
+            f"of your own to `{op}.{kind}.<job_id>` to follow one job, or consume `{queue}`."
+        ),
+        "parameters": {"job_id": JOB_ID_PARAMETER},
+        "messages": _msgs(*names),
+        "bindings": _exchange(s.events_exchange, "topic"),
+    }
+    channels[f"{op}{cap}Queue"] = {
+        "address": queue,
+        "title": f"{word} {kind}s queue",
+        "description": (
+            f"`{spec.env_prefix}_{kind.upper()}_QUEUE`. Durable queue bound to `{s.events_exchange}` with "
+            f"`{op}.{kind}.#`: every job's {kind}s, for the BE to consume."
+        ),
+        "messages": _msgs(*names),
+        "bindings": _queue(queue),
+    }
+    operations[f"send{word.capitalize()}{cap}"] = _send_persistent(f"Publish a {word} {kind}", f"{op}{cap}s", names)
+
+
+def _reply_channel(spec: OperationSpec, channels: dict[str, Any], operations: dict[str, Any]) -> None:
+    """The caller's ``reply_to`` queue of an RPC operation, and answering there."""
+    op, word = spec.name, spec.word
+    results = tuple(doc.name for doc in spec.results)
+    channels[f"{op}Replies"] = {
+        "address": None,
+        "title": f"{word} replies (RPC)",
+        "description": (
+            f"The queue an {word} request names in its AMQP reply_to property (typically an exclusive, "
             "auto-delete queue of the caller). The result is published there through the default exchange "
             "with the request's correlation_id, instead of to the result queue."
         ),
-        "messages": _msgs(*OPS["infer"][3]),
+        "messages": _msgs(*results),
     }
-    operations["sendInferenceReply"] = {
+    operations[f"send{word.capitalize()}Reply"] = _send_persistent(f"Answer an {word} request (RPC)",
+                                                                   f"{op}Replies", results)
+
+
+def _send_persistent(title: str, channel: str, names: tuple[str, ...]) -> dict[str, Any]:
+    """Publishing ``names`` on ``channel``, persistent and timestamped."""
+    return {
         "action": "send",
-        "title": "Answer an inference request (RPC)",
-        "channel": _ref("channels", "inferReplies"),
-        "messages": [_ref("channels/inferReplies/messages", name) for name in OPS["infer"][3]],
+        "title": title,
+        "channel": _ref("channels", channel),
+        "messages": [_ref(f"channels/{channel}/messages", name) for name in names],
         "bindings": {"amqp": {"deliveryMode": 2, "timestamp": True, "bindingVersion": AMQP}},
     }
+
+
+def _control_channels(s: Settings, channels: dict[str, Any], operations: dict[str, Any]) -> None:
+    """Cancels on the control exchange and the workers' heartbeats."""
     channels["control"] = {
         "address": "",
         "title": "control",
@@ -406,19 +358,18 @@ def channels_and_operations(s: Settings) -> tuple[dict[str, Any], dict[str, Any]
         "bindings": {"amqp": {"deliveryMode": 1, "mandatory": False, "expiration": int(3 * every * 1000),
                               "timestamp": True, "bindingVersion": AMQP}},
     }
-    return channels, operations
 
 
-def document(settings: Settings | None = None) -> dict[str, Any]:
+def document(settings: Settings | None = None, registry: Registry = OPERATIONS) -> dict[str, Any]:
     """The AsyncAPI document as a dict (default names unless ``settings`` is given)."""
     s = settings or Settings()
-    channels, operations = channels_and_operations(s)
+    channels, operations = channels_and_operations(s, registry)
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "info": {
             "title": "ai-service",
             "version": DOC_VERSION,
-            "description": DESCRIPTION.format(events=s.events_exchange),
+            "description": DESCRIPTION.format(events=s.events_exchange, ops=listed(registry.names())),
         },
         "defaultContentType": "application/json",
         "servers": {
@@ -437,7 +388,7 @@ def document(settings: Settings | None = None) -> dict[str, Any]:
         },
         "channels": channels,
         "operations": operations,
-        "components": {"schemas": schemas(), "messages": components_messages()},
+        "components": {"schemas": schemas(registry), "messages": components_messages(registry)},
     }
 
 
@@ -453,11 +404,11 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str)
 
 
-def render(settings: Settings | None = None) -> str:
+def render(settings: Settings | None = None, registry: Registry = OPERATIONS) -> str:
     """The document as YAML, deterministically (what docs/asyncapi.yaml holds)."""
     header = (
         "# Generated by `ai-service asyncapi` from ai_service/messages.py and the default settings.\n"
         "# Do not edit: regenerate with `ai-service asyncapi -o docs/asyncapi.yaml`.\n"
     )
-    body = yaml.dump(document(settings), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+    body = yaml.dump(document(settings, registry), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
     return header + body

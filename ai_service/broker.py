@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import pika
@@ -16,12 +15,10 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from ai_service.config import Settings
 from ai_service.errors import AuthenticationFailed, BrokerError, ConnectionClosed
+from ai_service.registry import OPERATIONS, Registry
+from ai_service.registry import QueueNames as QueueNames  # re-exported: the consumer's and client's import
 
 log = logging.getLogger("ai_service.broker")
-
-#: (operation, has update queue)
-OPERATION_QUEUES = {"train": True, "convert": True, "infer": False}
-
 
 def connection_parameters(settings: Settings, *, client_name: str) -> pika.ConnectionParameters:
     """pika parameters from settings; TLS verifies the broker's certificate."""
@@ -91,35 +88,9 @@ def describe_pika_error(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text}"
 
 
-@dataclass(frozen=True)
-class QueueNames:
-    """The queues of one operation."""
-
-    op: str
-    request: str
-    update: str | None
-    result: str
-
-    @property
-    def dlq(self) -> str:
-        return f"{self.request}.dlq"
-
-    @property
-    def lease(self) -> str:
-        """Holding queue whose expired lease messages dead-letter into ``request``."""
-        return f"{self.request}.lease"
-
-
-def queue_names(settings: Settings, op: str) -> QueueNames:
-    if op == "train":
-        return QueueNames(op, settings.train_request_queue, settings.train_update_queue, settings.train_result_queue)
-    if op == "convert":
-        return QueueNames(
-            op, settings.convert_request_queue, settings.convert_update_queue, settings.convert_result_queue
-        )
-    if op == "infer":
-        return QueueNames(op, settings.infer_request_queue, None, settings.infer_result_queue)
-    raise ValueError(f"unknown operation {op!r}")
+def queue_names(settings: Settings, op: str, operations: Registry = OPERATIONS) -> QueueNames:
+    """The queues of ``op`` as ``settings`` name them (``ValueError`` for an unknown one)."""
+    return operations[op].queues(settings)
 
 
 def routing_key(op: str, kind: str, job_id: str) -> str:
@@ -134,9 +105,11 @@ class Topology:
     declare) with one warning per queue and process, never a crash loop.
     """
 
-    def __init__(self, settings: Settings, ops: Iterable[str] = OPERATION_QUEUES) -> None:
+    def __init__(self, settings: Settings, ops: Iterable[str] | None = None, *,
+                 operations: Registry = OPERATIONS) -> None:
         self.settings = settings
-        self.ops = tuple(ops)
+        self.operations = operations
+        self.ops = operations.names() if ops is None else tuple(ops)
         self._warned: set[str] = set()
 
     def declare(self, connection: pika.BlockingConnection) -> None:
@@ -147,7 +120,7 @@ class Topology:
             channel.exchange_declare(s.control_exchange, "fanout", durable=True)
             channel.exchange_declare(s.dead_letter_exchange, "direct", durable=True)
             for op in self.ops:
-                names = queue_names(s, op)
+                names = queue_names(s, op, self.operations)
                 channel = self._queue(connection, channel, names.request, self.request_arguments(names))
                 channel = self._queue(connection, channel, names.dlq, self.dlq_arguments())
                 channel.queue_bind(names.dlq, s.dead_letter_exchange, routing_key=names.request)

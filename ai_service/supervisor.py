@@ -26,19 +26,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-OPS = ("train", "convert", "infer")
+from ai_service.registry import OPERATIONS
+
+OPS = OPERATIONS.names()
 #: METRICS_PORT = base + GPU index (or CPU worker number): 91nn, 92nn, 93nn.
-METRICS_PORT_BASE = {"train": 9100, "convert": 9200, "infer": 9300}
+METRICS_PORT_BASE = {spec.name: spec.supervision.metrics_port_base for spec in OPERATIONS}
 #: HTTP_PORT (the worker's HTTP API, README "HTTP") likewise: 81nn, 82nn, 83nn.
-HTTP_PORT_BASE = {"train": 8100, "convert": 8200, "infer": 8300}
+HTTP_PORT_BASE = {spec.name: spec.supervision.http_port_base for spec in OPERATIONS}
 MAX_INDEX = 99
 #: How long a warm stop may take before supervisord kills (see README "Operations").
-STOPWAITSECS = {"train": 60, "convert": 600, "infer": 30}
-STOP_NOTES = {
-    "train": "warm stop: abort within one batch, hand the job back, flush the publisher (<= 15 s)",
-    "convert": "an export in progress is finished (TensorRT builds can take minutes)",
-    "infer": "in-flight requests are answered first",
-}
+STOPWAITSECS = {spec.name: spec.supervision.stop_wait_seconds for spec in OPERATIONS}
+STOP_NOTES = {spec.name: spec.supervision.stop_note for spec in OPERATIONS}
 DEFAULT_OUTPUT = Path("supervisor.d") / "workers.conf"
 NVIDIA_SMI_TIMEOUT = 15.0
 
@@ -242,9 +240,7 @@ HEADER = """\
 ; (`update` restarts group ai, each worker stopping warmly.)  See README "Operations".
 ;
 ; {how}
-; train:   {train}
-; convert: {convert}
-; infer:   {infer}
+{placements}
 ;
 ; %(here)s is this file's directory (supervisor.d/): %(here)s/.. is the checkout.
 ; Worker <op>-gpu<n> sees only GPU n (CUDA_VISIBLE_DEVICES=n, nvidia-smi's numbering);
@@ -281,7 +277,8 @@ def render(layout: Mapping[str, Placement], how: str) -> str:
     processes = slots(layout)
     if not processes:
         raise GpuListError("nothing to run: every operation is `none`")
-    parts = [HEADER.format(how=how, **{op: layout.get(op, Placement()).describe() for op in OPS})]
+    placements = "\n".join(f"; {op + ':':<8} {layout.get(op, Placement()).describe()}" for op in OPS)
+    parts = [HEADER.format(how=how, placements=placements)]
     parts.append("[group:ai]\nprograms=" + ",".join(s.name for s in processes) + "\n")
     for slot in processes:
         parts.append(PROGRAM.format(name=slot.name, op=slot.op, cuda=slot.cuda_visible_devices,

@@ -3,8 +3,12 @@ connections to RabbitMQ and storage with their failures mapped to exit codes."""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
@@ -42,9 +46,6 @@ exit codes (stable, for scripts):
   8    no worker consumes the train request queue (demo --no-wait)
   130  interrupted (Ctrl-C); a job already submitted goes on
 """
-
-OP_WORDS = {"train": "training", "convert": "conversion", "infer": "inference"}
-
 
 class CommandError(Exception):
     """Ends a command with ``code`` after printing ``message`` on stderr."""
@@ -103,3 +104,33 @@ def open_storage(settings: Settings) -> Any:
 def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
 
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a BE-side command; map the error families to exit codes."""
+    logging.basicConfig(level=logging.WARNING, format="ai-service: %(message)s")
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    func: Callable[..., ExitCode] = args.func
+    try:
+        if getattr(args, "needs_settings", True):
+            try:
+                settings = Settings.from_env()
+            except ConfigError as exc:
+                raise CommandError(ExitCode.USAGE, f"configuration error: {exc}") from None
+            return int(func(args, settings))
+        return int(func(args))
+    except CommandError as exc:
+        err(f"ai-service: {exc.message}")
+        return int(exc.code)
+    except AuthenticationFailed as exc:
+        err(f"ai-service: RabbitMQ refused the credentials: {exc.message}")
+        return int(ExitCode.BROKER)
+    except BrokerError as exc:
+        err(f"ai-service: RabbitMQ: {exc.message}")
+        return int(ExitCode.BROKER)
+    except KeyboardInterrupt:
+        err("\nai-service: interrupted")
+        return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        # stdout went away (`| head`): not an error of ours; keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(ExitCode.OK)

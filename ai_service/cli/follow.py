@@ -9,10 +9,11 @@ import time
 import uuid
 from typing import Any
 
-from ai_service.cli.base import OP_WORDS, CommandError, ExitCode, err
+from ai_service.cli.base import CommandError, ExitCode, err
 from ai_service.config import Settings
 from ai_service.errors import BrokerError
 from ai_service.messages import TERMINAL_TYPES
+from ai_service.registry import OPERATIONS
 
 
 def declare(client: Any, op: str) -> None:
@@ -81,7 +82,7 @@ def request_reply(client: Any, op: str, body: bytes, job_id: str, timeout: float
     reply_to = client.reply_queue()
     correlation_id = uuid.uuid4().hex
     client.submit(op, body, job_id, reply_to=reply_to, correlation_id=correlation_id)
-    err(f"submitted {OP_WORDS[op]} job {job_id}; waiting for the result")
+    err(f"submitted {OPERATIONS[op].word} job {job_id}; waiting for the result")
     return follow(client, reply_to, job_id, timeout, correlation_id=correlation_id)
 
 
@@ -99,7 +100,7 @@ def submit_http(base: str, op: str, body: bytes, job_id: str, settings: Settings
         return outcome(str(answer.body["type"]))
     if answer.status in (400, 413) and isinstance(answer.body, dict) and answer.body.get("type"):
         print(json.dumps(answer.body, indent=2, ensure_ascii=False), flush=True)
-        raise CommandError(ExitCode.USAGE, f"invalid {OP_WORDS[op]} request: {answer.body.get('error_message')}")
+        raise CommandError(ExitCode.USAGE, f"invalid {OPERATIONS[op].word} request: {answer.body.get('error_message')}")
     if answer.status != 202:
         detail = answer.body.get("detail") if isinstance(answer.body, dict) else answer.body
         retry = answer.headers.get("Retry-After")
@@ -110,7 +111,7 @@ def submit_http(base: str, op: str, body: bytes, job_id: str, settings: Settings
     if not follow_it:
         print(job_id, flush=True)
         return ExitCode.OK
-    err(f"submitted {OP_WORDS[op]} job {job_id} to {base}")
+    err(f"submitted {OPERATIONS[op].word} job {job_id} to {base}")
     return follow_http(base, job_id, settings.http_token, timeout)
 
 

@@ -20,6 +20,7 @@ from ai_service.config import Settings
 from ai_service.http import openapi
 from ai_service.http.auth import require_token
 from ai_service.metrics import Metrics
+from ai_service.registry import OPERATIONS, Registry
 
 log = logging.getLogger("ai_service.http")
 
@@ -77,14 +78,17 @@ def create_app(
     return app
 
 
-def routers_for(op: str, settings: Settings, resources: Any, **parts: Any) -> list[APIRouter]:
+def routers_for(op: str, settings: Settings, resources: Any, *, operations: Registry = OPERATIONS,
+                **parts: Any) -> list[APIRouter]:
     """The ``/v1`` routers of operation ``op`` in this worker process (``parts``: the
-    worker's ``consumer`` and ``publisher``, for routes that need them)."""
-    if op == "infer":
+    worker's ``consumer`` and ``publisher``, for routes that need them): an RPC operation
+    answers its POST at once, a recorded one has the job routes (submit, status, events)."""
+    spec = operations[op] if op in operations else None
+    if spec is not None and spec.rpc:
         from ai_service.http.infer import infer_router
 
         return [infer_router(settings, resources)]
-    if op in ("train", "convert"):
+    if spec is not None and spec.recorded:
         from ai_service.http.jobs import job_routers
 
         return job_routers(op, settings, resources, **parts)

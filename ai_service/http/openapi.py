@@ -66,11 +66,12 @@ def document() -> dict[str, Any]:
     from ai_service.config import Settings
     from ai_service.http.app import create_app, routers_for
     from ai_service.metrics import Metrics
+    from ai_service.registry import OPERATIONS
 
     settings = Settings()
     combined = APIRouter()
     seen: set[tuple[str, frozenset[str]]] = set()
-    for op in ("train", "convert", "infer"):
+    for op in OPERATIONS.names():
         for router in routers_for(op, settings, None):
             for route in router.routes:
                 key = (getattr(route, "path", ""), frozenset(getattr(route, "methods", None) or ()))
