@@ -28,18 +28,13 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from ai_service.broker import Topology, connect, describe_pika_error, queue_names, routing_key
 from ai_service.config import Settings
-from ai_service.errors import BrokerError, ConnectionClosed
+from ai_service.errors import BrokerError, ConnectionClosed, NotRouted, QueueNotFound
 from ai_service.messages import OPERATIONS, TERMINAL_TYPES, new_message_id, readable_job_id
 
 APP_ID = "ai-service-cli"
 
 
-class NotRouted(BrokerError):
-    """The broker had nowhere to put a message (no such queue, nobody bound)."""
-
-
-class QueueNotFound(BrokerError):
-    """A queue the command needs does not exist on the broker."""
+__all__ = ["BrokerClient", "Event", "NotRouted", "QueueNotFound", "request_queue"]
 
 
 @dataclass

@@ -142,6 +142,8 @@ class Settings:
     # limits and tuning (ours, documented in the README)
     max_message_bytes: int = 16 * 1024 * 1024
     lease_seconds: int = 300
+    retry_backoff_seconds: float = 1.0  # a retryable failure is tried again after this, doubling
+    retry_backoff_max_seconds: float = 30.0  # cap of that backoff
     spool_max_messages: int = 10000
     # SPOOL_MAX_BYTES: the publisher spool's bound in bytes on disk, beside SPOOL_MAX_MESSAGES;
     # once either is reached, publishing waits (or fails with SpoolFull) until the broker is back

@@ -10,13 +10,21 @@ falls in one of three families that decide what happens to a job or a delivery:
 * :class:`RetryableError` -- the world is temporarily broken (broker away, storage
   timing out); the delivery is handed back and tried again.
 
+Beside them, :class:`JobInterrupted` covers the ways a job stops without a failure of its
+own (handed back on a warm shutdown, its lease lost to another worker): no answer, the
+job goes on elsewhere.  What each family means for the delivery and the job is decided
+in one place, :func:`ai_service.consumer.policy.settle`.
+
 Each carries the contract's ``error_code`` and a message safe to show a BE: no secrets,
 no stack traces.
 """
 
 from __future__ import annotations
 
-ERROR_CODES = (
+from typing import Literal, get_args
+
+#: The contract's error codes (CONTRACT.md, ``*_failed.error_code``).
+ErrorCode = Literal[
     "invalid_request",
     "dataset_not_found",
     "dataset_invalid",
@@ -30,13 +38,15 @@ ERROR_CODES = (
     "export_error",
     "inference_error",
     "internal_error",
-)
+]
+
+ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)
 
 
 class AIServiceError(Exception):
     """Root of every error the service raises on purpose."""
 
-    error_code: str = "internal_error"
+    error_code: ErrorCode = "internal_error"
 
     def __init__(self, message: str, *, error_code: str | None = None) -> None:
         super().__init__(message)
@@ -53,19 +63,25 @@ class AIServiceError(Exception):
 class InvalidInput(AIServiceError):
     """The request is malformed or asks for something impossible; never retried."""
 
-    error_code = "invalid_request"
+    error_code: ErrorCode = "invalid_request"
 
 
 class PermanentError(AIServiceError):
     """The job cannot succeed as asked; it ends with a failure message."""
 
-    error_code = "internal_error"
+    error_code: ErrorCode = "internal_error"
 
 
 class RetryableError(AIServiceError):
     """A temporary condition; the job or delivery should be tried again later."""
 
-    error_code = "internal_error"
+    error_code: ErrorCode = "internal_error"
+
+
+class InternalError(PermanentError):
+    """What a bug (an exception outside this tree) is reported as: never its text."""
+
+    error_code: ErrorCode = "internal_error"
 
 
 # --- broker boundary -----------------------------------------------------------------
@@ -83,6 +99,14 @@ class AuthenticationFailed(BrokerError):
     """The broker refused our credentials (ACCESS_REFUSED); back off hard."""
 
 
+class NotRouted(BrokerError):
+    """The broker had nowhere to put a message (no such queue, nobody bound)."""
+
+
+class QueueNotFound(BrokerError):
+    """A queue the command needs does not exist on the broker."""
+
+
 class SpoolFull(RetryableError):
     """The publisher's on-disk spool reached its bound while the broker is away."""
 
@@ -93,13 +117,13 @@ class SpoolFull(RetryableError):
 class StorageError(RetryableError):
     """Storage could not be reached or answered with an unexpected error."""
 
-    error_code = "storage_error"
+    error_code: ErrorCode = "storage_error"
 
 
 class ObjectNotFound(PermanentError):
     """A key (or prefix) that the request names does not exist."""
 
-    error_code = "model_not_found"
+    error_code: ErrorCode = "model_not_found"
 
 
 class UnsafeKey(InvalidInput):
@@ -121,10 +145,18 @@ class UntrustedModel(InvalidInput):
 
 
 class JobCancelled(PermanentError):
-    """The job was cancelled through the control exchange."""
+    """The job was cancelled through the control exchange: it ends ``*_cancelled``."""
 
-    error_code = "cancelled"
+    error_code: ErrorCode = "cancelled"
 
 
-class JobHandedBack(AIServiceError):
+class JobInterrupted(AIServiceError):
+    """The job stops here without an answer; it goes on elsewhere (not a failure)."""
+
+
+class JobHandedBack(JobInterrupted):
     """The worker is shutting down and returns the job for another worker to resume."""
+
+
+class LeaseLost(JobInterrupted):
+    """Another worker took the job over (our lease had expired); stop without a result."""

@@ -8,6 +8,7 @@ once their job is safely recorded elsewhere (long jobs, see ``jobs.py``).
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 from collections.abc import Callable
@@ -21,6 +22,16 @@ from ai_service.metrics import Metrics
 
 if TYPE_CHECKING:
     from ai_service.publisher import Receipt
+
+
+class SettleMode(enum.Enum):
+    """When an operation's delivery is settled (the policy: ``ai_service.consumer.policy``)."""
+
+    #: Short jobs (inference): the delivery is held until the handler ends.
+    AT_END = "at_end"
+    #: Long jobs (training, conversion): acked once the job record is written (``ack_now``);
+    #: from then on the job settles through its record and lease messages.
+    ONCE_RECORDED = "once_recorded"
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,9 @@ class Outbox(Protocol):
 
     def resubmit(self) -> "Receipt":
         """Put this request back in the request queue now (a job handed back)."""
+
+    def retry_later(self, delay_ms: int, *, deliveries: int = 0) -> "Receipt":
+        """Put this request in the holding queue as a new try; it comes back after ``delay_ms``."""
 
     def dead_letter(self) -> "Receipt":
         """Put this request in the request queue's ``.dlq``."""
@@ -138,3 +152,5 @@ class Operation:
     setup: Callable[[Resources], None] | None = None
     #: Called (on a helper thread) for every cancel seen on the control exchange.
     on_cancel: Callable[[str, Resources], None] | None = None
+    #: How its deliveries settle: held to the end, or acked once the job is recorded.
+    settle: SettleMode = SettleMode.AT_END

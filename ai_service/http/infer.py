@@ -93,6 +93,9 @@ class CapturingOutbox:
     def resubmit(self) -> Any:
         return _Settled()
 
+    def retry_later(self, delay_ms: int, *, deliveries: int = 0) -> Any:
+        return _Settled()
+
     def dead_letter(self) -> Any:
         return _Settled()
 

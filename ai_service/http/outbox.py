@@ -174,6 +174,9 @@ class LocalOutbox:
     def resubmit(self) -> Receipt:
         return settled(new_message_id())
 
+    def retry_later(self, delay_ms: int, *, deliveries: int = 0) -> Receipt:
+        return settled(new_message_id())  # resume_unfinished resumes it on the next start
+
     def dead_letter(self) -> Receipt:
         return settled(new_message_id())
 

@@ -60,7 +60,7 @@ from ai_service.config import Settings
 from ai_service.errors import AIServiceError
 from ai_service.jobs import record_cancel
 from ai_service.messages import Artifact, ConversionFailed, ConversionRequest
-from ai_service.operation import JobContext, Operation, Resources
+from ai_service.operation import JobContext, Operation, Resources, SettleMode
 from ai_service.provenance import describe_local, folder_digest
 from workers import yolo
 from workers.conversion.compare import (
@@ -135,6 +135,7 @@ def operation(settings: Settings, *, on_format_done: FormatHook | None = None) -
         prefetch=1,
         setup=setup,
         on_cancel=record_cancel,
+        settle=SettleMode.ONCE_RECORDED,
     )
 
 

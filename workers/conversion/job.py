@@ -15,11 +15,13 @@ from ai_service import tracing
 from ai_service.errors import (
     AIServiceError,
     InvalidInput,
+    JobCancelled,
+    LeaseLost,
     ObjectNotFound,
     PermanentError,
     StorageError,
 )
-from ai_service.jobs import JobRecord, LeaseLost, LongJob
+from ai_service.jobs import JobRecord, LongJob
 from ai_service.jobs import ledger as jobs_ledger
 from ai_service.messages import (
     Artifact,
@@ -100,19 +102,8 @@ class ConversionJob:
                     conversion_time=round(time.monotonic() - self.started, 3),
                 ))
                 ctx.log.info("Conversion completed: %s", ", ".join(a.format for a in self.artifacts))
-        except LeaseLost:
-            ctx.log.warning("Stopped: another worker owns the job now")
-        except BaseException as exc:  # noqa: BLE001 - every failure ends in one terminal message
-            error = self._classify(exc)
-            if error.error_code == "cancelled":
-                ctx.log.info("Cancelled after %d artifact(s)", len(self.artifacts))
-                self.job.finish(record, "cancelled", self._cancelled(record))
-                return
-            ctx.log.warning("Conversion failed: %s: %s", error.error_code, error.message,
-                            exc_info=not isinstance(exc, AIServiceError))
-            self.job.finish(record, "failed", self._failed(record, error))
-            if isinstance(error, InvalidInput):
-                ctx.outbox.dead_letter().wait(30)
+        except BaseException as exc:  # noqa: BLE001 - every outcome goes through the one policy
+            self.job.conclude(record, self._classify(exc), where=f"after {len(self.artifacts)} artifact(s)")
         finally:
             self.job.stop_renewing()
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -159,7 +150,7 @@ class ConversionJob:
         job is finished first (README, Operations) rather than handed back and redone.
         """
         if self.ctx.cancelled.is_set():
-            raise PermanentError("conversion was cancelled", error_code="cancelled")
+            raise JobCancelled("conversion was cancelled")
         if self.job.lost.is_set():
             raise LeaseLost("the job was taken over by another worker")
 

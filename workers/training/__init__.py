@@ -17,7 +17,7 @@ from ai_service.config import Settings
 from ai_service.errors import AIServiceError
 from ai_service.jobs import record_cancel
 from ai_service.messages import TrainingFailed, TrainingRequest
-from ai_service.operation import JobContext, Operation, Resources
+from ai_service.operation import JobContext, Operation, Resources, SettleMode
 from workers import yolo
 from workers.datasets import DatasetError, prepare_dataset
 from workers.training.job import Callbacks, TrainingJob
@@ -59,6 +59,7 @@ def operation(settings: Settings, *, callbacks: Callbacks | None = None) -> Oper
         prefetch=1,
         setup=setup,
         on_cancel=record_cancel,
+        settle=SettleMode.ONCE_RECORDED,
     )
 
 

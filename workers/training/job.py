@@ -12,12 +12,13 @@ from typing import Any
 from ai_service import tracing
 from ai_service.errors import (
     AIServiceError,
-    InvalidInput,
+    JobCancelled,
     JobHandedBack,
+    LeaseLost,
     PermanentError,
     StorageError,
 )
-from ai_service.jobs import JobRecord, LeaseLost, LongJob
+from ai_service.jobs import JobRecord, LongJob
 from ai_service.jobs import ledger as jobs_ledger
 from ai_service.messages import (
     EpochUpdate,
@@ -85,23 +86,9 @@ class TrainingJob:
             ))
             ctx.log.info("Training completed: mAP50 %.3f after %d epochs", final["final_mAP50"],
                          self.progress.current_epoch)
-        except JobHandedBack:
-            self.uploads.settle()  # the next worker resumes from the newest checkpoint
-            self.job.hand_back()
-        except LeaseLost:
-            ctx.log.warning("Stopped: another worker owns the job now")
-        except BaseException as exc:  # noqa: BLE001 - every failure ends in one terminal message
-            self.uploads.settle()
-            error = self._classify(exc)
-            if error.error_code == "cancelled":
-                ctx.log.info("Cancelled at epoch %d", self.progress.current_epoch)
-                self.job.finish(record, "cancelled", self._cancelled(record))
-                return
-            ctx.log.warning("Training failed at epoch %d: %s: %s", self.progress.current_epoch,
-                            error.error_code, error.message, exc_info=not isinstance(exc, AIServiceError))
-            self.job.finish(record, "failed", self._failed(record, error))
-            if isinstance(error, InvalidInput):
-                ctx.outbox.dead_letter().wait(30)
+        except BaseException as exc:  # noqa: BLE001 - every outcome goes through the one policy
+            self.uploads.settle()  # a retry or the next worker resumes from the newest checkpoint
+            self.job.conclude(record, self._classify(exc), where=f"at epoch {self.progress.current_epoch}")
         finally:
             self._end_epoch_span()  # an epoch cut short by an exception
             self.uploads.settle()
@@ -330,7 +317,7 @@ class TrainingJob:
 
     def _stopped_error(self) -> AIServiceError:
         if self.progress.stopped_by == "cancel":
-            return PermanentError("training was cancelled", error_code="cancelled")
+            return JobCancelled("training was cancelled")
         return PermanentError("worker shut down during training", error_code="internal_error")
 
     def _classify(self, exc: BaseException) -> AIServiceError:

@@ -1,0 +1,132 @@
+"""The ledger: reads and writes job records, leases and cancel markers in storage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from ai_service.errors import ObjectNotFound
+from ai_service.jobs.records import (
+    RECORD_PREFIX,
+    JobRecord,
+    cancel_key,
+    checkpoint_key,
+    legacy_record_key,
+    record_key,
+)
+from ai_service.operation import Resources
+from ai_service.storage import Storage
+
+log = logging.getLogger("ai_service.jobs")
+
+
+class Ledger:
+    """Reads and writes job records, leases and cancel markers in storage."""
+
+    def __init__(self, storage: Storage, *, op: str, worker: str, lease_seconds: int,
+                 prefix: str = RECORD_PREFIX) -> None:
+        self.storage = storage
+        self.op = op
+        self.worker = worker
+        self.lease_seconds = lease_seconds
+        self.prefix = prefix
+
+    def checkpoint_key(self, job_id: str, name: str) -> str:
+        return checkpoint_key(self.op, job_id, name, self.prefix)
+
+    def load(self, job_id: str) -> JobRecord | None:
+        try:
+            raw = self.storage.read_bytes(record_key(self.op, job_id, self.prefix))
+        except ObjectNotFound:
+            return self._load_legacy(job_id)
+        try:
+            return JobRecord.from_json(raw)
+        except (ValueError, TypeError) as exc:
+            log.error("[Handler] [%s] Unreadable job record (%s); treating the job as new", job_id, exc)
+            return None
+
+    def _load_legacy(self, job_id: str) -> JobRecord | None:
+        """A record an older release wrote, if it is this operation's (saved per operation next)."""
+        try:
+            record = JobRecord.from_json(self.storage.read_bytes(legacy_record_key(job_id, self.prefix)))
+        except (ObjectNotFound, ValueError, TypeError):
+            return None
+        return record if record.op == self.op else None
+
+    def save(self, record: JobRecord) -> None:
+        record.updated = time.time()
+        self.storage.write_bytes(record_key(self.op, record.job_id, self.prefix), record.to_json())
+
+    def take(self, record: JobRecord) -> JobRecord:
+        """Become the owner of ``record`` for a new attempt with a fresh lease.
+
+        A job handed back by a warm shutdown does not count as a failed attempt.
+        """
+        if record.status != "handed_back":
+            record.attempt += 1
+        record.owner = self.worker
+        record.token = uuid.uuid4().hex
+        record.status = "running"
+        record.lease_expires = time.time() + self.lease_seconds
+        self.save(record)
+        return record
+
+    def still_ours(self, record: JobRecord) -> bool:
+        """Read the record back: did another worker take the job since we wrote it?"""
+        current = self.load(record.job_id)
+        return current is not None and current.token == record.token and not current.finished
+
+    def renew(self, record: JobRecord) -> bool:
+        """Extend our lease; False when the job is no longer ours (taken over or ended)."""
+        current = self.load(record.job_id)
+        if current is None or current.token != record.token or current.finished:
+            return False
+        record.lease_expires = time.time() + self.lease_seconds
+        self.save(record)
+        return True
+
+    def hand_back(self, record: JobRecord, *, status: str = "handed_back") -> bool:
+        """Give the job up: the next worker may take it at once.
+
+        ``handed_back`` (warm shutdown) does not count as a failed attempt when taken
+        again; ``retrying`` (a retryable failure) does.  False when it was not ours.
+        """
+        current = self.load(record.job_id)
+        if current is not None and current.token != record.token:
+            return False
+        record.status = status
+        record.owner = None
+        record.token = None  # its lease message is stale now; the resubmitted request takes over
+        record.lease_expires = 0.0
+        self.save(record)
+        return True
+
+    def finish(self, record: JobRecord, status: str, terminal: dict[str, Any], message_id: str) -> None:
+        record.status = status
+        record.terminal = terminal
+        record.terminal_message_id = message_id
+        record.lease_expires = 0.0
+        self.save(record)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.storage.stat(cancel_key(job_id, self.prefix)) is not None
+
+    def request_cancel(self, job_id: str) -> None:
+        self.storage.write_bytes(cancel_key(job_id, self.prefix), json.dumps({"requested": time.time()}).encode())
+
+
+def record_cancel(job_id: str, resources: Resources) -> None:
+    """``Operation.on_cancel`` for long jobs: leave a marker any worker will honour,
+    also when no worker runs the job right now (cancelled before start, or while its
+    worker is gone)."""
+    settings = resources.settings
+    ledger(resources.storage, settings, op="").request_cancel(job_id)
+
+
+def ledger(storage: Storage, settings: Any, *, op: str) -> Ledger:
+    """The ledger of ``op`` with this worker's name, lease period and ``JOBS_PREFIX``."""
+    return Ledger(storage, op=op, worker=settings.worker_name, lease_seconds=settings.lease_seconds,
+                  prefix=settings.jobs_prefix)
