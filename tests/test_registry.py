@@ -1,0 +1,137 @@
+"""The operation registry: every list of operations is built from it, and a fake fourth
+operation (``echo``, tests/support/echo_operation.py) added only through its spec gets
+its topology on the real broker, its CLI subcommands, its AsyncAPI channels and its
+worker dispatch."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import typing
+from collections.abc import Iterator
+
+import pika
+import pika.exceptions
+import pytest
+
+from ai_service import asyncapi, messages, supervisor
+from ai_service.broker import Topology, connect, queue_names
+from ai_service.cli import WORKER_MODULES, build_parser, main
+from ai_service.cli.payloads import build_request, check_request
+from ai_service.cli.worker import load_operation
+from ai_service.config import Settings
+from ai_service.registry import OPERATIONS, Registry, UnknownOperation
+from tests.support.amqp import BrokerNames
+from tests.support.echo_operation import ECHO, EchoRequest
+
+WITH_ECHO = OPERATIONS.plus(ECHO)
+
+
+def test_the_service_runs_train_convert_and_infer_in_that_order() -> None:
+    assert OPERATIONS.names() == ("train", "convert", "infer")
+    assert OPERATIONS.recorded() == ("train", "convert")
+    assert [spec.name for spec in OPERATIONS if spec.rpc] == ["infer"]
+
+
+def test_every_list_of_operations_is_the_registry() -> None:
+    names = OPERATIONS.names()
+    assert supervisor.OPS == names
+    assert WORKER_MODULES == {"train": "workers.training", "convert": "workers.conversion",
+                              "infer": "workers.inference"}
+    # The models cannot import the registry (it imports them): their lists must agree with it.
+    assert messages.OPERATIONS == names
+    assert typing.get_args(messages.WorkerHeartbeat.model_fields["operation"].annotation) == names
+    terminal = {doc.model.model_fields["type"].default for spec in OPERATIONS for doc in spec.results}
+    assert terminal == messages.TERMINAL_TYPES
+
+
+def test_queue_names_come_from_the_settings_the_spec_names() -> None:
+    settings = Settings(train_request_queue="t.req", convert_update_queue="c.upd", infer_result_queue="i.res")
+    assert queue_names(settings, "train").request == "t.req"
+    assert queue_names(settings, "convert").update == "c.upd"
+    infer = queue_names(settings, "infer")
+    assert (infer.update, infer.result, infer.dlq, infer.lease) == (None, "i.res", "infer_request_q.dlq",
+                                                                   "infer_request_q.lease")
+    with pytest.raises(UnknownOperation, match="unknown operation 'echo'"):
+        queue_names(settings, "echo")
+    with pytest.raises(ValueError, match="unknown operation"):
+        OPERATIONS["nope"]
+
+
+def test_a_registry_keeps_its_order_and_plus_appends() -> None:
+    assert WITH_ECHO.names() == ("train", "convert", "infer", "echo")
+    assert "echo" in WITH_ECHO
+    assert "echo" not in OPERATIONS
+    assert len(Registry(())) == 0
+
+
+@pytest.fixture
+def echo_settings(names: BrokerNames) -> Iterator[Settings]:
+    settings = names.settings()
+    yield settings
+    echo = ECHO.queues(settings)
+    with contextlib.suppress(pika.exceptions.AMQPError), contextlib.closing(
+        connect(settings, client_name="test-registry-cleanup")
+    ) as connection:
+        channel = connection.channel()
+        for queue in (echo.request, echo.dlq, echo.lease, echo.result):
+            channel.queue_delete(queue)
+
+
+def test_a_fake_operation_gets_its_queues_and_bindings_on_the_real_broker(echo_settings: Settings) -> None:
+    echo = ECHO.queues(echo_settings)
+    with contextlib.closing(connect(echo_settings, client_name="test-registry")) as connection:
+        Topology(echo_settings, operations=WITH_ECHO).declare(connection)
+        channel = connection.channel()
+        for queue in (echo.request, echo.dlq, echo.lease, echo.result):
+            channel.queue_declare(queue, passive=True)  # raises 404 when missing
+        # no update queue: the spec has no update messages
+        assert echo.update is None
+        channel.confirm_delivery()
+        channel.basic_publish(echo_settings.events_exchange, "echo.result.e1", b'{"type": "echo_completed"}',
+                              mandatory=True)
+        channel.basic_publish(echo_settings.dead_letter_exchange, echo.request, b"{}", mandatory=True)
+        for queue, body in ((echo.result, b'{"type": "echo_completed"}'), (echo.dlq, b"{}")):
+            method, _, got = channel.basic_get(queue, auto_ack=True)
+            assert method is not None and got == body, queue
+
+
+def test_the_cli_builds_and_validates_a_fake_operations_request_from_its_form(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = build_parser(WITH_ECHO)
+    args = parser.parse_args(["submit", "echo", "--text", "hi", "--job-id", "e1"])
+    assert args.spec is ECHO
+    payload = build_request(args, ECHO)
+    assert payload == {"job_id": "e1", "text": "hi"}
+    assert json.loads(check_request(ECHO, payload, Settings())) == payload
+    assert parser.parse_args(["worker", "echo"]).op == "echo"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "echo"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["dlq", "--help"])
+    assert "(train, convert, infer, echo)" in capsys.readouterr().out
+
+
+def test_the_asyncapi_document_of_a_fake_operation_has_its_channels_and_messages(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    doc = asyncapi.document(None, WITH_ECHO)
+    assert doc["channels"]["echoRequests"]["address"] == "ai.events.echo_request_q"
+    assert doc["channels"]["echoResults"]["address"] == "echo.result.{job_id}"
+    assert "echoUpdates" not in doc["channels"]
+    assert doc["components"]["messages"]["echoRequest"]["name"] == "echo_request"
+    assert doc["components"]["messages"]["echoCompleted"]["examples"][0]["payload"]["text"] == "hello"
+    assert "EchoRequest" in doc["components"]["schemas"]
+    assert "receiveEchoRequest" in doc["operations"]
+    assert "(`op` = train, convert, infer or echo)" in doc["info"]["description"]
+    assert main(["asyncapi"], operations=WITH_ECHO) == 0
+    assert "echoRequests:" in capsys.readouterr().out
+    assert "echo" not in asyncapi.render()  # the default document is untouched
+
+
+def test_the_worker_dispatch_loads_a_fake_operation_from_its_module() -> None:
+    operation = load_operation(ECHO, Settings())
+    assert operation.name == "echo"
+    assert operation.request_model is EchoRequest
