@@ -23,10 +23,11 @@ def declare(client: Any, op: str) -> None:
 
 
 def warn_if_no_worker(client: Any, settings: Settings, op: str) -> int | None:
+    """The request queue's consumers (None: unknown); says so on stderr when there are none."""
     from ai_service.broker import queue_names
 
     queue = queue_names(settings, op).request
-    consumers = client.consumer_count(queue)
+    consumers: int | None = client.consumer_count(queue)
     if not consumers:
         err(f"ai-service: no worker is consuming {queue!r} yet: the job waits there until one starts "
             f"(start one with `make run` or `make run-{op}-worker`)")
