@@ -16,6 +16,7 @@ from tests.support.amqp import BE, Received
 from tests.support.s3 import S3Server
 
 TRAIN_WORKER = "tests.support.training_worker"
+SHORT_S3_TRAIN_WORKER = "tests.support.short_s3_training_worker"
 EPOCH_FIELDS = {"type", "job_id", "status", "current_epoch", "total_epochs", "progress", "metrics", "timestamp"}
 METRIC_FIELDS = {"train_loss", "mAP50", "box_loss", "cls_loss", "dfl_loss"}
 
@@ -181,22 +182,34 @@ def test_the_oom_failure_carries_the_last_finished_epoch_and_its_metrics(
     assert "batch" in failed["error_message"]
 
 
-def test_s3_going_away_mid_job_ends_with_storage_error_and_the_worker_goes_on(
+def test_s3_paused_for_30_s_mid_training_resumes_from_its_checkpoint_and_completes_once(
     be: BE, start_worker: WorkerFactory, s3_server: S3Server, s3_bucket: str, s3_storage: Storage,
     shapes_dir: Path,
 ) -> None:
+    """A retryable StorageError of a recorded job hands it back through RabbitMQ (the
+    holding queue) with a backoff: it resumes from its checkpoint, never training_failed."""
     s3_storage.upload_dir(shapes_dir, "datasets/shapes")
-    env = {**s3_server.env(), "STORAGE_BACKEND": "s3", "S3_BUCKET": s3_bucket, "AWS_MAX_ATTEMPTS": "2"}
-    worker = start_worker(module=TRAIN_WORKER, env=env)
-    be.send_train(train_request("s3gone", epochs=6))
+    env = {**s3_server.env(), "STORAGE_BACKEND": "s3", "S3_BUCKET": s3_bucket, "TEST_S3_TIMEOUT": "5",
+           "LEASE_SECONDS": "4", "RETRY_BACKOFF_SECONDS": "1", "RETRY_BACKOFF_MAX_SECONDS": "4",
+           "RABBITMQ_DELIVERY_LIMIT": "10"}
+    worker = start_worker(module=SHORT_S3_TRAIN_WORKER, env=env)
+    be.send_train(train_request("s3pause", epochs=3))
+    seen: list[Received] = []
     be.wait_for(be.settings.train_update_queue,
-                lambda m: m.body["job_id"] == "s3gone" and m.body.get("current_epoch") == 1, timeout=120)
-    s3_server.stop()
-    try:
-        failed = be.terminal(be.settings.train_result_queue, "s3gone", timeout=180).body
-    finally:
-        s3_server.start()
-    assert failed["error_code"] == "storage_error", failed
+                lambda m: m.body["job_id"] == "s3pause" and m.body.get("current_epoch") == 1, timeout=120,
+                collected=seen)
+    with s3_server.paused():  # SIGSTOP: connections are accepted, nothing answers
+        be.connection.sleep(30)
+    updates, result = follow(be, "s3pause", timeout=240)
+    updates = [m for m in seen if m.body["job_id"] == "s3pause"] + updates
+    assert result.type == "training_completed", result.body
+    log = worker.log()
+    assert "Retryable failure" in log, "the pause never reached the job"
+    starts = [u.body for u in updates if u.type == "training_started"]
+    assert len(starts) >= 2 and starts[-1]["resumed_from_epoch"] >= 1, starts
+    assert {u.body["current_epoch"] for u in updates if u.type == "epoch_update"} == {1, 2, 3}
+    be.connection.sleep(2)  # a second terminal message would be right behind the first
+    assert be.drain(be.settings.train_result_queue) == [], "exactly one terminal message, no training_failed"
     be.send_train(train_request("s3back", epochs=1))
     assert be.terminal(be.settings.train_result_queue, "s3back", timeout=120).type == "training_completed"
     assert worker.alive
