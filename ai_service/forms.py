@@ -65,6 +65,7 @@ def key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
 
 
 def training_arguments(g: Group) -> None:
+    """The flags of ``submit train``."""
     g.add_argument("--dataset", metavar="PREFIX", help="storage prefix of the dataset (with data.yaml)")
     g.add_argument("--dataset-name", help="dataset name (default: the prefix's last segment)")
     g.add_argument("--model", help="model architecture, e.g. yolov8n (default yolov8n)")
@@ -79,6 +80,7 @@ def training_arguments(g: Group) -> None:
 
 
 def training_payload(args: argparse.Namespace, job_id: str) -> dict[str, Any]:
+    """A training request from the flags, with the contract's defaults."""
     if not args.dataset:
         raise InvalidInput("submit train needs --dataset PREFIX (or --file)")
     name = args.dataset_name or args.dataset.rstrip("/").rsplit("/", 1)[-1] or "dataset"
@@ -117,6 +119,7 @@ TRAINING = SubmitForm(
 
 
 def conversion_arguments(g: Group) -> None:
+    """The flags of ``submit convert``."""
     g.add_argument("--model-path", help="storage key of the .pt weights")
     g.add_argument("--formats", help="comma-separated export formats (default onnx), e.g. onnx,torchscript")
     g.add_argument("--output-prefix", help="storage prefix for the exports (default <model dir>/exports)")
@@ -130,6 +133,7 @@ def conversion_arguments(g: Group) -> None:
 
 
 def conversion_payload(args: argparse.Namespace, job_id: str) -> dict[str, Any]:
+    """A conversion request from the flags (formats default to onnx)."""
     if not args.model_path:
         raise InvalidInput("submit convert needs --model-path KEY (or --file)")
     formats = [f.strip() for f in (args.formats or "onnx").split(",") if f.strip()]
@@ -165,6 +169,7 @@ CONVERSION = SubmitForm(
 
 
 def inference_arguments(g: Group) -> None:
+    """The flags of ``submit infer``."""
     g.add_argument("--model-path", help="storage key of the model (.pt or an exported artifact)")
     g.add_argument("--image", dest="images", action="append", type=lambda s: ("path", s), metavar="KEY",
                    help="storage key of an image; repeatable")
@@ -191,6 +196,7 @@ def _images(given: list[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def inference_payload(args: argparse.Namespace, job_id: str) -> dict[str, Any]:
+    """An inference request; local image files are sent inline (base64)."""
     if not args.model_path:
         raise InvalidInput("submit infer needs --model-path KEY (or --file)")
     if not args.images:

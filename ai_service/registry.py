@@ -86,11 +86,13 @@ class OperationSpec:
     request_note: str = field(default="")
 
     def queues(self, settings: Settings) -> QueueNames:
+        """The operation's queues as ``settings`` name them."""
         request, update, result = self.queue_settings(settings)
         return QueueNames(self.name, request, update, result)
 
     @property
     def has_update_queue(self) -> bool:
+        """Progress messages have a queue of their own (inference answers only)."""
         return bool(self.updates)
 
     @property
@@ -100,6 +102,7 @@ class OperationSpec:
 
     @property
     def messages(self) -> tuple[MessageDoc, ...]:
+        """Request, updates, results: the AsyncAPI document's order."""
         return (self.request, *self.updates, *self.results)
 
 
@@ -129,6 +132,7 @@ class Registry:
             raise UnknownOperation(f"unknown operation {name!r}") from None
 
     def names(self) -> tuple[str, ...]:
+        """The operation names, in order."""
         return tuple(self._specs)
 
     def recorded(self) -> tuple[str, ...]:

@@ -86,6 +86,7 @@ def check_job_id(value: str) -> str:
 
 
 def new_job_id(op: str) -> str:
+    """A fresh job id, ``<op>-`` and 12 hex digits: unique without asking anyone."""
     return f"{op}-{uuid.uuid4().hex[:12]}"
 
 
@@ -102,6 +103,7 @@ def open_storage(settings: Settings) -> Any:
 
 
 def iso(ts: float | None) -> str | None:
+    """A Unix time as ISO 8601 UTC (to the second), None for none."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
 
 

@@ -12,6 +12,7 @@ from ai_service.registry import Registry
 
 
 def add_dlq(sub: Any, fmt: type[argparse.HelpFormatter], operations: Registry) -> None:
+    """``dlq list`` and ``dlq replay``; QUEUE is an operation of the registry or a queue name."""
     p = sub.add_parser(
         "dlq", help="list or replay dead-lettered requests", formatter_class=fmt,
         description=f"QUEUE is an operation ({', '.join(operations.names())}) or a request queue's name;\n"
@@ -46,6 +47,7 @@ def add_dlq(sub: Any, fmt: type[argparse.HelpFormatter], operations: Registry) -
 
 
 def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> ExitCode:
+    """Show the dead letters without losing them (each is returned to the queue)."""
     from ai_service.client import QueueNotFound, request_queue
 
     queue = request_queue(settings, args.queue)
@@ -73,6 +75,7 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> ExitCode:
 
 
 def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> ExitCode:
+    """Re-publish the chosen dead letters; each leaves the .dlq only once its copy is confirmed."""
     from ai_service.client import QueueNotFound, request_queue
 
     queue = request_queue(settings, args.queue)

@@ -12,6 +12,7 @@ from ai_service.config import ConfigError, Settings
 
 
 def add_documents(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """``asyncapi``, ``openapi`` and ``supervisor-config``: files generated from the code."""
     p = _document_parser(
         sub, fmt, "asyncapi", "print the AsyncAPI 3.0 document of the message contract",
         "Generate the AsyncAPI 3.0.0 document (docs/asyncapi.yaml) from the pydantic\n"
@@ -45,6 +46,7 @@ def _add_supervisor_config(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     from ai_service.supervisor import DEFAULT_OUTPUT, OPS, parse_gpus
 
     def gpus(text: str) -> Any:
+        """A GPU list as argparse sees it: a bad one is a usage error naming the flag."""
         from ai_service.supervisor import GpuListError
 
         try:
@@ -73,12 +75,14 @@ def _add_supervisor_config(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
 
 
 def cmd_openapi(args: argparse.Namespace) -> ExitCode:
+    """The OpenAPI document of every operation's HTTP routes."""
     from ai_service.http.openapi import render
 
     return write_document(render(), args, "openapi")
 
 
 def cmd_asyncapi(args: argparse.Namespace) -> ExitCode:
+    """The AsyncAPI document of the registry's operations (``--env``: this environment's names)."""
     from ai_service.asyncapi import render
 
     settings = None
@@ -112,6 +116,7 @@ def write_document(text: str, args: argparse.Namespace, command: str) -> ExitCod
 
 
 def cmd_supervisor_config(args: argparse.Namespace) -> ExitCode:
+    """Write (or print) supervisord's programs: one per operation and GPU."""
     from ai_service.supervisor import DEFAULT_OUTPUT, OPS, GpuListError, build_layout, render, slots, write_atomically
 
     given = {op: getattr(args, f"{op}_gpus") for op in OPS}

@@ -17,6 +17,7 @@ from ai_service.registry import OPERATIONS
 
 
 def declare(client: Any, op: str) -> None:
+    """Declare the operation's topology; a queue declared otherwise is used as it is."""
     problem = client.declare((op,))
     if problem:
         err(f"ai-service: note: could not declare the queues ({problem}); using them as they are")
@@ -35,6 +36,7 @@ def warn_if_no_worker(client: Any, settings: Settings, op: str) -> int | None:
 
 
 def outcome(message_type: str) -> ExitCode:
+    """The exit code of a terminal message type."""
     if message_type.endswith("_completed"):
         return ExitCode.OK
     if message_type.endswith("_cancelled"):
@@ -80,6 +82,7 @@ def follow(client: Any, queue: str, job_id: str, timeout: float | None,
 
 
 def request_reply(client: Any, op: str, body: bytes, job_id: str, timeout: float | None) -> ExitCode:
+    """Publish with ``reply_to`` (a queue of ours) and wait for the answer (RPC)."""
     reply_to = client.reply_queue()
     correlation_id = uuid.uuid4().hex
     client.submit(op, body, job_id, reply_to=reply_to, correlation_id=correlation_id)

@@ -15,6 +15,7 @@ from ai_service.registry import Registry, listed
 
 
 def add_status(sub: Any, fmt: type[argparse.HelpFormatter], operations: Registry) -> None:
+    """``status JOB [--op OP]``: the recorded operations of the registry."""
     recorded = operations.recorded()
     words = listed((operations[op].word for op in recorded), "and")
     p = sub.add_parser(
@@ -33,6 +34,7 @@ def add_status(sub: Any, fmt: type[argparse.HelpFormatter], operations: Registry
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> ExitCode:
+    """Print the job record (and whether a cancel is marked) as text or JSON."""
     from ai_service.jobs import JobRecord
 
     job_id = check_job_id(args.job_id)

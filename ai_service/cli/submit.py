@@ -51,6 +51,7 @@ def _common_flags() -> argparse.ArgumentParser:
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> ExitCode:
+    """Validate and publish the request; with --follow (or RPC) wait for its end."""
     spec: OperationSpec = args.spec
     op = spec.name
     payload = build_request(args, spec)
@@ -75,6 +76,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> ExitCode:
 
 
 def add_cancel(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """``cancel JOB [--record]``."""
     p = sub.add_parser(
         "cancel", help="cancel a job (the contract's cancel message on CONTROL_EXCHANGE)", formatter_class=fmt,
         description="Publish {\"type\": \"cancel\", \"job_id\": JOB} to the control exchange (fanout).\n"
@@ -90,6 +92,7 @@ def add_cancel(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> ExitCode:
+    """Publish the cancel (and with --record write the marker a later worker finds)."""
     job_id = check_job_id(args.job_id)
     Cancel(type="cancel", job_id=job_id)  # the contract's shape, checked
     if args.record:

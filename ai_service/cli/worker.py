@@ -26,6 +26,7 @@ WORKER_MODULES = {spec.name: spec.worker_module for spec in OPERATIONS}
 
 
 def add_worker(sub: Any, operations: Registry) -> None:
+    """``worker OP``: one of the registry's operations."""
     worker = sub.add_parser(
         "worker", help="run one worker process (what supervisord runs)",
         description="Consume the operation's request queue until SIGTERM (warm stop) or a second signal.",
@@ -41,6 +42,7 @@ def load_operation(spec: OperationSpec, settings: Settings) -> Operation:
 
 
 def cmd_worker(args: argparse.Namespace, operations: Registry = OPERATIONS) -> int:
+    """Run the spec's worker until it stops; exit 2 on bad configuration."""
     spec = operations[args.op]
     try:
         settings = Settings.from_env().for_program(spec.name)

@@ -13,6 +13,7 @@ from ai_service.config import Settings
 
 
 def add_workers(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """``workers [--wait S] [--json]``."""
     p = sub.add_parser(
         "workers", help="list the running workers, from their heartbeats", formatter_class=fmt,
         description="Bind an exclusive, auto-delete queue of our own to EVENTS_EXCHANGE with `worker.#`,\n"
