@@ -27,7 +27,11 @@ help:
 	@echo "                    pins it can, UPGRADE=1 moves everything to the newest allowed; commit the result"
 	@echo "make lint | typecheck | install | clean"
 
-install: $(STAMP) $(WORKERS_CONF)
+install: $(STAMP) $(WORKERS_CONF) /usr/bin/chromium
+
+# The dashboard's browser test drives Debian's chromium through Playwright (no browser download).
+/usr/bin/chromium:
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # Written once, when missing (a fresh clone): one worker of each kind per GPU nvidia-smi lists, else
 # one of each on the CPU. To change the split, rerun `ai-service supervisor-config` (README).
@@ -89,10 +93,11 @@ soak: install rabbitmq
 
 run: install rabbitmq
 	@mkdir -p logs $(STORAGE_DIR) $(WORK_DIR)
-	@echo "Starting every worker under supervisord (Ctrl-C stops them warmly)."
+	@echo "Starting every worker and the dashboard under supervisord (Ctrl-C stops them warmly)."
 	@echo "  programs: $(WORKERS_CONF) (the GPU split: rerun $(BIN)/ai-service supervisor-config to change it)"
 	@echo "  status: $(BIN)/supervisorctl -c $(CONF) status   logs: logs/   storage: $(STORAGE_DIR)"
 	@echo "  try it: $(BIN)/ai-service demo"
+	@sed -n 's|^command=.*ai-service dashboard --port \([0-9]*\).*|  dashboard: http://127.0.0.1:\1/ (workers, jobs, live training curves, queues)|p' $(CONF)
 	@echo "  HTTP (README \"HTTP\"; /healthz /readyz /metrics /openapi.json /v1/...):"
 	@awk '/^\[program:/ { name = substr($$0, 10, length($$0) - 10) } \
 	     match($$0, /HTTP_PORT="[0-9]+"/) { print "    " name ": http://127.0.0.1:" substr($$0, RSTART + 11, RLENGTH - 12) }' \

@@ -116,8 +116,9 @@ def test_an_8_gpu_split_gives_every_program_its_own_gpu_port_and_worker_name(tmp
     (tmp_path / "deploy" / "logs").mkdir()
     options = ServerOptions()
     options.realize(args=["-c", str(tmp_path / "deploy" / "supervisord.conf")])
-    (group,) = options.process_group_configs
-    assert group.name == "ai"
+    groups = {g.name: g for g in options.process_group_configs}
+    assert set(groups) == {"ai", "dashboard"}  # the workers, and supervisord.conf's own dashboard program
+    group = groups["ai"]
     deploy = tmp_path / "deploy"
     loaded = {p.name: p for p in group.process_configs}
     assert set(loaded) == set(got)
