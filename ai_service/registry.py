@@ -131,6 +131,10 @@ class Registry:
         except KeyError:
             raise UnknownOperation(f"unknown operation {name!r}") from None
 
+    def get(self, name: str) -> OperationSpec | None:
+        """The spec of ``name``, or None for a name no spec has."""
+        return self._specs.get(name)
+
     def names(self) -> tuple[str, ...]:
         """The operation names, in order."""
         return tuple(self._specs)

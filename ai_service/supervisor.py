@@ -159,23 +159,7 @@ def detect_gpus(env: Mapping[str, str] | None = None, run: Runner = _run) -> Det
     smi = shutil.which("nvidia-smi", path=env.get("PATH", os.defpath))
     if smi is None:
         return Detection((), "no nvidia-smi on PATH: CPU-only")
-    found: dict[int, str] = {}  # index -> uuid ("" when unknown)
-    problems: list[str] = []
-    try:
-        for line in run([smi, "--query-gpu=index,uuid,name", "--format=csv,noheader"]).splitlines():
-            fields = [f.strip() for f in line.split(",")]
-            if fields and fields[0].isdigit():
-                found[int(fields[0])] = fields[1] if len(fields) > 1 else ""
-    except (OSError, subprocess.SubprocessError) as exc:
-        problems.append(f"--query-gpu: {_why(exc)}")
-    if not found:
-        try:
-            for line in run([smi, "-L"]).splitlines():
-                match = re.match(r"\s*GPU (\d+):.*?(?:\(UUID: (\S+?)\))?\s*$", line)
-                if match:
-                    found[int(match.group(1))] = match.group(2) or ""
-        except (OSError, subprocess.SubprocessError) as exc:
-            problems.append(f"-L: {_why(exc)}")
+    found, problems = _list_gpus(smi, run)
     if not found:
         why = "; ".join(problems) or "it lists no GPU"
         return Detection((), f"nvidia-smi ({smi}): {why}: CPU-only")
@@ -192,6 +176,29 @@ def detect_gpus(env: Mapping[str, str] | None = None, run: Runner = _run) -> Det
             if not gpus:
                 how += ": CPU-only"
     return Detection(gpus, how)
+
+
+def _list_gpus(smi: str, run: Runner) -> tuple[dict[int, str], list[str]]:
+    """index -> uuid ("" when unknown) from ``--query-gpu``, else from ``-L``; and what failed."""
+    found: dict[int, str] = {}
+    problems: list[str] = []
+    try:
+        for line in run([smi, "--query-gpu=index,uuid,name", "--format=csv,noheader"]).splitlines():
+            fields = [f.strip() for f in line.split(",")]
+            if fields and fields[0].isdigit():
+                found[int(fields[0])] = fields[1] if len(fields) > 1 else ""
+    except (OSError, subprocess.SubprocessError) as exc:
+        problems.append(f"--query-gpu: {_why(exc)}")
+    if found:
+        return found, problems
+    try:
+        for line in run([smi, "-L"]).splitlines():
+            match = re.match(r"\s*GPU (\d+):.*?(?:\(UUID: (\S+?)\))?\s*$", line)
+            if match:
+                found[int(match.group(1))] = match.group(2) or ""
+    except (OSError, subprocess.SubprocessError) as exc:
+        problems.append(f"-L: {_why(exc)}")
+    return found, problems
 
 
 def _visible_indices(visible: str, found: Mapping[int, str]) -> set[int] | None:

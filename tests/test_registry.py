@@ -35,11 +35,11 @@ def test_the_service_runs_train_convert_and_infer_in_that_order() -> None:
 
 def test_every_list_of_operations_is_the_registry() -> None:
     names = OPERATIONS.names()
-    assert supervisor.OPS == names
+    assert names == supervisor.OPS
     assert WORKER_MODULES == {"train": "workers.training", "convert": "workers.conversion",
                               "infer": "workers.inference"}
     # The models cannot import the registry (it imports them): their lists must agree with it.
-    assert messages.OPERATIONS == names
+    assert names == messages.OPERATIONS
     assert typing.get_args(messages.WorkerHeartbeat.model_fields["operation"].annotation) == names
     terminal = {doc.model.model_fields["type"].default for spec in OPERATIONS for doc in spec.results}
     assert terminal == messages.TERMINAL_TYPES
@@ -62,6 +62,8 @@ def test_a_registry_keeps_its_order_and_plus_appends() -> None:
     assert WITH_ECHO.names() == ("train", "convert", "infer", "echo")
     assert "echo" in WITH_ECHO
     assert "echo" not in OPERATIONS
+    assert OPERATIONS.get("echo") is None
+    assert WITH_ECHO.get("echo") is ECHO
     assert len(Registry(())) == 0
 
 
@@ -93,7 +95,8 @@ def test_a_fake_operation_gets_its_queues_and_bindings_on_the_real_broker(echo_s
         channel.basic_publish(echo_settings.dead_letter_exchange, echo.request, b"{}", mandatory=True)
         for queue, body in ((echo.result, b'{"type": "echo_completed"}'), (echo.dlq, b"{}")):
             method, _, got = channel.basic_get(queue, auto_ack=True)
-            assert method is not None and got == body, queue
+            assert method is not None, queue
+            assert got == body, queue
 
 
 def test_the_cli_builds_and_validates_a_fake_operations_request_from_its_form(

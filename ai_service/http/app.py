@@ -83,7 +83,7 @@ def routers_for(op: str, settings: Settings, resources: Any, *, operations: Regi
     """The ``/v1`` routers of operation ``op`` in this worker process (``parts``: the
     worker's ``consumer`` and ``publisher``, for routes that need them): an RPC operation
     answers its POST at once, a recorded one has the job routes (submit, status, events)."""
-    spec = operations[op] if op in operations else None
+    spec = operations.get(op)
     if spec is not None and spec.rpc:
         from ai_service.http.infer import infer_router
 
