@@ -36,6 +36,7 @@ from ai_service.config import Settings
 from ai_service.messages import WorkerHeartbeat, WorkerState, utc_now
 
 if TYPE_CHECKING:
+    from ai_service.operation import DeviceInfo, Resources
     from ai_service.publisher import Publisher, Receipt
 
 log = logging.getLogger("ai_service.heartbeat")
@@ -74,7 +75,7 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def device_info(setting: str, chosen: Any = None) -> tuple[str, str | None]:
+def device_info(setting: str, chosen: DeviceInfo | None = None) -> tuple[str, str | None]:
     """(device, GPU name): the device the worker picked (``chosen``, a ``torch.device``)
     or, before it did, what ``DEVICE`` will pick; never imports torch."""
     torch: Any = sys.modules.get("torch")
@@ -97,7 +98,7 @@ class WorkerView(Protocol):
     """What the heartbeat reads from the consumer (:class:`ai_service.consumer.Consumer`)."""
 
     started: threading.Event
-    resources: Any  # ai_service.operation.Resources: ``extras["device"]`` once the operation picked one
+    resources: Resources  # ``device`` once the operation picked one
 
     @property
     def stop_requested(self) -> bool: ...
@@ -181,7 +182,7 @@ class Heartbeat:
 
     def message(self, state: WorkerState | None = None) -> WorkerHeartbeat:
         now_state, job_id, progress, running = self.state()
-        device = self._device or device_info(self.settings.device, self.worker.resources.extras.get("device"))
+        device = self._device or device_info(self.settings.device, self.worker.resources.device)
         if device[1] is not None:
             self._device = device  # the GPU does not change: ask torch once
         return WorkerHeartbeat(

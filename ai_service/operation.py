@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from ai_service.config import Settings
 from ai_service.errors import AIServiceError
@@ -22,6 +22,9 @@ from ai_service.metrics import Metrics
 
 if TYPE_CHECKING:
     from ai_service.publisher import Receipt
+    from ai_service.storage import Storage
+
+StateT = TypeVar("StateT")
 
 
 class SettleMode(enum.Enum):
@@ -103,8 +106,16 @@ class JobContext:
         return JobLog(logging.getLogger(f"workers.{self.op}"), {"job_id": self.job_id, "op": self.op})
 
     @property
-    def storage(self) -> Any:
-        return self.resources.storage
+    def storage(self) -> Storage:
+        """The worker's storage (:meth:`Resources.require_storage`)."""
+        return self.resources.require_storage()
+
+    def state(self, kind: type[StateT]) -> StateT:
+        """The operation's own state (what its setup built), typed; a bug when setup did not build one."""
+        state = self.resources.state_as(kind)
+        if state is None:
+            raise RuntimeError(f"{self.op}: no {kind.__name__} (the operation's setup did not run)")
+        return state
 
     def update(self, message: _Message) -> "Receipt":
         """Publish a progress message (``<op>.update.<job_id>``)."""
@@ -124,14 +135,58 @@ class JobContext:
             self.ack_now_cb()
 
 
+class DeviceInfo(Protocol):
+    """The compute device an operation's setup picked: a ``torch.device``, typed without torch."""
+
+    @property
+    def type(self) -> str:
+        """``cpu`` or ``cuda``."""
+
+    @property
+    def index(self) -> int | None:
+        """The device index among the visible ones (None: the default)."""
+
+
+@runtime_checkable
+class Answerer(Protocol):
+    """An operation state that answers one request on the caller's thread (the inference
+    service: the HTTP route shares it with the AMQP handlers)."""
+
+    def handle(self, request: Any, ctx: JobContext) -> None:
+        """Run ``request`` to its terminal message (``ctx.result``)."""
+
+
 @dataclass
 class Resources:
-    """Long-lived things a worker process shares between its jobs."""
+    """Long-lived things a worker process shares between its jobs.
+
+    Typed slots rather than a dict of named extras: the operation's setup fills ``device``
+    and ``state`` (its own dataclass, e.g. an ``InferenceState``), and readers get them
+    typed through :meth:`state_as` / :meth:`answerer`.
+    """
 
     settings: Settings
-    storage: Any = None
+    #: None only in tests that build a consumer without storage.
+    storage: Storage | None = None
     metrics: Metrics = field(default_factory=Metrics)
-    extras: dict[str, Any] = field(default_factory=dict)
+    #: The device the operation's setup picked (heartbeats report it); None before setup.
+    device: DeviceInfo | None = None
+    #: The operation's own state, built once by its setup; None before (or for none).
+    state: object = None
+
+    def require_storage(self) -> Storage:
+        """The storage; a worker built without one has no business asking (a bug)."""
+        if self.storage is None:
+            raise RuntimeError("this worker has no storage (Resources.storage is None)")
+        return self.storage
+
+    def state_as(self, kind: type[StateT]) -> StateT | None:
+        """The operation's state when it is a ``kind``, else None (setup has not built it)."""
+        return self.state if isinstance(self.state, kind) else None
+
+    def answerer(self) -> Answerer | None:
+        """The operation's state when it answers requests directly (inference), else None."""
+        return self.state if isinstance(self.state, Answerer) else None
 
 
 Handler = Callable[[Any, JobContext], None]

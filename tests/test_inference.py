@@ -782,3 +782,37 @@ def test_each_bad_input_fails_alone_and_the_worker_stays_small(
     assert be.wait_count(f"{be.settings.infer_request_queue}.dlq", 1) >= 1
     be.send(be.settings.infer_request_queue, request("after", "models/shapes.pt", [image]))
     assert answers(be, ["after"])["after"].body["type"] == "inference_completed"
+
+
+def test_the_http_route_finds_the_inference_state_by_its_type_and_is_not_ready_before_setup(tmp_path: Path) -> None:
+    from ai_service.http.infer import InferEndpoint
+    from ai_service.messages import InferenceCompleted, InferenceRequest
+    from ai_service.operation import JobContext, Resources
+    from workers.conversion.formats import ConversionState
+    from workers.inference.service import InferenceState
+
+    class Service:
+        """Stands in for InferenceService: answers every request with no detections."""
+
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def handle(self, request: InferenceRequest, ctx: JobContext) -> None:
+            self.seen.append(request.job_id)
+            ctx.result(InferenceCompleted(job_id=request.job_id, model_path=request.model.path, results=[],
+                                          inference_time_ms=1.0))
+
+    settings = Settings.from_env({"WORK_DIR": str(tmp_path)})
+    resources = Resources(settings=settings)
+    endpoint = InferEndpoint(settings, resources)
+    body = json.dumps({"job_id": "typed-1", "model": {"path": "models/m.pt"},
+                       "images": [{"path": "images/a.png"}]}).encode()
+    status, answer = endpoint.run(body)
+    assert (status, answer["type"]) == (503, "inference_failed")  # NotReady: no state yet
+    resources.state = ConversionState(formats={})  # another operation's state answers nothing
+    assert endpoint.run(body)[0] == 503 and resources.answerer() is None
+    service = Service()
+    resources.state = InferenceState(service)  # type: ignore[arg-type]
+    status, answer = endpoint.run(body)
+    assert (status, answer["type"], service.seen) == (200, "inference_completed", ["typed-1"])
+    assert resources.state_as(InferenceState) is resources.state and resources.state_as(ConversionState) is None

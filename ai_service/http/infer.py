@@ -3,7 +3,7 @@
 The body is an ``InferenceRequest`` (the AMQP message), parsed and validated by
 :func:`ai_service.messages.parse_request` exactly as the consumer does, so the
 ``invalid_request`` messages are the same.  The request then goes to the inference
-service the worker set up (``resources.extras["inference"]``): the same model cache and
+service the worker set up (``resources.answerer()``): the same model cache and
 the same batcher as AMQP requests, so HTTP and AMQP requests arriving together are
 predicted together.  The handler runs on at most ``INFER_PREFETCH`` threads, like AMQP
 deliveries; its terminal message is captured (:class:`CapturingOutbox`) instead of
@@ -38,7 +38,7 @@ from ai_service.messages import (
     is_terminal,
     parse_request,
 )
-from ai_service.operation import DeliveryInfo, JobContext
+from ai_service.operation import Answerer, DeliveryInfo, JobContext, Resources
 
 log = logging.getLogger("workers.infer")
 
@@ -117,7 +117,7 @@ def failure(job_id: str | None, error: AIServiceError) -> JSONResponse:
 class InferEndpoint:
     """What ``POST /v1/infer`` needs: the settings, the worker's resources, a thread bound."""
 
-    def __init__(self, settings: Settings, resources: Any) -> None:
+    def __init__(self, settings: Settings, resources: Resources | None) -> None:
         self.settings = settings
         self.resources = resources
         self.limits = Limits.from_settings(settings)
@@ -155,9 +155,9 @@ class InferEndpoint:
                 job_id = exc.job_id
                 raise
             job_id = str(request.job_id)
-            service = self.service()
+            resources, service = self.service()
             outbox = CapturingOutbox()
-            ctx = JobContext(op="infer", job_id=job_id, settings=self.settings, resources=self.resources,
+            ctx = JobContext(op="infer", job_id=job_id, settings=self.settings, resources=resources,
                              delivery=DeliveryInfo(redelivered=False, delivery_count=0, reply_to=None,
                                                    correlation_id=None, headers={}, body=raw),
                              outbox=outbox, ack_now_cb=lambda: None)
@@ -177,15 +177,15 @@ class InferEndpoint:
             return 500, InferenceFailed(job_id=job_id or "", error_code="internal_error",
                                         error_message="internal error in the worker").to_json_dict()
 
-    def service(self) -> Any:
-        extras = getattr(self.resources, "extras", None) or {}
-        service = extras.get("inference")
-        if service is None:
+    def service(self) -> tuple[Resources, Answerer]:
+        """The worker's resources and the inference service its setup built; NotReady before."""
+        service = self.resources.answerer() if self.resources is not None else None
+        if self.resources is None or service is None:
             raise NotReady("the inference worker is not ready (still starting)")
-        return service
+        return self.resources, service
 
 
-def infer_router(settings: Settings, resources: Any) -> APIRouter:
+def infer_router(settings: Settings, resources: Resources | None) -> APIRouter:
     """The ``/v1/infer`` route (``resources`` may be None: the route answers 503; docs only)."""
     endpoint = InferEndpoint(settings, resources)
     router = APIRouter(tags=["inference"])

@@ -212,7 +212,7 @@ class LocalJobs:
         return self.operation.name
 
     def ledger(self) -> Ledger:
-        return jobs_ledger(self.resources.storage, self.settings, op=self.op)
+        return jobs_ledger(self.resources.require_storage(), self.settings, op=self.op)
 
     def log_path(self, job_id: str) -> Path:
         return self.root / f"{job_id}.jsonl"

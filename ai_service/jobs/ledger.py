@@ -123,7 +123,7 @@ def record_cancel(job_id: str, resources: Resources) -> None:
     also when no worker runs the job right now (cancelled before start, or while its
     worker is gone)."""
     settings = resources.settings
-    ledger(resources.storage, settings, op="").request_cancel(job_id)
+    ledger(resources.require_storage(), settings, op="").request_cancel(job_id)
 
 
 def ledger(storage: Storage, settings: Any, *, op: str) -> Ledger:

@@ -74,6 +74,7 @@ from workers.conversion.compare import (
 )
 from workers.conversion.formats import (
     ALIASES,
+    ConversionState,
     FormatSpec,
     Plan,
     export_arguments,
@@ -90,6 +91,7 @@ __all__ = [
     "TOLERANCES",
     "Artifact",
     "Comparison",
+    "ConversionState",
     "ConversionJob",
     "Detections",
     "FormatHook",
@@ -152,8 +154,8 @@ def setup(resources: Resources) -> None:
 
     if checks.AUTOINSTALL:  # belt and braces: prepare_ultralytics set YOLO_AUTOINSTALL=0 before the import
         checks.AUTOINSTALL = False
-    resources.extras["device"] = yolo.select_device(settings.device)
-    resources.extras["formats"] = export_table()
+    resources.device = yolo.select_device(settings.device)
+    resources.state = ConversionState(formats=export_table())
 
 
 def block_openvino_telemetry() -> None:

@@ -71,6 +71,13 @@ class FormatSpec:
     int8: bool
 
 
+@dataclass(frozen=True)
+class ConversionState:
+    """What the conversion worker's setup prepared once: the installed exporter's formats."""
+
+    formats: dict[str, FormatSpec]
+
+
 def export_table() -> dict[str, FormatSpec]:
     """Every export format of the installed Ultralytics (``.pt`` itself excluded)."""
     from ultralytics.engine import exporter

@@ -36,7 +36,15 @@ from ai_service.operation import JobContext
 from ai_service.provenance import Provenance, describe_local, file_sha256
 from workers import yolo
 from workers.conversion.compare import TOLERANCES
-from workers.conversion.formats import Plan, export_arguments, export_table, plan_formats, precision, unsupported_reason
+from workers.conversion.formats import (
+    ConversionState,
+    Plan,
+    export_arguments,
+    export_table,
+    plan_formats,
+    precision,
+    unsupported_reason,
+)
 from workers.conversion.verify import Verifier, sample_images
 from workers.datasets import limits_from, prepare_dataset
 
@@ -68,7 +76,7 @@ class ConversionJob:
         self.on_format_done = on_format_done
         self.run_dir = ctx.settings.work_dir / "runs" / f"{request.job_id}-{uuid.uuid4().hex[:8]}"
         self.started = time.monotonic()
-        self.device = ctx.resources.extras.get("device")
+        self.device = ctx.resources.device
         ledger = jobs_ledger(ctx.storage, ctx.settings, op=ctx.op)
         self.job = LongJob(ctx, ledger, cancelled_message=self._cancelled, failed_message=self._failed)
         self.artifacts: list[Artifact] = []
@@ -80,7 +88,8 @@ class ConversionJob:
 
     def run(self) -> None:
         req, ctx = self.request, self.ctx
-        table = ctx.resources.extras.get("formats") or export_table()
+        state = ctx.resources.state_as(ConversionState)
+        table = state.formats if state is not None else export_table()
         plans = plan_formats(req, table)  # a bad request -> invalid_request, before the job is taken
         begin = self.job.begin()
         if begin.record is None:

@@ -52,7 +52,7 @@ from workers import yolo
 from workers.inference.cache import LoadedModel, ModelCache, ModelRef, UnsupportedFormat, load_model, resolve_model
 from workers.inference.engine import Engine, InferenceError, Job, Params
 from workers.inference.images import decode_image, inline_size
-from workers.inference.service import ImageNotFound, InferenceService
+from workers.inference.service import ImageNotFound, InferenceService, InferenceState
 
 log = logging.getLogger("workers.infer")
 
@@ -61,6 +61,7 @@ __all__ = [
     "ImageNotFound",
     "InferenceError",
     "InferenceService",
+    "InferenceState",
     "Job",
     "LoadedModel",
     "ModelCache",
@@ -85,8 +86,7 @@ def operation(settings: Settings) -> Operation:
     """The inference operation: ``INFER_PREFETCH`` requests in flight, one engine thread."""
 
     def handler(request: InferenceRequest, ctx: JobContext) -> None:
-        service: InferenceService = ctx.resources.extras["inference"]
-        service.handle(request, ctx)
+        ctx.state(InferenceState).handle(request, ctx)
 
     return Operation(
         name="infer",
@@ -114,9 +114,10 @@ def setup(resources: Resources) -> None:
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused by our own check instead
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated")  # how TorchScript loads
     device = yolo.select_device(settings.device)
-    service = InferenceService(settings, resources.storage, device, resources.metrics)
+    service = InferenceService(settings, resources.require_storage(), device, resources.metrics)
     service.start()
-    resources.extras["inference"] = service
+    resources.device = device
+    resources.state = InferenceState(service)
     batching = (f"up to {service.engine.max_batch} images, waiting up to {settings.batch_window_ms} ms"
                 if service.engine.max_batch > 1 else "off")
     log.info("[Handler] Inference on %s: %d requests in flight, batching %s, torch threads %d for .pt/.torchscript, "

@@ -6,6 +6,7 @@ import os
 import re
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ai_service import tracing
@@ -123,4 +124,15 @@ class InferenceService:
             raise InvalidInput(f"{label}: {size} bytes, over the limit of {cap} for inline images "
                                "(MAX_INLINE_IMAGE_BYTES); upload it to storage and send its path")
         return item.decoded()
+
+
+@dataclass(frozen=True)
+class InferenceState:
+    """What the inference worker's setup built once: the service its handler threads and the
+    HTTP route share (an :class:`ai_service.operation.Answerer`)."""
+
+    service: InferenceService
+
+    def handle(self, request: InferenceRequest, ctx: JobContext) -> None:
+        self.service.handle(request, ctx)
 

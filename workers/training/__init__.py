@@ -69,5 +69,5 @@ def setup(resources: Resources) -> None:
     yolo.prepare_ultralytics(settings.work_dir)
     import ultralytics  # noqa: F401 - pay the import once, before the first job
 
-    resources.extras["device"] = yolo.select_device(settings.device)
+    resources.device = yolo.select_device(settings.device)
 

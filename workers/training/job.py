@@ -130,7 +130,7 @@ class TrainingJob:
                 best = save_dir / "weights" / "best.pt"
                 return best if best.exists() else self.run_dir / "resume" / "last.pt"
         self._register_callbacks(model)
-        device = ctx.resources.extras.get("device")
+        device = ctx.resources.device
         args: dict[str, Any] = {
             "data": str(data_yaml),
             "save_dir": str(save_dir),
