@@ -112,6 +112,10 @@ class Topology:
         self.ops = operations.names() if ops is None else tuple(ops)
         self._warned: set[str] = set()
 
+    def queues(self, op: str) -> QueueNames:
+        """The queues of ``op`` from this topology's registry (a test's fake operation too)."""
+        return queue_names(self.settings, op, self.operations)
+
     def declare(self, connection: pika.BlockingConnection) -> None:
         s = self.settings
         channel = connection.channel()

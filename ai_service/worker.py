@@ -36,6 +36,7 @@ from ai_service.heartbeat import Heartbeat
 from ai_service.metrics import Metrics
 from ai_service.operation import Operation, Resources
 from ai_service.publisher import Publisher
+from ai_service.registry import OPERATIONS, Registry
 from ai_service.spool import SpoolLocked
 
 if TYPE_CHECKING:
@@ -276,7 +277,8 @@ def make_resources(settings: Settings) -> Resources:
     return Resources(settings=settings, storage=open_storage(settings))
 
 
-def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation], *, supervised: bool = False) -> int:
+def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation], *, supervised: bool = False,
+               operations: Registry = OPERATIONS) -> int:
     """Run one operation's worker until stopped; returns the process exit code.
 
     ``load`` builds the operation (importing its heavy libraries) only when messaging
@@ -311,7 +313,7 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
              resources.storage.describe() if resources.storage is not None else "-")
     if operation.setup is not None:
         operation.setup(resources)
-    topology = Topology(settings)
+    topology = Topology(settings, operations=operations)
     metrics = resources.metrics
     from ai_service.publisher import failure_replacer  # an answer refused for good becomes the job's *_failed
 

@@ -21,6 +21,7 @@ from ai_service.cli.payloads import build_request, check_request
 from ai_service.cli.worker import load_operation
 from ai_service.config import Settings
 from ai_service.registry import OPERATIONS, Registry, UnknownOperation
+from tests.conftest import WorkerFactory
 from tests.support.amqp import BrokerNames
 from tests.support.echo_operation import ECHO, EchoRequest
 
@@ -138,3 +139,28 @@ def test_the_worker_dispatch_loads_a_fake_operation_from_its_module() -> None:
     operation = load_operation(ECHO, Settings())
     assert operation.name == "echo"
     assert operation.request_model is EchoRequest
+
+
+def test_a_real_worker_process_serves_a_fake_operation_through_the_real_broker(
+    echo_settings: Settings, start_worker: WorkerFactory,
+) -> None:
+    # HEARTBEAT_SECONDS=0: a heartbeat names its operation from the contract's three.
+    start_worker(module="tests.support.echo_worker", env={"HEARTBEAT_SECONDS": "0"}, name="echo")
+    echo = ECHO.queues(echo_settings)
+    request = EchoRequest(job_id="echo-1", text="hello there").model_dump_json().encode()
+    with contextlib.closing(connect(echo_settings, client_name="test-registry-be")) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("", echo.request, request, pika.BasicProperties(delivery_mode=2), mandatory=True)
+        answer = None
+        for _ in range(600):  # until the worker answers (the test's timeout bounds it)
+            method, properties, body = channel.basic_get(echo.result, auto_ack=True)
+            if method is not None:
+                answer = (method.routing_key, properties.type, json.loads(body))
+                break
+            connection.sleep(0.1)
+    assert answer is not None, "no echo_completed on the echo result queue"
+    routing_key, kind, message = answer
+    assert routing_key == "echo.result.echo-1"
+    assert kind == "echo_completed"
+    assert (message["job_id"], message["status"], message["text"]) == ("echo-1", "completed", "hello there")

@@ -56,7 +56,8 @@ def cmd_worker(args: argparse.Namespace, operations: Registry = OPERATIONS) -> i
     # supervisord marks its children with SUPERVISOR_ENABLED: a disabled worker then
     # outlives `startsecs`, so its exit counts as the expected, final one.
     supervised = bool(os.environ.get("SUPERVISOR_ENABLED"))
-    code = run_worker(settings, spec.name, lambda s: load_operation(spec, s), supervised=supervised)
+    code = run_worker(settings, spec.name, lambda s: load_operation(spec, s), supervised=supervised,
+                      operations=operations)
     return exit_now_if_forced(code)
 
 

@@ -32,7 +32,6 @@ from ai_service.broker import (
     describe_endpoint,
     describe_pika_error,
     pump,
-    queue_names,
 )
 from ai_service.config import Settings
 from ai_service.consumer.control import ControlExecutor
@@ -62,10 +61,10 @@ class Consumer(Handlers, Settling):
     ) -> None:
         self.settings = settings
         self.op = operation
-        self.names: QueueNames = queue_names(settings, operation.name)
+        self.topology = topology or Topology(settings)
+        self.names: QueueNames = self.topology.queues(operation.name)
         self.publisher = publisher
         self.resources = resources
-        self.topology = topology or Topology(settings)
         self._pool = ThreadPoolExecutor(max_workers=operation.prefetch, thread_name_prefix=f"{operation.name}-job")
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         #: Keyed by (channel generation, delivery tag): tags restart at 1 on every new
