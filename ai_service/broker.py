@@ -4,17 +4,19 @@ connecting with errors wrapped into our own tree, and idempotent topology declar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
-from collections.abc import Iterable
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Iterator
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from ai_service.config import Settings
-from ai_service.errors import AuthenticationFailed, BrokerError, ConnectionClosed
+from ai_service.errors import AuthenticationFailed, BrokerError, ConnectionClosed, NotRouted, QueueNotFound
 from ai_service.registry import OPERATIONS, Registry
 from ai_service.registry import QueueNames as QueueNames  # re-exported: the consumer's and client's import
 
@@ -193,6 +195,67 @@ def ensure_channel_open(channel: BlockingChannel) -> None:
 
 def wrap_pika(exc: BaseException) -> BrokerError:
     """Map a pika exception to our tree (use as ``raise wrap_pika(e) from None``)."""
+    if isinstance(exc, BrokerError):
+        return exc
     if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
         return AuthenticationFailed(f"(403) ACCESS_REFUSED - {exc}")
+    if isinstance(exc, pika.exceptions.UnroutableError):
+        return NotRouted("the broker could not route the message")
+    if isinstance(exc, pika.exceptions.NackError):
+        return BrokerError("the broker refused the message (nack)")
+    if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 404:
+        return QueueNotFound(describe_pika_error(exc))
     return ConnectionClosed(describe_pika_error(exc))
+
+
+# --- the one connection primitive ------------------------------------------------------
+
+#: What the pika boundary turns into our tree: pika's own errors and the socket's.
+PIKA_ERRORS: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSError)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@contextlib.contextmanager
+def pika_boundary() -> Iterator[None]:
+    """Inside, any pika (or socket) error comes out as our :class:`BrokerError` family."""
+    try:
+        yield
+    except PIKA_ERRORS as exc:
+        raise wrap_pika(exc) from None
+
+
+def at_pika_boundary(fn: Callable[P, R]) -> Callable[P, R]:
+    """:func:`pika_boundary` around every call of ``fn``."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with pika_boundary():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def close_quietly(connection: pika.BlockingConnection | None) -> None:
+    """Close ``connection`` if it is open; a broken one may fail to close, and that is fine."""
+    if connection is None or not connection.is_open:
+        return
+    try:
+        connection.close()
+    except Exception:  # noqa: BLE001 - closing a broken connection
+        pass
+
+
+@contextlib.contextmanager
+def session(settings: Settings, *, client_name: str) -> Iterator[pika.BlockingConnection]:
+    """One connection to the broker: connect (refusals as :class:`AuthenticationFailed` /
+    :class:`ConnectionClosed`), pika's errors inside the block mapped to our tree, and the
+    connection closed on the way out whatever happened.  Consumer, publisher and the CLI
+    client all connect through it; their reconnect loops are loops around it."""
+    connection = connect(settings, client_name=client_name)
+    try:
+        with pika_boundary():
+            yield connection
+    finally:
+        close_quietly(connection)

@@ -111,6 +111,10 @@ class SpoolFull(RetryableError):
     """The publisher's on-disk spool reached its bound while the broker is away."""
 
 
+class SpoolLocked(AIServiceError):
+    """Another live process holds this spool directory (two processes, one WORKER_NAME)."""
+
+
 # --- storage boundary ----------------------------------------------------------------
 
 

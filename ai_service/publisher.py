@@ -36,7 +36,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from ai_service import tracing
-from ai_service.broker import Topology, connect, describe_endpoint, describe_pika_error
+from ai_service.broker import Topology, describe_endpoint, session
 from ai_service.config import Settings
 from ai_service.errors import AIServiceError, AuthenticationFailed, BrokerError, PermanentError, SpoolFull
 from ai_service.messages import new_message_id
@@ -296,49 +296,47 @@ class Publisher:
     # --- the publisher thread --------------------------------------------------------
 
     def _run(self) -> None:
+        """Reconnect for as long as it runs: a loop around the one primitive (broker.session)."""
         backoff = Backoff(cap=self.settings.reconnect_max_delay)
-        while True:
-            if self._stopping and (not self._pending or time.monotonic() >= self._stop_deadline):
-                return
-            connection: pika.BlockingConnection | None = None
+        while not self._done_stopping():
             try:
-                connection = connect(self.settings, client_name=self.client_name)
-                if self.topology is not None:
-                    self.topology.declare(connection)
-                channel = connection.channel()
-                channel.confirm_delivery()
-                reconnected = self._ever_connected
-                if reconnected:
-                    log.info("[RMQ] Publisher reconnected to %s", describe_endpoint(self.settings))
-                    self.reconnects += 1
-                backoff.reset()
-                self._ever_connected = True
-                self._connected.set()
-                self._on_state("reconnected" if reconnected else "connected")
-                self._pump(connection, channel)
+                with session(self.settings, client_name=self.client_name) as connection:
+                    self._connected_on(connection, backoff)
             except AuthenticationFailed as exc:
                 log.error("[RMQ] ❌ Publisher failed to connect to RabbitMQ: %s", exc.message)
                 backoff.attempt = 30
-            except (BrokerError, pika.exceptions.AMQPError, OSError) as exc:
-                message = exc.message if isinstance(exc, BrokerError) else describe_pika_error(exc)
+            except BrokerError as exc:  # the session maps pika's and the socket's errors
                 if self._connected.is_set():
-                    log.warning("[RMQ] Publisher lost its connection: %s", message)
+                    log.warning("[RMQ] Publisher lost its connection: %s", exc.message)
                 else:
-                    log.error("[RMQ] ❌ Publisher failed to connect to RabbitMQ: %s", message)
+                    log.error("[RMQ] ❌ Publisher failed to connect to RabbitMQ: %s", exc.message)
             finally:
                 self._connected.clear()
                 with self._cond:
                     dropped, self._ephemeral = self._ephemeral, None
                 self._settle_ephemeral(dropped, "publisher disconnected")
                 self._on_state("disconnected")
-                if connection is not None and connection.is_open:
-                    try:
-                        connection.close()
-                    except Exception:  # noqa: BLE001 - closing a broken connection
-                        pass
-            if self._stopping and (not self._pending or time.monotonic() >= self._stop_deadline):
+            if self._done_stopping():
                 return
             self._sleep(backoff.next())
+
+    def _done_stopping(self) -> bool:
+        return self._stopping and (not self._pending or time.monotonic() >= self._stop_deadline)
+
+    def _connected_on(self, connection: pika.BlockingConnection, backoff: Backoff) -> None:
+        if self.topology is not None:
+            self.topology.declare(connection)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        reconnected = self._ever_connected
+        if reconnected:
+            log.info("[RMQ] Publisher reconnected to %s", describe_endpoint(self.settings))
+            self.reconnects += 1
+        backoff.reset()
+        self._ever_connected = True
+        self._connected.set()
+        self._on_state("reconnected" if reconnected else "connected")
+        self._pump(connection, channel)
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ai_service.errors import SpoolLocked
+
 log = logging.getLogger("ai_service.spool")
 
 
@@ -55,10 +57,6 @@ class Envelope:
     @property
     def message_id(self) -> str:
         return str(self.properties.get("message_id") or "")
-
-
-class SpoolLocked(RuntimeError):
-    """Another live process holds this spool directory."""
 
 
 class Spool:

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING
 from ai_service.broker import Topology
 from ai_service.config import Settings
 from ai_service.consumer import Consumer
+from ai_service.errors import SpoolLocked
 from ai_service.heartbeat import Heartbeat
 from ai_service.metrics import Metrics
 from ai_service.operation import Operation, Resources
 from ai_service.publisher import Publisher
 from ai_service.registry import OPERATIONS, Registry
-from ai_service.spool import SpoolLocked
 
 if TYPE_CHECKING:
     from ai_service.http.server import HttpServer
@@ -314,24 +314,34 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     if operation.setup is not None:
         operation.setup(resources)
     topology = Topology(settings, operations=operations)
-    metrics = resources.metrics
-    from ai_service.publisher import failure_replacer  # an answer refused for good becomes the job's *_failed
-
-    adopt_legacy_spool(settings, op)
-    publisher = Publisher(settings, spool_dir=spool_dir(settings, op), topology=topology,
-                          client_name=f"ai-service {operation.name} publisher ({settings.worker_name})",
-                          on_state=lambda state: publisher_state(metrics, state),
-                          replace=failure_replacer(settings, operation.name, operation.failure),
-                          on_refused=lambda code, envelope, reason: metrics.publisher_refused.labels(code).inc())
+    publisher = make_publisher(settings, operation, resources.metrics, topology)
     try:
         start_publisher(publisher, SPOOL_LOCK_WAIT_SECONDS if parent is not None else 0.0)
     except SpoolLocked as exc:
         log.error("[RMQ] ❌ %s; give each worker process of an operation its own WORKER_NAME (or WORK_DIR)", exc)
         return EXIT_CONFIG
     consumer = Consumer(settings, operation, publisher, resources, topology)
+    return serve(settings, operation, resources, publisher, consumer, parent)
+
+
+def make_publisher(settings: Settings, operation: Operation, metrics: Metrics, topology: Topology) -> Publisher:
+    """The worker's one publisher, on its own spool; an answer refused for good becomes the job's *_failed."""
+    from ai_service.publisher import failure_replacer
+
+    adopt_legacy_spool(settings, operation.name)
+    return Publisher(settings, spool_dir=spool_dir(settings, operation.name), topology=topology,
+                     client_name=f"ai-service {operation.name} publisher ({settings.worker_name})",
+                     on_state=lambda state: publisher_state(metrics, state),
+                     replace=failure_replacer(settings, operation.name, operation.failure),
+                     on_refused=lambda code, envelope, reason: metrics.publisher_refused.labels(code).inc())
+
+
+def serve(settings: Settings, operation: Operation, resources: Resources, publisher: Publisher,
+          consumer: Consumer, parent: ParentWatch | None) -> int:
+    """Consume until stopped (signals, the parent's death, a crash); returns the exit code."""
     heartbeat = Heartbeat(settings, operation.name, publisher, consumer)  # worker.<state>.<name> beats
     heartbeat.start()
-    health = start_health(settings, metrics, consumer, publisher, resources, operation.name)
+    health = start_health(settings, resources.metrics, consumer, publisher, resources, operation.name)
     signals = StopSignals(consumer, parent)
     signals.install()
     if parent is not None:

@@ -28,10 +28,11 @@ from pydantic import ValidationError
 from ai_service.broker import (
     QueueNames,
     Topology,
-    connect,
+    close_quietly,
     describe_endpoint,
     describe_pika_error,
     pump,
+    session,
 )
 from ai_service.config import Settings
 from ai_service.consumer.control import ControlExecutor
@@ -192,8 +193,8 @@ class Consumer(Handlers, Settling):
             except AuthenticationFailed as exc:
                 log.error("[RMQ] ❌ Failed to connect to RabbitMQ: %s", exc.message)
                 backoff.attempt = 30  # back off hard: credentials will not fix themselves
-            except (BrokerError, pika.exceptions.AMQPError, OSError) as exc:
-                message = exc.message if isinstance(exc, BrokerError) else describe_pika_error(exc)
+            except BrokerError as exc:  # the session maps pika's and the socket's errors
+                message = exc.message
                 if self.consuming.is_set():
                     log.warning("[RMQ] Connection lost: %s; reconnecting", message)
                 else:
@@ -219,10 +220,22 @@ class Consumer(Handlers, Settling):
         log.info("[RMQ] Consumer stopped")
 
     def _connect_and_consume(self, backoff: Backoff) -> None:
+        """One connection's life, through the one primitive (:func:`broker.session`)."""
         name = f"ai-service {self.op.name} consumer ({self.settings.worker_name})"
-        connection = connect(self.settings, client_name=name)
-        self._connection = connection
-        self.topology.declare(connection)
+        with session(self.settings, client_name=name) as connection:
+            self._connection = connection
+            self.topology.declare(connection)
+            channel = self._open_channel(connection)
+            if self.started.is_set():
+                log.info("[RMQ] Reconnected to %s", describe_endpoint(self.settings))
+                self.metrics.reconnects.labels("consumer").inc()
+            backoff.reset()
+            self.connected.set()
+            self.metrics.consumer_state.set(CONNECTED)
+            self._consume(connection, channel)
+
+    def _open_channel(self, connection: pika.BlockingConnection) -> BlockingChannel:
+        """The channel deliveries come on, with this process's own control queue bound."""
         channel = connection.channel()
         self._channel = channel
         self._generation += 1
@@ -231,41 +244,34 @@ class Consumer(Handlers, Settling):
         control_queue = str(control.method.queue)
         channel.queue_bind(control_queue, self.settings.control_exchange)
         channel.basic_consume(control_queue, self._on_control, auto_ack=True)
-        if self.started.is_set():
-            log.info("[RMQ] Reconnected to %s", describe_endpoint(self.settings))
-            self.metrics.reconnects.labels("consumer").inc()
-        backoff.reset()
-        self.connected.set()
-        self.metrics.consumer_state.set(CONNECTED)
+        return channel
+
+    def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
         while not self._stop.is_set():
             if self._consumer_tag is None and self.busy < self.op.prefetch and not self._paused():
                 self._consumer_tag = channel.basic_consume(self.names.request, self._on_message)
                 if not self.started.is_set():
-                    log.info(
-                        "[RMQ] ✅ RabbitMQ consumer started (queue %r on %s, prefetch %d)",
-                        self.names.request,
-                        describe_endpoint(self.settings),
-                        self.op.prefetch,
-                    )
+                    log.info("[RMQ] ✅ RabbitMQ consumer started (queue %r on %s, prefetch %d)",
+                             self.names.request, describe_endpoint(self.settings), self.op.prefetch)
                     self.started.set()
                 self.consuming.set()
                 self.metrics.consumer_state.set(CONSUMING)
-            pump(connection, 0.5)
-            self._drain_calls()
-            if not channel.is_open:
-                raise BrokerError("channel was closed by the broker")
+            self._pump_once(connection, channel)
             if self.control is not None and self.control.crashed is not None:
                 raise RuntimeError("the control thread crashed") from self.control.crashed
         # Warm stop: stop taking messages, keep pumping until handlers are done.
         self._cancel_consumer()
         self.consuming.clear()
         while self._inflight and not self._force.is_set():
-            pump(connection, 0.5)
-            self._drain_calls()
-            if not channel.is_open:
-                raise BrokerError("channel was closed by the broker")
+            self._pump_once(connection, channel)
         if self._force.is_set():
             self._hand_back_all()
+
+    def _pump_once(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        pump(connection, 0.5)
+        self._drain_calls()
+        if not channel.is_open:
+            raise BrokerError("channel was closed by the broker")
 
     def _paused(self) -> bool:
         """Long jobs acked early keep the consumer off the queue until they end."""
@@ -282,11 +288,7 @@ class Consumer(Handlers, Settling):
         self._consumer_tag = None
         self._retry_channel = None
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
+        close_quietly(connection)
 
     def _wake(self) -> None:
         connection = self._connection
