@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ai_service.config import ConfigError
@@ -40,7 +41,7 @@ from ai_service.errors import InvalidInput, ObjectNotFound
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; never imported at run time here
     import torch
-    from ultralytics import YOLO
+    from ultralytics.models import YOLO
 
 log = logging.getLogger("workers.yolo")
 
@@ -113,8 +114,22 @@ def _patch_imported_ultralytics() -> None:
         if module is None or not (name == "ultralytics" or name.startswith("ultralytics.")):
             continue
         for attr, value in _IMPORT_TIME_CONSTANTS.items():
-            if attr in vars(module) and getattr(module, attr) is not value:
-                setattr(module, attr, value)
+            if attr in vars(module) and module_constant(module, attr) is not value:
+                set_module_constant(module, attr, value)
+
+
+def module_constant(module: ModuleType, name: str) -> object:
+    """An Ultralytics constant as ``module`` holds it.
+
+    Ultralytics copies its import-time switches into many modules by ``from ... import``;
+    those copies are not re-exported names, so they are read from the module's namespace.
+    """
+    return vars(module).get(name)
+
+
+def set_module_constant(module: ModuleType, name: str, value: object) -> None:
+    """Replace ``module``'s copy of an Ultralytics constant (see :func:`module_constant`)."""
+    vars(module)[name] = value
 
 
 def prepare_ultralytics(work_dir: Path, *, verbose: bool | None = None) -> None:
@@ -173,7 +188,7 @@ def ensure_safe_load() -> None:
 
     if not getattr(tasks, "_SafeLoad", None) or not tasks._SafeLoad.SUPPORTED:
         raise RuntimeError("this torch/ultralytics cannot load checkpoints with weights_only=True; refusing")
-    if tasks.SAFE_LOAD is not True:
+    if module_constant(tasks, "SAFE_LOAD") is not True:
         _patch_imported_ultralytics()
 
 
@@ -199,7 +214,7 @@ def safe_load_model(path: Path) -> YOLO:
     if path.suffix.lower() != ".pt":
         raise InvalidInput(f"model file {path.name} is not a .pt checkpoint")
     ensure_safe_load()
-    from ultralytics import YOLO
+    from ultralytics.models import YOLO
     from ultralytics.utils.checks import check_yolov5u_filename
 
     resolved = str(path.resolve())

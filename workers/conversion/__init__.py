@@ -152,8 +152,8 @@ def setup(resources: Resources) -> None:
     from ultralytics.engine import exporter  # noqa: F401 - pay the import once, before the first job
     from ultralytics.utils import checks
 
-    if checks.AUTOINSTALL:  # belt and braces: prepare_ultralytics set YOLO_AUTOINSTALL=0 before the import
-        checks.AUTOINSTALL = False
+    if yolo.module_constant(checks, "AUTOINSTALL"):  # belt and braces: prepare_ultralytics set YOLO_AUTOINSTALL=0
+        yolo.set_module_constant(checks, "AUTOINSTALL", False)
     resources.device = yolo.select_device(settings.device)
     resources.state = ConversionState(formats=export_table())
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ai_service.errors import (
-    InvalidInput,
-)
-from ai_service.messages import (
-    ConversionRequest,
-)
+from ai_service.errors import InvalidInput
+from ai_service.messages import ConversionRequest
 
+#: Names BEs may use for a format, mapped to Ultralytics' own (``tflite`` is Ultralytics'
 #: deprecated name of its LiteRT export; the others are its documented aliases).
 ALIASES = {"tensorrt": "engine", "trt": "engine", "tflite": "litert", "mlpackage": "coreml"}
 
@@ -82,7 +80,8 @@ def export_table() -> dict[str, FormatSpec]:
     """Every export format of the installed Ultralytics (``.pt`` itself excluded)."""
     from ultralytics.engine import exporter
 
-    table = exporter.export_formats()
+    export_formats: Callable[[], dict[str, list[Any]]] = exporter.export_formats  # untyped upstream
+    table = export_formats()
     specs: dict[str, FormatSpec] = {}
     for name, suffix, arguments in zip(table["Argument"], table["Suffix"], table["Arguments"], strict=True):
         if name == "-":

@@ -127,7 +127,7 @@ class Verifier:
         """``(verified, note, comparison)``; the note says what was compared or what differed."""
         if self.task != "detect":
             return False, f"not verified: verification compares detections, and this is a {self.task} model", None
-        from ultralytics import YOLO
+        from ultralytics.models import YOLO
 
         exported = YOLO(str(path), task=self.task)
         if any(len(d) for d in self.reference):

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("workers.infer")
 
-Log = logging.Logger | logging.LoggerAdapter
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 #: Model file suffix -> format.  Folders (a storage prefix ending in "/") are OpenVINO.
 FILE_FORMATS = {".pt": "pt", ".onnx": "onnx", ".torchscript": "torchscript"}
@@ -122,7 +122,7 @@ def load_model(path: Path, ref: ModelRef, device: torch.device, imgsz: int) -> A
             model = yolo.safe_load_model(path)
         else:
             yolo.ensure_safe_load()
-            from ultralytics import YOLO
+            from ultralytics.models import YOLO
 
             model = YOLO(str(path), task="detect")
         task = getattr(model, "task", None)

@@ -166,7 +166,7 @@ class TrainingJob:
         return best
 
     def _build_model(self, yaml_name: str) -> Any:
-        from ultralytics import YOLO
+        from ultralytics.models import YOLO
 
         pretrained = self.request.hyperparams.pretrained
         if pretrained is None:
