@@ -15,6 +15,7 @@ Only pika and pydantic: no torch, no Ultralytics, so these commands start fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -26,9 +27,9 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from ai_service.broker import Topology, connect, describe_pika_error, queue_names, routing_key
+from ai_service.broker import Topology, at_pika_boundary, pika_boundary, queue_names, routing_key, session
 from ai_service.config import Settings
-from ai_service.errors import BrokerError, ConnectionClosed, NotRouted, QueueNotFound
+from ai_service.errors import BrokerError, NotRouted, QueueNotFound
 from ai_service.messages import OPERATIONS, TERMINAL_TYPES, new_message_id, readable_job_id
 
 APP_ID = "ai-service-cli"
@@ -66,13 +67,15 @@ class BrokerClient:
 
     def __init__(self, settings: Settings, *, purpose: str) -> None:
         self.settings = settings
-        self.connection = connect(settings, client_name=f"ai-service cli ({purpose})")
+        self._session = contextlib.ExitStack()
+        self.connection = self._session.enter_context(session(settings, client_name=f"ai-service cli ({purpose})"))
         try:
-            self.channel = self.connection.channel()
-            self.channel.confirm_delivery()
-        except pika.exceptions.AMQPError as exc:
+            with pika_boundary():
+                self.channel = self.connection.channel()
+                self.channel.confirm_delivery()
+        except BaseException:
             self.close()
-            raise ConnectionClosed(describe_pika_error(exc)) from None
+            raise
 
     def __enter__(self) -> "BrokerClient":
         return self
@@ -81,11 +84,7 @@ class BrokerClient:
         self.close()
 
     def close(self) -> None:
-        try:
-            if self.connection.is_open:
-                self.connection.close()
-        except pika.exceptions.AMQPError:
-            pass
+        self._session.close()
 
     # --- topology ----------------------------------------------------------------------
 
@@ -103,21 +102,17 @@ class BrokerClient:
             return exc.message
         return None
 
+    @at_pika_boundary
     def consumer_count(self, queue: str) -> int | None:
         """Consumers on ``queue`` (a passive declare), or None when it does not exist."""
-        try:
-            channel = self.connection.channel()
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionClosed(describe_pika_error(exc)) from None
+        channel = self.connection.channel()
         try:
             frame = channel.queue_declare(queue, passive=True)
             return int(frame.method.consumer_count or 0)
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 404:
                 return None
-            raise ConnectionClosed(describe_pika_error(exc)) from None
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionClosed(describe_pika_error(exc)) from None
+            raise
         finally:
             if channel.is_open:
                 channel.close()
@@ -150,18 +145,14 @@ class BrokerClient:
         self._publish(self.channel, exchange, key, body, props)
         return message_id
 
-    def _publish(
-        self, channel: BlockingChannel, exchange: str, key: str, body: bytes, props: pika.BasicProperties
-    ) -> None:
+    @staticmethod
+    @at_pika_boundary
+    def _publish(channel: BlockingChannel, exchange: str, key: str, body: bytes, props: pika.BasicProperties) -> None:
         try:
             channel.basic_publish(exchange, key, body, properties=props, mandatory=True)
         except pika.exceptions.UnroutableError:
             where = f"exchange {exchange!r}" if exchange else f"queue {key!r}"
             raise NotRouted(f"the broker could not route the message to {where}") from None
-        except pika.exceptions.NackError:
-            raise BrokerError("the broker refused the message (nack)") from None
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionClosed(describe_pika_error(exc)) from None
 
     def submit(self, op: str, body: bytes, job_id: str, *, reply_to: str | None = None,
                correlation_id: str | None = None) -> str:
@@ -172,10 +163,8 @@ class BrokerClient:
 
     def cancel(self, job_id: str) -> bool:
         """Publish the contract's cancel message; False when no worker listens right now."""
-        try:
+        with pika_boundary():
             self.channel.exchange_declare(self.settings.control_exchange, "fanout", durable=True)
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionClosed(describe_pika_error(exc)) from None
         body = json.dumps({"type": "cancel", "job_id": job_id}).encode()
         try:
             self.publish(self.settings.control_exchange, "", body, message_type="cancel", correlation_id=job_id)
@@ -185,32 +174,28 @@ class BrokerClient:
 
     # --- receiving ---------------------------------------------------------------------
 
+    @at_pika_boundary
     def watch(self, op: str, job_id: str) -> str:
         """An exclusive, auto-delete queue bound to this job's update and result keys."""
-        try:
-            frame = self.channel.queue_declare("", exclusive=True, auto_delete=True)
-            queue = str(frame.method.queue)
-            for kind in ("update", "result"):
-                if kind == "update" and queue_names(self.settings, op).update is None:
-                    continue
-                self.channel.queue_bind(queue, self.settings.events_exchange, routing_key=routing_key(op, kind, job_id))
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionClosed(describe_pika_error(exc)) from None
+        frame = self.channel.queue_declare("", exclusive=True, auto_delete=True)
+        queue = str(frame.method.queue)
+        for kind in ("update", "result"):
+            if kind == "update" and queue_names(self.settings, op).update is None:
+                continue
+            self.channel.queue_bind(queue, self.settings.events_exchange, routing_key=routing_key(op, kind, job_id))
         return queue
 
+    @at_pika_boundary
     def reply_queue(self) -> str:
         """An exclusive, auto-delete queue for an RPC answer (``reply_to``)."""
-        try:
-            frame = self.channel.queue_declare("", exclusive=True, auto_delete=True)
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionClosed(describe_pika_error(exc)) from None
+        frame = self.channel.queue_declare("", exclusive=True, auto_delete=True)
         return str(frame.method.queue)
 
     def events(self, queue: str, *, tick: float = 0.5) -> Iterator[Event | None]:
         """Messages from ``queue`` as they come; None every ``tick`` seconds of silence
         (so the caller can check a deadline or redraw).  Heartbeats are answered while
         it waits."""
-        try:
+        with pika_boundary():
             channel: Any = self.channel  # pika-stubs type consume() as returning None
             for method, props, body in channel.consume(queue, auto_ack=True, inactivity_timeout=tick):
                 if method is None:
@@ -222,8 +207,6 @@ class BrokerClient:
                     continue
                 if isinstance(payload, dict):
                     yield Event(payload, str(method.routing_key), cast(pika.BasicProperties, props))
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionClosed(describe_pika_error(exc)) from None
 
     # --- dead letters ------------------------------------------------------------------
 
@@ -259,40 +242,33 @@ class BrokerClient:
                 if not select(letter):
                     continue
                 self._publish(self.channel, "", request_q, letter.body, replay_properties(letter.properties))
-                try:
+                with pika_boundary():
                     channel.basic_ack(tag)
-                except pika.exceptions.AMQPError as exc:
-                    raise ConnectionClosed(describe_pika_error(exc)) from None
                 replayed.append(letter)
             return replayed, count - len(replayed)
         finally:
             self._give_back(channel)
 
+    @at_pika_boundary
     def _dlq_channel(self) -> BlockingChannel:
-        try:
-            return self.connection.channel()
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionClosed(describe_pika_error(exc)) from None
+        return self.connection.channel()
 
-    def _fetch(self, channel: BlockingChannel, dlq: str, limit: int) -> tuple[int, list[tuple[DeadLetter, int]]]:
+    @staticmethod
+    @at_pika_boundary
+    def _fetch(channel: BlockingChannel, dlq: str, limit: int) -> tuple[int, list[tuple[DeadLetter, int]]]:
         try:
             count = int(channel.queue_declare(dlq, passive=True).method.message_count or 0)
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 404:
                 raise QueueNotFound(f"queue {dlq!r} does not exist") from None
-            raise ConnectionClosed(describe_pika_error(exc)) from None
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionClosed(describe_pika_error(exc)) from None
+            raise
         out: list[tuple[DeadLetter, int]] = []
-        try:
-            while len(out) < min(limit, count):
-                method, props, body = channel.basic_get(dlq, auto_ack=False)
-                if method is None:
-                    break
-                out.append((DeadLetter.parse(len(out) + 1, cast(pika.BasicProperties, props), cast(bytes, body)),
-                            int(method.delivery_tag or 0)))
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionClosed(describe_pika_error(exc)) from None
+        while len(out) < min(limit, count):
+            method, props, body = channel.basic_get(dlq, auto_ack=False)
+            if method is None:
+                break
+            out.append((DeadLetter.parse(len(out) + 1, cast(pika.BasicProperties, props), cast(bytes, body)),
+                        int(method.delivery_tag or 0)))
         return count, out
 
     @staticmethod

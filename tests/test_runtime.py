@@ -147,12 +147,16 @@ def test_a_permanent_failure_is_answered_once_and_acked(be: BE, start_worker: Wo
 def test_a_retryable_failure_is_retried_then_answered_once_and_dead_lettered(
     be: BE, start_worker: WorkerFactory
 ) -> None:
-    start_worker(module=SLEEPY)
+    worker = start_worker(module=SLEEPY)
     be.send_train(request("flaky", mode="flaky"))
     msg = be.terminal(be.settings.train_result_queue, "flaky", timeout=60)
     assert msg.body["error_code"] == "storage_error"
     assert be.wait_count(be.settings.train_request_queue + ".dlq", 1) == 1
     assert be.drain(be.settings.train_result_queue) == []
+    # Each retry went through the holding queue (a TTL'd, counted copy), not a sleeping thread.
+    log = worker.log()
+    assert [f"Retrying in {d:.1f} s (delivery {n} of 3)" in log for d, n in ((1.0, 2), (2.0, 3))] == [True, True]
+    assert log.count("[flaky] Received train request") == 3
 
 
 def test_sigterm_during_a_handler_lets_it_finish_and_the_process_exits_zero(
