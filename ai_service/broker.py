@@ -15,21 +15,25 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from ai_service.config import Settings
+from ai_service.config import BrokerNode, Settings
 from ai_service.errors import AuthenticationFailed, BrokerError, ConnectionClosed, NotRouted, QueueNotFound
 from ai_service.registry import OPERATIONS, Registry
 from ai_service.registry import QueueNames as QueueNames  # re-exported: the consumer's and client's import
 
 log = logging.getLogger("ai_service.broker")
 
-def connection_parameters(settings: Settings, *, client_name: str) -> pika.ConnectionParameters:
-    """pika parameters from settings; TLS verifies the broker's certificate."""
+def connection_parameters(
+    settings: Settings, *, client_name: str, node: BrokerNode | None = None
+) -> pika.ConnectionParameters:
+    """pika parameters for one node (the first of ``RABBITMQ_HOST`` by default); TLS
+    verifies that node's certificate against its own host name."""
+    node = settings.rabbitmq_nodes[0] if node is None else node
     ssl_options = None
     if settings.rabbitmq_ssl:
         context = ssl.create_default_context(cafile=settings.rabbitmq_ca_file)
         if settings.rabbitmq_cert_file:
             context.load_cert_chain(settings.rabbitmq_cert_file, settings.rabbitmq_key_file)
-        ssl_options = pika.SSLOptions(context, server_hostname=settings.rabbitmq_host)
+        ssl_options = pika.SSLOptions(context, server_hostname=node.host)
     # pika-stubs types the timeouts as numbers.Real, which mypy cannot match: go via Any.
     options: dict[str, Any] = dict(
         blocked_connection_timeout=300.0,
@@ -39,8 +43,8 @@ def connection_parameters(settings: Settings, *, client_name: str) -> pika.Conne
     if ssl_options is not None:
         options["ssl_options"] = ssl_options
     return pika.ConnectionParameters(
-        host=settings.rabbitmq_host,
-        port=settings.rabbitmq_port,
+        host=node.host,
+        port=node.port,
         virtual_host=settings.rabbitmq_vhost,
         credentials=pika.PlainCredentials(settings.rabbitmq_user, settings.rabbitmq_password),
         heartbeat=settings.rabbitmq_heartbeat,
@@ -50,22 +54,80 @@ def connection_parameters(settings: Settings, *, client_name: str) -> pika.Conne
     )
 
 
+def node_parameters(settings: Settings, *, client_name: str, start: int = 0) -> list[pika.ConnectionParameters]:
+    """One parameter set per node of ``RABBITMQ_HOST``, beginning at node ``start`` (modulo
+    their number) and wrapping round: pika's connect tries them in this order and keeps
+    the first that answers."""
+    nodes = settings.rabbitmq_nodes
+    first = start % len(nodes)
+    return [connection_parameters(settings, client_name=client_name, node=node)
+            for node in nodes[first:] + nodes[:first]]
+
+
+class NodeRing:
+    """Which node the next connection tries first: the configured order to begin with,
+    then the node after the one a connection was last on, so a reconnect after losing a
+    node goes to the next one instead of waiting on the lost one first.
+
+    One per reconnect loop (consumer, publisher): each loop owns its own ring."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.nodes = settings.rabbitmq_nodes
+        self.start = 0
+
+    def connected(self, node: BrokerNode | None) -> None:
+        """Remember the node a connection is on: the next connect begins after it."""
+        if node in self.nodes:
+            self.start = (self.nodes.index(node) + 1) % len(self.nodes)
+
+
+def connected_node(connection: pika.BlockingConnection) -> BrokerNode | None:
+    """The node of ``RABBITMQ_HOST`` ``connection`` is on (pika keeps the parameters that won)."""
+    impl = getattr(connection, "_impl", None)
+    params = getattr(impl, "params", None)
+    if params is None:
+        return None
+    return BrokerNode(str(params.host), int(params.port))
+
+
+def broker_name(connection: pika.BlockingConnection) -> str | None:
+    """The broker's own name for itself (``cluster_name`` of its connection.start), if sent."""
+    props = getattr(getattr(connection, "_impl", None), "server_properties", None) or {}
+    name = props.get("cluster_name")
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return str(name) if name else None
+
+
+def describe_connection(connection: pika.BlockingConnection) -> str:
+    """``node-b:5673 (rabbit@node-b)`` -- which node a connection is on, for the log."""
+    node = connected_node(connection)
+    where = str(node) if node is not None else "?"
+    name = broker_name(connection)
+    return f"{where} ({name})" if name else where
+
+
 def pump(connection: pika.BlockingConnection, seconds: float) -> None:
     """Process I/O (heartbeats, deliveries, callbacks) for up to ``seconds``."""
     connection.process_data_events(time_limit=cast(Any, seconds))
 
 
 def describe_endpoint(settings: Settings) -> str:
-    """Where we connect, for logs: user, host, port, vhost -- never the password."""
+    """Where we connect, for logs: user, the node list, vhost -- never the password."""
     scheme = "amqps" if settings.rabbitmq_ssl else "amqp"
     vhost = "/" if settings.rabbitmq_vhost == "/" else "/" + settings.rabbitmq_vhost
-    return f"{scheme}://{settings.rabbitmq_user}@{settings.rabbitmq_host}:{settings.rabbitmq_port}{vhost}"
+    nodes = ",".join(str(node) for node in settings.rabbitmq_nodes)
+    return f"{scheme}://{settings.rabbitmq_user}@{nodes}{vhost}"
 
 
-def connect(settings: Settings, *, client_name: str) -> pika.BlockingConnection:
-    """Open a blocking connection; pika's errors come out as our BrokerError family."""
+def connect(settings: Settings, *, client_name: str, ring: NodeRing | None = None) -> pika.BlockingConnection:
+    """Open a blocking connection to the first node that answers (from ``ring``'s start);
+    pika's errors come out as our BrokerError family."""
+    start = ring.start if ring is not None else 0
     try:
-        return pika.BlockingConnection(connection_parameters(settings, client_name=client_name))
+        # pika takes a sequence of parameters (pika-stubs types only one): try each in turn.
+        nodes = cast(Any, node_parameters(settings, client_name=client_name, start=start))
+        connection = pika.BlockingConnection(nodes)
     except pika.exceptions.ProbableAuthenticationError as exc:
         raise AuthenticationFailed(f"(403) ACCESS_REFUSED - {exc}") from None
     except pika.exceptions.ProbableAccessDeniedError as exc:
@@ -76,6 +138,11 @@ def connect(settings: Settings, *, client_name: str) -> pika.BlockingConnection:
         raise ConnectionClosed(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - e.g. AMQPConnectorStackTimeout is no AMQPError
         raise ConnectionClosed(describe_pika_error(exc)) from None
+    if ring is not None:
+        ring.connected(connected_node(connection))
+    if len(settings.rabbitmq_nodes) > 1:
+        log.info("[RMQ] Connected to %s for %s", describe_connection(connection), client_name)
+    return connection
 
 
 def describe_pika_error(exc: BaseException) -> str:
@@ -248,12 +315,15 @@ def close_quietly(connection: pika.BlockingConnection | None) -> None:
 
 
 @contextlib.contextmanager
-def session(settings: Settings, *, client_name: str) -> Iterator[pika.BlockingConnection]:
+def session(
+    settings: Settings, *, client_name: str, ring: NodeRing | None = None
+) -> Iterator[pika.BlockingConnection]:
     """One connection to the broker: connect (refusals as :class:`AuthenticationFailed` /
     :class:`ConnectionClosed`), pika's errors inside the block mapped to our tree, and the
     connection closed on the way out whatever happened.  Consumer, publisher and the CLI
-    client all connect through it; their reconnect loops are loops around it."""
-    connection = connect(settings, client_name=client_name)
+    client all connect through it; their reconnect loops are loops around it, each with
+    its own :class:`NodeRing` so that a reconnect moves on to another node of a cluster."""
+    connection = connect(settings, client_name=client_name, ring=ring)
     try:
         with pika_boundary():
             yield connection

@@ -88,13 +88,67 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass(frozen=True, order=True)
+class BrokerNode:
+    """One RabbitMQ node of ``RABBITMQ_HOST``: where to connect (and the TLS name to check)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _port(name: str, entry: str, raw: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {entry!r} has no valid port (host or host:port)") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{name}: port of {entry!r} must be between 1 and 65535")
+    return port
+
+
+def _node(name: str, entry: str, default_port: int) -> BrokerNode:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (a bare IPv6 address too)."""
+    if entry.startswith("["):
+        host, sep, rest = entry[1:].partition("]")
+        if not sep or not host or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{name}: {entry!r} is not [address] or [address]:port")
+        return BrokerNode(host, _port(name, entry, rest[1:]) if rest else default_port)
+    if entry.count(":") > 1:
+        try:
+            return BrokerNode(str(ipaddress.IPv6Address(entry)), default_port)
+        except ValueError:
+            raise ConfigError(f"{name}: {entry!r} is not host or host:port (bracket IPv6: [addr]:port)") from None
+    host, sep, raw_port = entry.partition(":")
+    if not host or any(c.isspace() or c in "/@?#" for c in host):
+        raise ConfigError(f"{name}: {entry!r} is not a host name or address")
+    return BrokerNode(host, _port(name, entry, raw_port) if sep else default_port)
+
+
+def parse_nodes(raw: str, default_port: int, name: str = "RABBITMQ_HOST") -> tuple[BrokerNode, ...]:
+    """The nodes of a comma-separated ``RABBITMQ_HOST`` (each ``host`` or ``host:port``,
+    the port defaulting to ``RABBITMQ_PORT``), in order, each once."""
+    entries = [e.strip() for e in raw.split(",")]
+    if not any(entries):
+        raise ConfigError(f"{name} names no host")
+    if "" in entries:
+        raise ConfigError(f"{name} has an empty entry in {raw!r}")
+    nodes = tuple(_node(name, e, default_port) for e in entries)
+    if len(set(nodes)) != len(nodes):
+        raise ConfigError(f"{name} names a node twice in {raw!r}")
+    return nodes
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of the service; see CONTRACT.md for what each one means."""
 
     # broker
     enable_rabbitmq: bool = True
-    rabbitmq_host: str = "localhost"
+    rabbitmq_host: str = "localhost"  # one host or a cluster's nodes: see rabbitmq_nodes
     rabbitmq_port: int = 5672
     rabbitmq_user: str = "guest"
     rabbitmq_password: str = field(default="guest", repr=False)
@@ -174,6 +228,14 @@ class Settings:
     max_dataset_image_pixels: int = 40_000_000  # one dataset image, checked on its header
     max_dataset_files: int = 1_000_000  # images a dataset's train + val may name
 
+    def __post_init__(self) -> None:
+        self.rabbitmq_nodes  # noqa: B018 - an invalid node list is a settings error at once
+
+    @property
+    def rabbitmq_nodes(self) -> tuple[BrokerNode, ...]:
+        """``RABBITMQ_HOST`` as the nodes to try, in order (ConfigError when invalid)."""
+        return parse_nodes(self.rabbitmq_host, self.rabbitmq_port)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Build settings from ``env`` (``os.environ`` by default); raise ConfigError."""
@@ -243,11 +305,11 @@ class Settings:
 
     def insecurity(self) -> str | None:
         """Why this broker configuration is only fit for development, or None."""
-        local = is_loopback(self.rabbitmq_host)
-        if not local and self.rabbitmq_user == "guest" and self.rabbitmq_password == "guest":
+        remote = [node.host for node in self.rabbitmq_nodes if not is_loopback(node.host)]
+        if remote and self.rabbitmq_user == "guest" and self.rabbitmq_password == "guest":
             return "default guest/guest credentials on a non-loopback host"
-        if not local and not self.rabbitmq_ssl:
-            return f"no TLS to remote host {self.rabbitmq_host}"
+        if remote and not self.rabbitmq_ssl:
+            return f"no TLS to remote host {remote[0]}"
         return None
 
     def redacted(self) -> dict[str, Any]:

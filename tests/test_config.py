@@ -6,12 +6,21 @@ import re
 import socket
 import ssl
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from ai_service.broker import connection_parameters, describe_endpoint
-from ai_service.config import ConfigError, Settings
+from ai_service.broker import (
+    NodeRing,
+    broker_name,
+    connected_node,
+    connection_parameters,
+    describe_endpoint,
+    node_parameters,
+    session,
+)
+from ai_service.config import BrokerNode, ConfigError, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "Sup3r-S3cret-pw"
@@ -365,3 +374,105 @@ def test_every_setting_is_in_the_readme_configuration_table() -> None:
     missing = [n for n in names if f"`{n}`" not in table
                and not n.endswith(("_QUEUE", "_EXCHANGE"))]  # queue and exchange names: CONTRACT.md
     assert missing == [], f"settings not documented in the README: {missing}"
+
+
+# --- RABBITMQ_HOST as a cluster's node list -------------------------------------------
+
+
+def test_a_node_list_is_parsed_into_nodes_in_order_with_the_default_port() -> None:
+    settings = Settings.from_env({"RABBITMQ_HOST": " node-a, node-b:5673 ,node-c,[::1]:5699,fe80::1,10.0.0.7:1",
+                                  "RABBITMQ_PORT": "5680"})
+
+    assert settings.rabbitmq_nodes == (
+        BrokerNode("node-a", 5680), BrokerNode("node-b", 5673), BrokerNode("node-c", 5680),
+        BrokerNode("::1", 5699), BrokerNode("fe80::1", 5680), BrokerNode("10.0.0.7", 1),
+    )
+    assert [str(n) for n in settings.rabbitmq_nodes[2:5]] == ["node-c:5680", "[::1]:5699", "[fe80::1]:5680"]
+
+
+def test_one_host_is_a_list_of_one_node_on_the_tls_port_with_tls() -> None:
+    assert Settings.from_env({}).rabbitmq_nodes == (BrokerNode("localhost", 5672),)
+    assert Settings.from_env({"RABBITMQ_SSL": "true"}).rabbitmq_nodes == (BrokerNode("localhost", 5671),)
+
+
+@pytest.mark.parametrize("raw", ["node-a,,node-b", ",", "node-a:", "node-a:http", "node-a:0", "node-a:70000",
+                                 "[::1", "[::1]5673", "[]:5673", "a:b:c", "user@node-a", "node a",
+                                 "node-a,node-a:5672", "amqp://node-a"])
+def test_an_invalid_node_list_is_a_settings_error_naming_the_variable_and_the_entry(raw: str) -> None:
+    with pytest.raises(ConfigError, match="RABBITMQ_HOST") as error:
+        Settings.from_env({"RABBITMQ_HOST": raw, "RABBITMQ_PASSWORD": PASSWORD})
+    assert PASSWORD not in str(error.value)
+
+
+def test_settings_built_in_code_check_their_node_list_too() -> None:
+    with pytest.raises(ConfigError, match="RABBITMQ_HOST"):
+        replace(Settings(), rabbitmq_host="node-a,,node-b")
+
+
+def test_node_parameters_give_one_set_per_node_each_checking_its_own_certificate(ca: tuple[Path, Path]) -> None:
+    cert, _ = ca
+    settings = Settings.from_env({"RABBITMQ_HOST": "node-a,node-b:5673,node-c", "RABBITMQ_SSL": "true",
+                                  "RABBITMQ_CA_FILE": str(cert), "RABBITMQ_USER": "svc",
+                                  "RABBITMQ_PASSWORD": PASSWORD})
+
+    params = node_parameters(settings, client_name="host/train")
+
+    assert [(p.host, p.port) for p in params] == [("node-a", 5671), ("node-b", 5673), ("node-c", 5671)]
+    assert [p.ssl_options.server_hostname for p in params if p.ssl_options] == ["node-a", "node-b", "node-c"]
+    assert {(getattr(p.credentials, "username", None), p.virtual_host, p.connection_attempts)
+            for p in params} == {("svc", "/", 1)}
+    assert all((p.client_properties or {})["connection_name"] == "host/train" for p in params)
+    assert all(PASSWORD not in repr(p) for p in params)
+
+
+def test_node_parameters_begin_at_start_and_wrap_round() -> None:
+    settings = Settings.from_env({"RABBITMQ_HOST": "node-a,node-b,node-c"})
+
+    assert [p.host for p in node_parameters(settings, client_name="t", start=1)] == ["node-b", "node-c", "node-a"]
+    assert [p.host for p in node_parameters(settings, client_name="t", start=5)] == ["node-c", "node-a", "node-b"]
+
+
+def test_a_ring_begins_the_next_connect_after_the_node_the_last_one_was_on() -> None:
+    ring = NodeRing(Settings.from_env({"RABBITMQ_HOST": "node-a,node-b:5673,node-c"}))
+    assert ring.start == 0
+
+    ring.connected(BrokerNode("node-b", 5673))
+    assert ring.start == 2
+    ring.connected(BrokerNode("node-c", 5672))
+    assert ring.start == 0
+    ring.connected(BrokerNode("elsewhere", 5672))
+    assert ring.start == 0
+
+
+def test_describe_endpoint_shows_every_node_and_never_the_password() -> None:
+    settings = Settings.from_env({"RABBITMQ_HOST": "node-a,node-b:5673", "RABBITMQ_USER": "svc",
+                                  "RABBITMQ_PASSWORD": PASSWORD})
+
+    assert describe_endpoint(settings) == "amqp://svc@node-a:5672,node-b:5673/"
+
+
+def test_a_remote_node_anywhere_in_the_list_makes_guest_or_plain_text_insecure() -> None:
+    assert Settings.from_env({"RABBITMQ_HOST": "localhost,rabbit.example.com"}).insecurity() is not None
+    plain = Settings.from_env({"RABBITMQ_HOST": "127.0.0.1,rabbit.example.com", "RABBITMQ_USER": "svc",
+                               "RABBITMQ_PASSWORD": PASSWORD})
+    assert plain.insecurity() == "no TLS to remote host rabbit.example.com"
+    assert Settings.from_env({"RABBITMQ_HOST": "127.0.0.1,localhost:5673"}).insecurity() is None
+
+
+def test_a_connection_goes_to_the_first_node_that_answers_and_says_which(
+    worker_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = s.getsockname()[1]
+    port = Settings.from_env(worker_env).rabbitmq_port
+    settings = Settings.from_env({**worker_env, "RABBITMQ_HOST": f"127.0.0.1:{refused},localhost:{port}"})
+    ring = NodeRing(settings)
+
+    with caplog.at_level("INFO", logger="ai_service.broker"), \
+            session(settings, client_name="test node list", ring=ring) as connection:
+        assert connected_node(connection) == BrokerNode("localhost", port)
+        name = broker_name(connection)  # RabbitMQ names itself (cluster_name) in connection.start
+    assert name
+    assert ring.start == 0  # after the second of two nodes comes the first again
+    assert f"[RMQ] Connected to localhost:{port} ({name}) for test node list" in caplog.text
