@@ -47,6 +47,12 @@ class Metrics:
                                   registry=r)
         self.consumer_state = Gauge("ai_consumer_state", "0 disconnected, 1 connected (paused), 2 consuming",
                                     registry=r)
+        self.broker_node = Gauge(
+            "ai_broker_node_info",
+            "1 for the RabbitMQ node (of RABBITMQ_HOST) each component's connection is on now",
+            ["component", "node"], registry=r,
+        )
+        self._broker_nodes: dict[str, str] = {}
         self.publisher_connected = Gauge("ai_publisher_connected", "1 when the publisher is connected",
                                          registry=r)
         self.control_messages = Counter(
@@ -73,6 +79,15 @@ class Metrics:
             "them for good (reason: too_large, precondition_failed, nacked)",
             ["reason"], registry=r,
         )
+
+    def on_broker_node(self, component: str, node: str) -> None:
+        """``component`` (consumer, publisher) is connected to ``node`` now: one series
+        per component, so a move to another node replaces the old one."""
+        old = self._broker_nodes.get(component)
+        if old is not None and old != node:
+            self.broker_node.remove(component, old)
+        self._broker_nodes[component] = node
+        self.broker_node.labels(component, node).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

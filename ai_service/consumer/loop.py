@@ -26,9 +26,11 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pydantic import ValidationError
 
 from ai_service.broker import (
+    NodeRing,
     QueueNames,
     Topology,
     close_quietly,
+    connected_node,
     describe_endpoint,
     describe_pika_error,
     pump,
@@ -63,6 +65,7 @@ class Consumer(Handlers, Settling):
         self.settings = settings
         self.op = operation
         self.topology = topology or Topology(settings)
+        self._nodes = NodeRing(settings)  # a reconnect begins at the node after the one it lost
         self.names: QueueNames = self.topology.queues(operation.name)
         self.publisher = publisher
         self.resources = resources
@@ -222,8 +225,9 @@ class Consumer(Handlers, Settling):
     def _connect_and_consume(self, backoff: Backoff) -> None:
         """One connection's life, through the one primitive (:func:`broker.session`)."""
         name = f"ai-service {self.op.name} consumer ({self.settings.worker_name})"
-        with session(self.settings, client_name=name) as connection:
+        with session(self.settings, client_name=name, ring=self._nodes) as connection:
             self._connection = connection
+            self.metrics.on_broker_node("consumer", str(connected_node(connection) or "unknown"))
             self.topology.declare(connection)
             channel = self._open_channel(connection)
             if self.started.is_set():
