@@ -127,6 +127,23 @@ class _HostileListing:
         self.downloaded.append(key)
         Path(filename).write_bytes(b"data")
 
+    def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+        self.downloaded.append(Key)
+        return {"Body": _Body(b"data")}
+
+
+class _Body:
+    """A GetObject body: what the S3 backend reads of a streamed download."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def iter_chunks(self, size: int) -> Iterator[bytes]:
+        yield self.data
+
+    def close(self) -> None:
+        pass
+
 
 def test_a_listed_s3_key_with_dotdot_cannot_escape_the_target_dir(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -5,14 +5,22 @@ Configured through the standard AWS environment variables only, as a worker woul
 
 from __future__ import annotations
 
+import base64
+import http.client
+import logging
 import socket
+import zlib
 from pathlib import Path
+from typing import Any, cast
+from urllib.parse import urlsplit
 
+import boto3
 import pytest
 
 from ai_service.errors import ObjectNotFound, StorageError
 from ai_service.storage import (
     S3Storage,
+    direct,
     make_s3_client,
     sync_prefix,
 )
@@ -103,3 +111,84 @@ def test_a_configured_endpoint_gets_path_style_addressing_and_region_us_east_1(
     url = client.generate_presigned_url("get_object", Params={"Bucket": "bkt", "Key": "a/b.pt"})
     assert url.startswith("http://seaweedfs.internal:8333/bkt/a/b.pt?")
     assert S3Storage("bkt", client=client).describe() == "s3://bkt at http://seaweedfs.internal:8333"
+
+
+# --- the direct GETs of bulk downloads -----------------------------------------------
+
+
+class _CountingClient:
+    """A real client that counts GetObject calls and can point its presigned URLs elsewhere."""
+
+    def __init__(self, client: Any, *, presign_port: int | None = None) -> None:
+        self._client = client
+        self._presign_port = presign_port
+        self.meta = client.meta
+        self.presigned: list[str] = []
+        self.get_objects = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get_object(self, **kw: Any) -> Any:
+        self.get_objects += 1
+        return self._client.get_object(**kw)
+
+    def generate_presigned_url(self, *args: Any, **kw: Any) -> str:
+        self.presigned.append(kw["Params"]["Key"])
+        url = str(self._client.generate_presigned_url(*args, **kw))
+        if self._presign_port is None:
+            return url
+        return url.replace(f":{urlsplit(url).port}/", f":{self._presign_port}/", 1)
+
+
+def test_bulk_downloads_go_direct_and_a_missing_object_is_still_object_not_found(
+    s3_env: dict[str, str], s3_bucket: str, tmp_path: Path
+) -> None:
+    client = _CountingClient(make_s3_client(max_attempts=1))
+    store = S3Storage(s3_bucket, client=cast(Any, client))
+    store.write_bytes("ds/a.bin", b"a" * 3000)
+    store.write_bytes("ds/b.bin", b"b")
+    store.fetch_file("ds/a.bin", tmp_path / "a.bin", bulk=True)
+    with pytest.raises(ObjectNotFound, match="ds/gone.bin"):
+        store.fetch_file("ds/gone.bin", tmp_path / "gone.bin", bulk=True)
+    store.fetch_file("ds/b.bin", tmp_path / "b.bin", bulk=True)  # a 404 does not turn it off
+    assert (tmp_path / "a.bin").read_bytes() == b"a" * 3000 and (tmp_path / "b.bin").read_bytes() == b"b"
+    assert not (tmp_path / "gone.bin").exists()
+    assert client.presigned == ["probe", "ds/a.bin", "ds/gone.bin", "ds/b.bin"]  # probe: is it SigV4?
+    assert client.get_objects == 1  # only to say "no such key"
+
+
+def test_a_failed_direct_get_falls_back_to_get_object_and_rests(
+    s3_env: dict[str, str], s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = _CountingClient(make_s3_client(max_attempts=1), presign_port=_closed_port())
+    store = S3Storage(s3_bucket, client=cast(Any, client))
+    store.write_bytes("ds/a.bin", b"a")
+    store.write_bytes("ds/b.bin", b"b")
+    with caplog.at_level(logging.WARNING, logger="ai_service.storage"):
+        store.fetch_file("ds/a.bin", tmp_path / "a.bin", bulk=True)
+        store.fetch_file("ds/b.bin", tmp_path / "b.bin", bulk=True)
+    assert (tmp_path / "a.bin").read_bytes() == b"a" and (tmp_path / "b.bin").read_bytes() == b"b"
+    assert client.presigned == ["probe", "ds/a.bin"]  # the second download did not try again
+    assert client.get_objects == 2
+    assert "direct GETs" in caplog.text and "rest" in caplog.text
+
+
+def test_direct_gets_are_not_used_behind_a_proxy_or_without_sigv4(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert direct.usable(make_s3_client(), "b")
+    assert not direct.usable(boto3.session.Session().client("s3"), "b")  # presigns with SigV2
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert not direct.usable(make_s3_client(), "b")
+
+
+def test_bytes_that_do_not_match_the_announced_checksum_are_refused() -> None:
+    headers = http.client.HTTPMessage()
+    headers["x-amz-checksum-crc32"] = base64.b64encode(zlib.crc32(b"abc").to_bytes(4, "big")).decode()
+    good, bad = direct.Digest(headers), direct.Digest(headers)
+    good.update(b"abc")
+    good.check()
+    bad.update(b"abd")
+    with pytest.raises(direct.DirectGetFailed, match="checksum"):
+        bad.check()

@@ -124,21 +124,45 @@ def plan_downloads(prefix: str, objects: Sequence[ObjectInfo], dest_dir: Path) -
     Anything that would land outside ``dest_dir`` (a ``..`` key from a hostile or buggy
     listing, a symlink planted inside ``dest_dir``) is skipped with a warning, as is an
     object whose key is also used as a folder by another object (a file cannot be both).
+    Each folder is resolved once, and a file only when it is itself a symlink: a
+    thousand-file dataset costs one ``lstat`` per file, not one per path segment.
     """
-    root = dest_dir.resolve()
+    root = str(dest_dir.resolve())
     rels = _relative_keys(prefix, objects)
     folders = {"/".join(rel.split("/")[:i]) for rel in rels for i in range(1, rel.count("/") + 1)}
+    parents: dict[str, str | None] = {"": root}
     plan: list[Download] = []
     for rel, info in sorted(rels.items()):
         if rel in folders:
             log.warning("skipping object %s: other objects use it as a folder", show(info.key))
             continue
-        target = (root / rel).resolve()
-        if target == root or not target.is_relative_to(root):
+        target = _resolved_target(rel, root, parents)
+        if target is None or target == root or not _inside(target, root):
             log.warning("skipping object %s: it would be written outside %s", show(info.key), root)
             continue
-        plan.append((info, target))
+        plan.append((info, Path(target)))
     return plan
+
+
+def _resolved_target(rel: str, root: str, parents: dict[str, str | None]) -> str | None:
+    """``root/rel`` with symlinks resolved; None when its folder leads outside ``root``.
+
+    ``parents`` caches each folder's resolution (None: outside) across calls.
+    """
+    folder, _, name = rel.rpartition("/")
+    if folder not in parents:
+        real = os.path.realpath(os.path.join(root, folder))
+        parents[folder] = real if _inside(real, root) else None
+    parent = parents[folder]
+    if parent is None:
+        return None
+    target = os.path.join(parent, name)
+    return os.path.realpath(target) if os.path.islink(target) else target
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether the resolved ``path`` is ``root`` or below it."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 # --- the interface ---------------------------------------------------------------------
