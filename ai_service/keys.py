@@ -5,9 +5,13 @@ Kept free of any I/O import so that request validation and the BE-side CLI stay 
 
 from __future__ import annotations
 
+import re
+
 from ai_service.errors import UnsafeKey
 
 MAX_KEY_CHARS = 1024
+#: NUL and the other control characters (a regex: a listing checks a thousand keys).
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def validate_key(key: str, *, allow_empty: bool = False) -> str:
@@ -26,7 +30,7 @@ def validate_key(key: str, *, allow_empty: bool = False) -> str:
         raise UnsafeKey(f"storage key is longer than {MAX_KEY_CHARS} characters")
     if "\\" in key:
         raise UnsafeKey("storage key must not contain a backslash")
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+    if _CONTROL.search(key):
         raise UnsafeKey("storage key must not contain NUL or control characters")
     if key.startswith("/"):
         raise UnsafeKey("storage key must be relative (no leading '/')")
