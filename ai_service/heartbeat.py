@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ai_service.config import Settings
 from ai_service.messages import WorkerHeartbeat, WorkerState, utc_now
+from ai_service.registry import OPERATIONS, Registry
 
 if TYPE_CHECKING:
     from ai_service.operation import DeviceInfo, Resources
@@ -110,11 +111,17 @@ class WorkerView(Protocol):
 
 
 class Heartbeat:
-    """The heartbeat thread of one worker process (nothing at all with HEARTBEAT_SECONDS=0)."""
+    """The heartbeat thread of one worker process (nothing at all with HEARTBEAT_SECONDS=0).
 
-    def __init__(self, settings: Settings, op: str, publisher: "Publisher", worker: WorkerView) -> None:
+    ``op`` must be one of ``operations`` (the worker's registry): a beat names it, and
+    is validated against the registry's names.
+    """
+
+    def __init__(self, settings: Settings, op: str, publisher: "Publisher", worker: WorkerView, *,
+                 operations: Registry = OPERATIONS) -> None:
         self.settings = settings
-        self.op = op
+        self.op = operations[op].name  # UnknownOperation now, not on the first beat
+        self.operations = operations.names()
         self.publisher = publisher
         self.worker = worker
         self.interval = float(settings.heartbeat_seconds)
@@ -185,13 +192,13 @@ class Heartbeat:
         device = self._device or device_info(self.settings.device, self.worker.resources.device)
         if device[1] is not None:
             self._device = device  # the GPU does not change: ask torch once
-        return WorkerHeartbeat(
-            worker=self.settings.worker_name, name=self.name, operation=self.op,  # type: ignore[arg-type]
+        return WorkerHeartbeat.model_validate(dict(
+            worker=self.settings.worker_name, name=self.name, operation=self.op,
             state=state or now_state, device=device[0], gpu=device[1],
             job_id=job_id, progress=progress, jobs_running=running,
             versions=self.versions, pid=os.getpid(), host=self.host, started_at=self.started_at,
             interval_seconds=self.interval,
-        )
+        ), context={"operations": self.operations})
 
     def beat(self, state: WorkerState | None = None) -> "Receipt | None":
         """Publish one heartbeat now; returns the publisher's receipt (None when off)."""

@@ -37,7 +37,13 @@ from ai_service.limits import Limits, limits_of
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_STRING_CHARS = 1024
 
+#: The contract's operations. The registry (:mod:`ai_service.registry`) imports this module,
+#: so it cannot be read here: tests/test_registry.py pins the two equal.
 OPERATIONS = ("train", "convert", "infer")
+#: An operation's name on the wire (a routing-key word). Which names exist is the
+#: registry's: code that builds or reads a message naming one validates it with the
+#: context ``{"operations": registry.names()}`` (see :class:`WorkerHeartbeat`).
+OperationName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
 
 def utc_now() -> str:
@@ -549,7 +555,7 @@ class WorkerHeartbeat(_Message):
     type: Literal["worker_heartbeat"] = "worker_heartbeat"
     worker: str  # WORKER_NAME as configured
     name: str  # the routing key's <name>: "<WORKER_NAME>/<operation>", made routing-key safe
-    operation: Literal["train", "convert", "infer"]
+    operation: OperationName  # one of the registry's (validation context ``operations``)
     state: WorkerState
     device: str  # cpu or cuda:0 (the first visible GPU)
     gpu: str | None = None
@@ -562,3 +568,12 @@ class WorkerHeartbeat(_Message):
     started_at: str
     interval_seconds: float
     timestamp: str = Field(default_factory=utc_now)
+
+    @field_validator("operation")
+    @classmethod
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        """A name the registry has, when the caller passes its names as ``operations``."""
+        known = (info.context or {}).get("operations")
+        if known is not None and value not in known:
+            raise ValueError(f"{value!r} is not a registered operation ({', '.join(known)})")
+        return value

@@ -40,6 +40,7 @@ from ai_service.broker import Topology, describe_endpoint, session
 from ai_service.config import Settings
 from ai_service.errors import AIServiceError, AuthenticationFailed, BrokerError, PermanentError, SpoolFull
 from ai_service.messages import new_message_id
+from ai_service.registry import OPERATIONS
 from ai_service.spool import Envelope, RefusedLog, Spool
 
 log = logging.getLogger("ai_service.publisher")
@@ -513,15 +514,11 @@ class Publisher:
 _JOB_KEY = re.compile(r"^(?P<op>[a-z]+)\.(?P<kind>update|result)\.(?P<job_id>[A-Za-z0-9_-]{1,64})$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-#: ``error_code`` of the replacement, by operation.
-ERROR_CODES = {"infer": "inference_error", "train": "training_error", "convert": "export_error"}
+#: ``error_code`` of the replacement, by operation (its spec's).
+ERROR_CODES = {spec.name: spec.error_code for spec in OPERATIONS}
 
-#: What to change so that the answer fits, by operation.
-HINTS = {
-    "infer": "lower max_det, raise conf or send fewer images per request",
-    "train": "raise the broker's max_message_size and MAX_MESSAGE_BYTES with it",
-    "convert": "raise the broker's max_message_size and MAX_MESSAGE_BYTES with it",
-}
+#: What to change so that the answer fits, by operation (its spec's).
+HINTS = {spec.name: spec.too_big_hint for spec in OPERATIONS}
 
 
 def replacement_envelope(refused: Envelope, exchange: str, routing_key: str, body: bytes,

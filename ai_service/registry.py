@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from ai_service import forms
 from ai_service import messages as m
 from ai_service.config import Settings
+from ai_service.errors import ErrorCode
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class Supervision:
     stop_note: str
 
 
+def one_at_a_time(settings: Settings) -> int:
+    """The prefetch of a long job: one per worker (and GPU)."""
+    return 1
+
+
 @dataclass(frozen=True)
 class OperationSpec:
     """Everything about one operation, in one place."""
@@ -84,6 +90,13 @@ class OperationSpec:
     rpc: bool = False
     #: Extra text for the request queue's description in the AsyncAPI document.
     request_note: str = field(default="")
+    #: The ``error_code`` of the operation's own failure, e.g. the ``*_failed`` that stands in
+    #: for an answer the broker refused as too large (:func:`ai_service.publisher.failure_replacer`).
+    error_code: ErrorCode = "internal_error"
+    #: What to change so that such an answer fits.
+    too_big_hint: str = "raise the broker's max_message_size and MAX_MESSAGE_BYTES with it"
+    #: ``settings -> deliveries a worker takes at once`` (its ``Operation.prefetch``).
+    prefetch: Callable[[Settings], int] = one_at_a_time
 
     def queues(self, settings: Settings) -> QueueNames:
         """The operation's queues as ``settings`` name them."""
@@ -104,6 +117,24 @@ class OperationSpec:
     def messages(self) -> tuple[MessageDoc, ...]:
         """Request, updates, results: the AsyncAPI document's order."""
         return (self.request, *self.updates, *self.results)
+
+    @property
+    def request_model(self) -> type[BaseModel]:
+        """What a request is validated against, over AMQP and HTTP alike."""
+        return self.request.model
+
+    @property
+    def failure_model(self) -> type[BaseModel]:
+        """The result whose ``status`` is ``failed``: the answer to a request it cannot take."""
+        for doc in self.results:
+            status = doc.model.model_fields.get("status")
+            if status is not None and status.default == "failed":
+                return doc.model
+        raise TypeError(f"operation {self.name!r} has no result with status 'failed'")
+
+    def terminal_types(self) -> frozenset[str]:
+        """The ``type`` of every terminal message (``<name>.result.<job_id>``)."""
+        return frozenset(str(doc.model.model_fields["type"].default) for doc in self.results)
 
 
 class UnknownOperation(ValueError):
@@ -142,6 +173,10 @@ class Registry:
     def recorded(self) -> tuple[str, ...]:
         """The operations that keep a job record."""
         return tuple(spec.name for spec in self if spec.recorded)
+
+    def terminal_types(self) -> frozenset[str]:
+        """Every operation's terminal message types."""
+        return frozenset().union(*(spec.terminal_types() for spec in self))
 
     def plus(self, *specs: OperationSpec) -> Registry:
         """This registry and ``specs`` (a test's fake operation)."""
@@ -195,6 +230,7 @@ TRAIN = OperationSpec(
     supervision=Supervision(9100, 8100, 60,
                             "warm stop: abort within one batch, hand the job back, flush the publisher (<= 15 s)"),
     recorded=True,
+    error_code="training_error",
 )
 
 CONVERT = OperationSpec(
@@ -231,6 +267,7 @@ CONVERT = OperationSpec(
     submit=forms.CONVERSION,
     supervision=Supervision(9200, 8200, 600, "an export in progress is finished (TensorRT builds can take minutes)"),
     recorded=True,
+    error_code="export_error",
 )
 
 INFER = OperationSpec(
@@ -261,6 +298,9 @@ INFER = OperationSpec(
     rpc=True,
     request_note=" A request may carry the AMQP `reply_to` and `correlation_id` properties: the result then "
     "goes to that queue instead of the result queue (RPC).",
+    error_code="inference_error",
+    prefetch=lambda s: max(1, s.infer_prefetch),  # INFER_PREFETCH requests in flight, one engine thread
+    too_big_hint="lower max_det, raise conf or send fewer images per request",
 )
 
 #: Every operation the service runs, in the order documents, programs and help list them.

@@ -287,7 +287,7 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
     if not settings.enable_rabbitmq and settings.http_port is not None:
         from ai_service.http.outbox import serve_http_only  # HTTP-only mode (README "HTTP-only mode")
 
-        return serve_http_only(settings, op, load)
+        return serve_http_only(settings, op, load, operations=operations)
     if not settings.enable_rabbitmq:
         log.warning("[RMQ] Messaging is disabled (ENABLE_RABBITMQ=false): the %s worker has nothing to do; exiting",
                     op)
@@ -339,7 +339,8 @@ def make_publisher(settings: Settings, operation: Operation, metrics: Metrics, t
 def serve(settings: Settings, operation: Operation, resources: Resources, publisher: Publisher,
           consumer: Consumer, parent: ParentWatch | None) -> int:
     """Consume until stopped (signals, the parent's death, a crash); returns the exit code."""
-    heartbeat = Heartbeat(settings, operation.name, publisher, consumer)  # worker.<state>.<name> beats
+    heartbeat = Heartbeat(settings, operation.name, publisher, consumer,  # worker.<state>.<name> beats
+                          operations=consumer.topology.operations)
     heartbeat.start()
     health = start_health(settings, resources.metrics, consumer, publisher, resources, operation.name)
     signals = StopSignals(consumer, parent)
@@ -433,7 +434,8 @@ def start_health(settings: Settings, metrics: Metrics, consumer: Consumer, publi
         return True, "consuming" if consumer.consuming.is_set() else "connected (running a job)"
 
     api = settings.http_port is not None
-    routers = routers_for(op, settings, resources, consumer=consumer, publisher=publisher) \
+    routers = routers_for(op, settings, resources, consumer=consumer, publisher=publisher,
+                          operations=consumer.topology.operations) \
         if api and op is not None and resources is not None else []
     app = create_app(settings, metrics=metrics, ready=ready, routers=routers,
                      refresh=lambda: metrics.spool_depth.set(publisher.pending))

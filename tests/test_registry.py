@@ -1,29 +1,36 @@
 """The operation registry: every list of operations is built from it, and a fake fourth
 operation (``echo``, tests/support/echo_operation.py) added only through its spec gets
-its topology on the real broker, its CLI subcommands, its AsyncAPI channels and its
-worker dispatch."""
+its topology on the real broker, its CLI subcommands, its AsyncAPI channels, its worker
+dispatch, its HTTP routes and its heartbeats."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import typing
 from collections.abc import Iterator
 
+import httpx
 import pika
 import pika.exceptions
 import pytest
+from pydantic import ValidationError
 
-from ai_service import asyncapi, messages, supervisor
+from ai_service import asyncapi, messages, publisher, supervisor
+from ai_service.asyncapi.components import CONTROL_MESSAGES
 from ai_service.broker import Topology, connect, queue_names
 from ai_service.cli import WORKER_MODULES, build_parser, main
 from ai_service.cli.payloads import build_request, check_request
 from ai_service.cli.worker import load_operation
 from ai_service.config import Settings
+from ai_service.dashboard import state as dashboard_state
+from ai_service.http.app import routers_for
+from ai_service.http.jobs import JobsApi
 from ai_service.registry import OPERATIONS, Registry, UnknownOperation
 from tests.conftest import WorkerFactory
-from tests.support.amqp import BrokerNames
-from tests.support.echo_operation import ECHO, EchoRequest
+from tests.support.amqp import BE, BrokerNames
+from tests.support.echo_operation import ECHO, EchoFailed, EchoRequest
+from tests.support.sse import events, free_port, wait_http
+from tests.test_heartbeats import beat, listen
 
 WITH_ECHO = OPERATIONS.plus(ECHO)
 
@@ -41,9 +48,42 @@ def test_every_list_of_operations_is_the_registry() -> None:
                               "infer": "workers.inference"}
     # The models cannot import the registry (it imports them): their lists must agree with it.
     assert names == messages.OPERATIONS
-    assert typing.get_args(messages.WorkerHeartbeat.model_fields["operation"].annotation) == names
     terminal = {doc.model.model_fields["type"].default for spec in OPERATIONS for doc in spec.results}
-    assert terminal == messages.TERMINAL_TYPES
+    assert terminal == messages.TERMINAL_TYPES == OPERATIONS.terminal_types()
+    assert dashboard_state.RECORDED_OPS == OPERATIONS.recorded() == ("train", "convert")
+    assert publisher.ERROR_CODES == {"train": "training_error", "convert": "export_error", "infer": "inference_error"}
+    assert publisher.HINTS["infer"] == "lower max_det, raise conf or send fewer images per request"
+    assert publisher.HINTS["train"] == publisher.HINTS["convert"] == ECHO.too_big_hint
+    prefetch = Settings(infer_prefetch=3)
+    assert [spec.prefetch(prefetch) for spec in OPERATIONS] == [1, 1, 3]  # the workers' Operation.prefetch
+    # A heartbeat's operation is checked against the registry; the document lists its names.
+    operation = asyncapi.document()["components"]["schemas"]["WorkerHeartbeat"]["properties"]["operation"]
+    assert operation == {"enum": list(names), "title": "Operation", "type": "string"}
+
+
+def test_a_heartbeat_names_an_operation_of_the_registry_it_is_checked_against() -> None:
+    (heartbeat, _), = ((doc, r) for doc, r in CONTROL_MESSAGES if doc.name == "workerHeartbeat")
+    echo = {**heartbeat.example, "operation": "echo"}
+    assert messages.WorkerHeartbeat.model_validate(echo, context={"operations": WITH_ECHO.names()}).operation == "echo"
+    with pytest.raises(ValidationError, match="'echo' is not a registered operation"):
+        messages.WorkerHeartbeat.model_validate(echo, context={"operations": OPERATIONS.names()})
+    with pytest.raises(ValidationError, match="operation"):
+        messages.WorkerHeartbeat.model_validate({**echo, "operation": "echo.#"})
+    schema = asyncapi.document(None, WITH_ECHO)["components"]["schemas"]["WorkerHeartbeat"]
+    assert schema["properties"]["operation"]["enum"] == ["train", "convert", "infer", "echo"]
+
+
+def test_the_http_job_routes_of_a_fake_recorded_operation_come_from_its_spec() -> None:
+    api = JobsApi(Settings(), "echo", None, operations=WITH_ECHO)
+    assert (api.request_model, api.failure_model, api.long_ops) == (EchoRequest, EchoFailed,
+                                                                    ("train", "convert", "echo"))
+    assert api._ops() == ("echo", "train", "convert")
+    assert ECHO.failure_model is EchoFailed and ECHO.terminal_types() == {"echo_completed", "echo_failed"}
+    [router] = routers_for("echo", Settings(), None, operations=WITH_ECHO)
+    assert "/echo" in {getattr(route, "path", "") for route in router.routes}
+    assert routers_for("echo", Settings(), None) == []  # not in the default registry
+    with pytest.raises(UnknownOperation):
+        JobsApi(Settings(), "echo", None)
 
 
 def test_queue_names_come_from_the_settings_the_spec_names() -> None:
@@ -141,11 +181,14 @@ def test_the_worker_dispatch_loads_a_fake_operation_from_its_module() -> None:
     assert operation.request_model is EchoRequest
 
 
-def test_a_real_worker_process_serves_a_fake_operation_through_the_real_broker(
-    echo_settings: Settings, start_worker: WorkerFactory,
+def test_a_real_worker_process_serves_a_fake_operation_over_amqp_and_http_and_its_heartbeats_name_it(
+    echo_settings: Settings, start_worker: WorkerFactory, be: BE,
 ) -> None:
-    # HEARTBEAT_SECONDS=0: a heartbeat names its operation from the contract's three.
-    start_worker(module="tests.support.echo_worker", env={"HEARTBEAT_SECONDS": "0"}, name="echo")
+    beats = listen(be)
+    port = free_port()
+    start_worker(module="tests.support.echo_worker", env={"HEARTBEAT_SECONDS": "1", "HTTP_PORT": str(port)},
+                 name="echo")
+    assert beat(be, beats, "test/echo/echo", state="idle").body["operation"] == "echo"
     echo = ECHO.queues(echo_settings)
     request = EchoRequest(job_id="echo-1", text="hello there").model_dump_json().encode()
     with contextlib.closing(connect(echo_settings, client_name="test-registry-be")) as connection:
@@ -164,3 +207,15 @@ def test_a_real_worker_process_serves_a_fake_operation_through_the_real_broker(
     assert routing_key == "echo.result.echo-1"
     assert kind == "echo_completed"
     assert (message["job_id"], message["status"], message["text"]) == ("echo-1", "completed", "hello there")
+
+    # Its HTTP job routes, from its spec: submitted through its request queue, followed to its result.
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base)
+    answer = httpx.post(f"{base}/v1/echo", json={"job_id": "echo-2", "text": "over http"}, timeout=30)
+    assert answer.status_code == 202, answer.text
+    seen = list(events(base + answer.json()["events"]))
+    assert [(e.type, e.data["text"]) for e in seen] == [("echo_completed", "over http")]
+    assert httpx.get(f"{base}/v1/jobs/echo-2", timeout=10).json()["state"] == "completed"
+    bad = httpx.post(f"{base}/v1/echo", json={"job_id": "echo-3"}, timeout=30)
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["type"] == "echo_failed" and "text" in bad.json()["error_message"]

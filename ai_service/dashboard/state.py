@@ -23,12 +23,13 @@ from typing import Any
 
 from ai_service.errors import StorageError
 from ai_service.messages import TERMINAL_TYPES
+from ai_service.registry import OPERATIONS
 from ai_service.storage import Storage
 
 log = logging.getLogger("ai_service.dashboard")
 
 #: The operations with a job record in storage (inference keeps none).
-RECORDED_OPS = ("train", "convert")
+RECORDED_OPS = OPERATIONS.recorded()
 #: What the page shows of one inference answer (its detections stay out of memory).
 _DROPPED_FIELDS = ("results",)
 

@@ -91,5 +91,5 @@ def routers_for(op: str, settings: Settings, resources: Any, *, operations: Regi
     if spec is not None and spec.recorded:
         from ai_service.http.jobs import job_routers
 
-        return job_routers(op, settings, resources, **parts)
+        return job_routers(op, settings, resources, operations=operations, **parts)
     return []

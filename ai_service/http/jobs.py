@@ -1,6 +1,6 @@
 """``/v1`` routes of the long jobs (training, conversion): submit, look at, follow, cancel.
 
-* ``POST /v1/train`` (train workers), ``POST /v1/convert`` (convert workers): the
+* ``POST /v1/<op>`` of a recorded operation (train, convert; :mod:`ai_service.registry`): the
   request is parsed and validated exactly as over AMQP (``parse_request``: 400 with the
   ``*_failed`` body naming every bad field); 409 when a job record (or, HTTP-only, a
   job) with that id exists for the operation; 202 ``{"job_id", "events"}``.
@@ -32,26 +32,13 @@ from ai_service.http.outbox import Busy, EventLog, LocalJobs
 from ai_service.jobs import JobRecord
 from ai_service.jobs import ledger as jobs_ledger
 from ai_service.limits import Limits
-from ai_service.messages import (
-    ConversionFailed,
-    ConversionRequest,
-    InvalidRequest,
-    JobRequest,
-    TrainingFailed,
-    TrainingRequest,
-    parse_request,
-)
+from ai_service.messages import InvalidRequest, JobRequest, _Message, parse_request
 from ai_service.operation import Resources
+from ai_service.registry import OPERATIONS, OperationSpec, Registry
 
-#: The long operations whose records ``GET /v1/jobs/{job_id}`` looks at (own first).
-LONG_OPS = ("train", "convert")
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: RabbitMQ on: jobs followed at once by one worker (each is a thread and a connection).
 MAX_FOLLOWERS = 64
-#: The request and failure models of each long operation (the contract's; no workers import).
-REQUESTS: dict[str, type[JobRequest]] = {"train": TrainingRequest, "convert": ConversionRequest}
-FAILURES: dict[str, type[TrainingFailed] | type[ConversionFailed]] = {
-    "train": TrainingFailed, "convert": ConversionFailed}
 
 
 def _problem(status: int, detail: str, **headers: str) -> JSONResponse:
@@ -59,13 +46,24 @@ def _problem(status: int, detail: str, **headers: str) -> JSONResponse:
 
 
 class JobsApi:
-    """The state behind the routes of one worker process."""
+    """The state behind the routes of one worker process.
+
+    ``op``'s spec in ``operations`` gives the request and failure models; ``GET
+    /v1/jobs/{job_id}`` looks at the records of every recorded operation (``op``'s first).
+    """
 
     def __init__(self, settings: Settings, op: str, resources: Resources | None, *,
-                 local: LocalJobs | None = None, publisher: Any = None) -> None:
+                 local: LocalJobs | None = None, publisher: Any = None,
+                 operations: Registry = OPERATIONS) -> None:
         self.settings = settings
         self.op = op
-        self.request_model = REQUESTS[op]
+        self.spec: OperationSpec = operations[op]
+        request_model, failure_model = self.spec.request_model, self.spec.failure_model
+        if not issubclass(request_model, JobRequest) or not issubclass(failure_model, _Message):
+            raise TypeError(f"{op}: a job's request is a JobRequest and its failure a message")
+        self.request_model: type[JobRequest] = request_model
+        self.failure_model: type[_Message] = failure_model
+        self.long_ops = operations.recorded()
         self.resources = resources
         self.local = local
         self.publisher = publisher
@@ -83,8 +81,8 @@ class JobsApi:
     # --- submit ------------------------------------------------------------------------
 
     def failure_body(self, job_id: str | None, error: InvalidRequest) -> dict[str, Any]:
-        body = FAILURES[self.op](job_id=job_id or "unknown", error_code=error.error_code,
-                                 error_message=error.message).to_json_dict()
+        body = self.failure_model.model_validate({"job_id": job_id or "unknown", "error_code": error.error_code,
+                                                  "error_message": error.message}).to_json_dict()
         if job_id is None:
             body["job_id"] = None
         return body
@@ -114,9 +112,7 @@ class JobsApi:
             if (self.op, job_id) in self._followers and not self._followers[(self.op, job_id)].done.is_set():
                 return taken
         follower = self.follow(self.op, job_id)  # bound before the request goes out: nothing missed
-        from ai_service.broker import queue_names
-
-        receipt = self.publisher.publish("", queue_names(self.settings, self.op).request, body,
+        receipt = self.publisher.publish("", self.spec.queues(self.settings).request, body,
                                          message_type=f"{self.op}_request", correlation_id=job_id)
         if not receipt.wait(30) or receipt.unroutable or receipt.refused_reason:
             if follower is not None:
@@ -152,7 +148,7 @@ class JobsApi:
         return None
 
     def _ops(self) -> tuple[str, ...]:
-        return (self.op, *[op for op in LONG_OPS if op != self.op])
+        return (self.op, *[op for op in self.long_ops if op != self.op])
 
     # --- looking at a job ----------------------------------------------------------------
 
@@ -242,7 +238,7 @@ class JobsApi:
 
 
 def job_router(api: JobsApi) -> APIRouter:
-    """The routes of ``api``'s operation (train or convert) and of ``/jobs``."""
+    """The routes of ``api``'s (recorded) operation and of ``/jobs``."""
     router = APIRouter(tags=["jobs"])
     op = api.op
     submit_doc = json_body(api.request_model, description=f"The {op} request, as on the AMQP request queue")
@@ -251,7 +247,7 @@ def job_router(api: JobsApi) -> APIRouter:
         f"/{op}", status_code=202, openapi_extra=submit_doc,
         summary=f"Submit a {op} job (the AMQP request body)",
         responses={202: {"description": "Accepted: follow `events`"},
-                   400: {"model": FAILURES[op],
+                   400: {"model": api.failure_model,
                          "description": "Invalid request: the `*_failed` body, naming every bad field"},
                    409: {"description": "That job_id is taken"},
                    429: {"description": "HTTP-only mode: this worker is busy (see Retry-After)"},
@@ -300,11 +296,12 @@ def job_router(api: JobsApi) -> APIRouter:
 
 
 def job_routers(op: str, settings: Settings, resources: Resources | None, *, publisher: Any = None,
-                local: LocalJobs | None = None, **_: Any) -> list[APIRouter]:
-    """The ``/v1`` job routes of a train or convert worker ([] for other operations).
+                local: LocalJobs | None = None, operations: Registry = OPERATIONS, **_: Any) -> list[APIRouter]:
+    """The ``/v1`` job routes of a recorded operation's worker ([] for other operations).
 
     RabbitMQ on: the worker's ``publisher``; HTTP-only: ``local`` (``ENABLE_RABBITMQ=false``).
     """
-    if op not in LONG_OPS:
+    spec = operations.get(op)
+    if spec is None or not spec.recorded:
         return []
-    return [job_router(JobsApi(settings, op, resources, local=local, publisher=publisher))]
+    return [job_router(JobsApi(settings, op, resources, local=local, publisher=publisher, operations=operations))]

@@ -35,9 +35,10 @@ from ai_service.config import Settings
 from ai_service.errors import AIServiceError
 from ai_service.jobs import Ledger
 from ai_service.jobs import ledger as jobs_ledger
-from ai_service.messages import TERMINAL_TYPES, _Message, new_message_id
+from ai_service.messages import _Message, new_message_id
 from ai_service.operation import DeliveryInfo, JobContext, Operation, Resources
 from ai_service.publisher import Receipt
+from ai_service.registry import OPERATIONS, Registry
 
 log = logging.getLogger("ai_service.http")
 
@@ -53,7 +54,8 @@ class Entry:
 
     @property
     def terminal(self) -> bool:
-        return self.type in TERMINAL_TYPES
+        """A result: every operation's terminal messages, and only they, are ``<op>.result.<job_id>``."""
+        return self.kind == "result"
 
 
 class EventLog:
@@ -358,7 +360,7 @@ class LocalJobs:
 # --- the HTTP-only worker -------------------------------------------------------------
 
 
-def serve_http_only(settings: Settings, op: str, load: Any) -> int:
+def serve_http_only(settings: Settings, op: str, load: Any, *, operations: Registry = OPERATIONS) -> int:
     """``ENABLE_RABBITMQ=false`` with ``HTTP_PORT`` set: serve the API and run its jobs here.
 
     The first SIGTERM/SIGINT stops warmly (a running job hands itself back and is
@@ -374,8 +376,8 @@ def serve_http_only(settings: Settings, op: str, load: Any) -> int:
     resources = Resources(settings=settings, storage=open_storage(settings))
     if operation.setup is not None:
         operation.setup(resources)
-    local = LocalJobs(settings, operation, resources) if op in ("train", "convert") else None
-    routers = routers_for(op, settings, resources, local=local)
+    local = LocalJobs(settings, operation, resources) if operations[op].recorded else None
+    routers = routers_for(op, settings, resources, local=local, operations=operations)
 
     def ready() -> tuple[bool, str]:
         if local is not None and local.busy:

@@ -1,7 +1,8 @@
 """A fake fourth operation, ``echo``, defined only by its spec (tests/test_registry.py).
 
 Its queues are named after the test's private events exchange, so that every test's
-echo queues are its own; the spec's ``worker_module`` is this module.
+echo queues are its own; the spec's ``worker_module`` is this module.  It is a recorded
+operation (``POST /v1/echo`` and the job routes) that writes no record.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ ECHO = OperationSpec(
     submit=forms.SubmitForm(help="an echo", description="Echo --text.", group="echo request",
                             add_arguments=_arguments, flags=("text",), build=_payload),
     supervision=Supervision(9400, 8400, 10, "nothing to finish"),
+    recorded=True,  # so it has the HTTP job routes; it keeps no record (the routes follow its messages)
 )
 
 

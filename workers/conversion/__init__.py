@@ -62,6 +62,7 @@ from ai_service.jobs import record_cancel
 from ai_service.messages import Artifact, ConversionFailed, ConversionRequest
 from ai_service.operation import JobContext, Operation, Resources, SettleMode
 from ai_service.provenance import describe_local, folder_digest
+from ai_service.registry import CONVERT
 from workers import yolo
 from workers.conversion.compare import (
     TOLERANCES,
@@ -134,7 +135,7 @@ def operation(settings: Settings, *, on_format_done: FormatHook | None = None) -
         request_model=ConversionRequest,
         handler=handler,
         failure=failure_message,
-        prefetch=1,
+        prefetch=CONVERT.prefetch(settings),
         setup=setup,
         on_cancel=record_cancel,
         settle=SettleMode.ONCE_RECORDED,

@@ -48,6 +48,7 @@ from ai_service.config import Settings
 from ai_service.errors import AIServiceError
 from ai_service.messages import InferenceFailed, InferenceRequest
 from ai_service.operation import JobContext, Operation, Resources
+from ai_service.registry import INFER
 from workers import yolo
 from workers.inference.cache import LoadedModel, ModelCache, ModelRef, UnsupportedFormat, load_model, resolve_model
 from workers.inference.engine import Engine, InferenceError, Job, Params
@@ -93,7 +94,7 @@ def operation(settings: Settings) -> Operation:
         request_model=InferenceRequest,
         handler=handler,
         failure=failure_message,
-        prefetch=max(1, settings.infer_prefetch),
+        prefetch=INFER.prefetch(settings),
         setup=setup,
     )
 

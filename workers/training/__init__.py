@@ -18,6 +18,7 @@ from ai_service.errors import AIServiceError
 from ai_service.jobs import record_cancel
 from ai_service.messages import TrainingFailed, TrainingRequest
 from ai_service.operation import JobContext, Operation, Resources, SettleMode
+from ai_service.registry import TRAIN
 from workers import yolo
 from workers.datasets import DatasetError, prepare_dataset
 from workers.training.job import Callbacks, TrainingJob
@@ -56,7 +57,7 @@ def operation(settings: Settings, *, callbacks: Callbacks | None = None) -> Oper
         request_model=TrainingRequest,
         handler=handler,
         failure=failure_message,
-        prefetch=1,
+        prefetch=TRAIN.prefetch(settings),
         setup=setup,
         on_cancel=record_cancel,
         settle=SettleMode.ONCE_RECORDED,
