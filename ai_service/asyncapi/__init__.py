@@ -68,13 +68,15 @@ def document(settings: Settings | None = None, registry: Registry = OPERATIONS) 
         "defaultContentType": "application/json",
         "servers": {
             "local": {
-                "host": f"{s.rabbitmq_host}:{s.rabbitmq_port}",
+                "host": str(s.rabbitmq_nodes[0]),
                 "protocol": "amqp",
                 "protocolVersion": "0.9.1",
-                "description": "RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_VHOST (default /).",
+                "description": "RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_VHOST (default /). RABBITMQ_HOST may list "
+                               "a cluster's nodes (node-a,node-b:5673,node-c): clients connect to the first that "
+                               "answers and move to another when it goes away.",
             },
             "tls": {
-                "host": f"{s.rabbitmq_host}:5671",
+                "host": f"{s.rabbitmq_nodes[0].host}:5671",
                 "protocol": "amqps",
                 "protocolVersion": "0.9.1",
                 "description": "With RABBITMQ_SSL=true (the broker's certificate is verified; RABBITMQ_CA_FILE).",
