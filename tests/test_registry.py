@@ -182,7 +182,7 @@ def test_the_worker_dispatch_loads_a_fake_operation_from_its_module() -> None:
 
 
 def test_a_real_worker_process_serves_a_fake_operation_over_amqp_and_http_and_its_heartbeats_name_it(
-    echo_settings: Settings, start_worker: WorkerFactory, be: BE,
+    echo_settings: Settings, start_worker: WorkerFactory, be: BE, capsys: pytest.CaptureFixture[str],
 ) -> None:
     beats = listen(be)
     port = free_port()
@@ -219,3 +219,9 @@ def test_a_real_worker_process_serves_a_fake_operation_over_amqp_and_http_and_it
     bad = httpx.post(f"{base}/v1/echo", json={"job_id": "echo-3"}, timeout=30)
     assert bad.status_code == 400, bad.text
     assert bad.json()["type"] == "echo_failed" and "text" in bad.json()["error_message"]
+    # The CLI follows it over HTTP to its own terminal message.
+    capsys.readouterr()
+    argv = ["submit", "echo", "--text", "via the cli", "--job-id", "echo-4", "--http", base, "--follow",
+            "--timeout", "60"]
+    assert main(argv, operations=WITH_ECHO) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "via the cli"

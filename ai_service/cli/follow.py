@@ -12,8 +12,7 @@ from typing import Any
 from ai_service.cli.base import CommandError, ExitCode, err
 from ai_service.config import Settings
 from ai_service.errors import BrokerError
-from ai_service.messages import TERMINAL_TYPES
-from ai_service.registry import OPERATIONS
+from ai_service.registry import OPERATIONS, OperationSpec
 
 
 def declare(client: Any, op: str) -> None:
@@ -81,30 +80,36 @@ def follow(client: Any, queue: str, job_id: str, timeout: float | None,
     raise CommandError(ExitCode.BROKER, "the broker ended the subscription")  # pragma: no cover
 
 
-def request_reply(client: Any, op: str, body: bytes, job_id: str, timeout: float | None) -> ExitCode:
-    """Publish with ``reply_to`` (a queue of ours) and wait for the answer (RPC)."""
+def request_reply(client: Any, op: str, body: bytes, job_id: str, timeout: float | None, *,
+                  spec: OperationSpec | None = None) -> ExitCode:
+    """Publish with ``reply_to`` (a queue of ours) and wait for the answer (RPC); ``spec``:
+    ``op``'s (default: the registry's)."""
+    spec = spec or OPERATIONS[op]
     reply_to = client.reply_queue()
     correlation_id = uuid.uuid4().hex
     client.submit(op, body, job_id, reply_to=reply_to, correlation_id=correlation_id)
-    err(f"submitted {OPERATIONS[op].word} job {job_id}; waiting for the result")
+    err(f"submitted {spec.word} job {job_id}; waiting for the result")
     return follow(client, reply_to, job_id, timeout, correlation_id=correlation_id)
 
 
 def submit_http(base: str, op: str, body: bytes, job_id: str, settings: Settings, *, follow_it: bool,
-                timeout: float | None) -> ExitCode:
-    """POST the request to a worker's ``/v1/<op>``; with ``follow_it`` follow its events stream."""
+                timeout: float | None, spec: OperationSpec | None = None) -> ExitCode:
+    """POST the request to a worker's ``/v1/<op>``; with ``follow_it`` follow its events stream
+    (an RPC operation answers the POST itself). ``spec``: ``op``'s (default: the registry's)."""
     from ai_service.http.follow import HttpFailure, post
+
+    spec = spec or OPERATIONS[op]
 
     try:
         answer = post(base, f"/v1/{op}", body, settings.http_token, timeout=timeout or 300.0)
     except HttpFailure as exc:
         raise CommandError(ExitCode.BROKER, exc.message) from None
-    if op == "infer" and isinstance(answer.body, dict) and "type" in answer.body:
+    if spec.rpc and isinstance(answer.body, dict) and "type" in answer.body:
         print(json.dumps(answer.body, indent=2, ensure_ascii=False), flush=True)
         return outcome(str(answer.body["type"]))
     if answer.status in (400, 413) and isinstance(answer.body, dict) and answer.body.get("type"):
         print(json.dumps(answer.body, indent=2, ensure_ascii=False), flush=True)
-        raise CommandError(ExitCode.USAGE, f"invalid {OPERATIONS[op].word} request: {answer.body.get('error_message')}")
+        raise CommandError(ExitCode.USAGE, f"invalid {spec.word} request: {answer.body.get('error_message')}")
     if answer.status != 202:
         detail = answer.body.get("detail") if isinstance(answer.body, dict) else answer.body
         retry = answer.headers.get("Retry-After")
@@ -115,12 +120,14 @@ def submit_http(base: str, op: str, body: bytes, job_id: str, settings: Settings
     if not follow_it:
         print(job_id, flush=True)
         return ExitCode.OK
-    err(f"submitted {OPERATIONS[op].word} job {job_id} to {base}")
-    return follow_http(base, job_id, settings.http_token, timeout)
+    err(f"submitted {spec.word} job {job_id} to {base}")
+    return follow_http(base, job_id, settings.http_token, timeout, terminal=spec.terminal_types())
 
 
-def follow_http(base: str, job_id: str, token: str, timeout: float | None) -> ExitCode:
-    """As :func:`follow`, from ``/v1/jobs/<job_id>/events`` (reopened after a drop)."""
+def follow_http(base: str, job_id: str, token: str, timeout: float | None, *,
+                terminal: frozenset[str] = OPERATIONS.terminal_types()) -> ExitCode:
+    """As :func:`follow`, from ``/v1/jobs/<job_id>/events`` (reopened after a drop), until a
+    message of a ``terminal`` type."""
     from ai_service.http.follow import HttpFailure, events
     from ai_service.progress import ProgressView
 
@@ -130,7 +137,7 @@ def follow_http(base: str, job_id: str, token: str, timeout: float | None) -> Ex
         for message in events(base, job_id, token, deadline=deadline):
             if message is not None:
                 view.show(message)
-                if str(message.get("type", "")) in TERMINAL_TYPES:
+                if str(message.get("type", "")) in terminal:
                     view.close()
                     print(json.dumps(message, indent=2, ensure_ascii=False), flush=True)
                     return outcome(str(message["type"]))

@@ -58,14 +58,15 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> ExitCode:
     body = check_request(spec, payload, settings)
     job_id = str(payload["job_id"])
     if args.http:
-        return submit_http(args.http, op, body, job_id, settings, follow_it=args.follow, timeout=args.timeout)
+        return submit_http(args.http, op, body, job_id, settings, follow_it=args.follow, timeout=args.timeout,
+                           spec=spec)
     rpc = spec.rpc and not args.follow
     with connect(settings, f"submit {op}") as client:
         declare(client, op)
         if args.follow or rpc:
             warn_if_no_worker(client, settings, op)
         if rpc:
-            return request_reply(client, op, body, job_id, args.timeout)
+            return request_reply(client, op, body, job_id, args.timeout, spec=spec)
         queue = client.watch(op, job_id) if args.follow else None
         client.submit(op, body, job_id)
         if queue is None:
