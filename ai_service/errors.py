@@ -130,6 +130,15 @@ class ObjectNotFound(PermanentError):
     error_code: ErrorCode = "model_not_found"
 
 
+class PreconditionFailed(PermanentError):
+    """A conditional write lost: the key already existed, or was no longer the version
+    the caller read (``create_exclusive`` / ``replace_if_match``).
+
+    Another writer won.  Callers that race on purpose (job leases) expect it and back off;
+    retrying the same write cannot succeed, hence permanent.
+    """
+
+
 class UnsafeKey(InvalidInput):
     """A storage key that could escape its root: absolute, ``..``, backslash, NUL."""
 

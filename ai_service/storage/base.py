@@ -8,8 +8,10 @@ checks live here, once, and the backends only implement the I/O hooks.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from ai_service.errors import ObjectNotFound, StorageError, UnsafeKey
+from ai_service.errors import ObjectNotFound, PermanentError, PreconditionFailed, StorageError, UnsafeKey
 from ai_service.storage.keys import folder as as_folder
 from ai_service.storage.keys import object_key, show
 
@@ -32,6 +34,9 @@ MULTIPART_THRESHOLD = 8 * MiB
 MULTIPART_CHUNKSIZE = 8 * MiB
 #: Marks our own temporary files so that listings skip half-written objects.
 TMP_MARK = ".ais-tmp-"
+#: Where :meth:`Storage.supports_conditional_writes` tries its writes (the reserved
+#: ``jobs/`` prefix; the probe object is removed again at once).
+CONDITIONAL_PROBE_PREFIX = "jobs/.probes/"
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -79,13 +84,36 @@ def atomic_file(dest: Path) -> Iterator[Path]:
     complete new one, never a half-written file.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name[:100]}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+    tmp = temp_path(dest)
     try:
         yield tmp
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def temp_path(dest: Path, tag: str = "") -> Path:
+    """A hidden name beside ``dest`` that listings skip (a new random one without ``tag``)."""
+    return dest.with_name(f".{dest.name[:100]}{TMP_MARK}{tag or uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``: processes (and threads) take turns.
+
+    The lock file is never deleted; deleting it would let two holders lock different
+    inodes at the same time.  ``what`` names the lock in the error message.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot open the {what} lock {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def is_tmp_name(name: str) -> bool:
@@ -177,6 +205,10 @@ class Storage(ABC):
 
     workers: int = TRANSFER_WORKERS
 
+    def __init__(self) -> None:
+        self._conditional: bool | None = None  # supports_conditional_writes(), once known
+        self._conditional_lock = threading.Lock()
+
     @abstractmethod
     def describe(self) -> str:
         """Where this storage is, for logs and cache names (no secrets)."""
@@ -206,6 +238,14 @@ class Storage(ABC):
         """Remove every object under the folder ``prefix`` (which must not be empty)."""
 
     @abstractmethod
+    def _create_exclusive(self, key: str, data: bytes) -> ObjectInfo:
+        """Create the already validated ``key``; PreconditionFailed if it exists."""
+
+    @abstractmethod
+    def _replace_if_match(self, key: str, data: bytes, etag: str) -> ObjectInfo:
+        """Replace the validated ``key`` if its etag is ``etag``; else PreconditionFailed."""
+
+    @abstractmethod
     def _fetch(self, key: str, dest: Path, *, bulk: bool) -> None:
         """Download the already validated ``key`` to ``dest`` atomically.
 
@@ -215,6 +255,78 @@ class Storage(ABC):
     @abstractmethod
     def _store(self, src: Path, key: str, *, bulk: bool) -> ObjectInfo:
         """Upload the file ``src`` to the already validated ``key``."""
+
+    # --- conditional writes (job records that two hosts cannot both win) ---------------
+
+    def create_exclusive(self, key: str, data: bytes) -> ObjectInfo:
+        """Create ``key`` with ``data`` only if there is no such object; return its info.
+
+        PreconditionFailed when it exists: of several writers racing, exactly one wins.
+        A store without conditional writes (:meth:`supports_conditional_writes`) refuses
+        with a PermanentError rather than silently overwriting.
+        """
+        object_key(key)
+        self._require_conditional()
+        return self._create_exclusive(key, data)
+
+    def replace_if_match(self, key: str, data: bytes, etag: str) -> ObjectInfo:
+        """Replace ``key`` with ``data`` only if its current etag is ``etag``; return the new info.
+
+        PreconditionFailed when the object changed since the caller read ``etag`` or is
+        gone: of several writers holding the same etag, exactly one wins.
+        """
+        object_key(key)
+        self._require_conditional()
+        return self._replace_if_match(key, data, etag)
+
+    def supports_conditional_writes(self) -> bool:
+        """Whether :meth:`create_exclusive` and :meth:`replace_if_match` hold, tried once.
+
+        Detected by writing a probe object under :data:`CONDITIONAL_PROBE_PREFIX`: one
+        exclusive create that must succeed, a second that must fail, and a replace with
+        a wrong etag that must fail (an S3-compatible server may accept the headers and
+        ignore them).  The result is logged and kept; a storage that cannot be reached
+        raises StorageError and is asked again next time.
+        """
+        with self._conditional_lock:
+            if self._conditional is None:
+                supported, how = self._probe_conditional_writes()
+                log.info("conditional writes in %s: %s", self.describe(),
+                         "supported" if supported else f"not supported ({how})")
+                self._conditional = supported
+            return self._conditional
+
+    def _require_conditional(self) -> None:
+        if not self.supports_conditional_writes():
+            raise PermanentError(
+                f"{self.describe()} does not support conditional writes",
+                error_code="storage_error",
+            )
+
+    def _probe_conditional_writes(self) -> tuple[bool, str]:
+        """Try the three writes of :meth:`supports_conditional_writes`; (result, why not)."""
+        folder = f"{CONDITIONAL_PROBE_PREFIX}{uuid.uuid4().hex}/"
+        key = f"{folder}conditional-writes"
+        try:
+            self._create_exclusive(key, b"1")
+            for attempt, write in (
+                ("a second exclusive create", lambda: self._create_exclusive(key, b"2")),
+                ("a replace with a wrong etag", lambda: self._replace_if_match(key, b"3", "0" * 32)),
+            ):
+                try:
+                    write()
+                except PreconditionFailed:
+                    continue
+                return False, f"{attempt} succeeded"
+            return True, ""
+        except PreconditionFailed:
+            return False, "the first exclusive create of a new key failed"
+        except PermanentError as exc:  # e.g. the server answers NotImplemented
+            return False, exc.message
+        finally:
+            self.delete_prefix(folder)  # with the local backend's lock file
+
+    # --- transfers ------------------------------------------------------------------
 
     def fetch_file(self, key: str, dest: Path, *, bulk: bool = False) -> None:
         """Download ``key`` to the file ``dest`` (replaced atomically), without a stat.

@@ -8,19 +8,24 @@ job.  It uses nothing of a backend but the public :class:`Storage` interface.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ai_service.errors import EscapesRoot, ObjectNotFound, PermanentError, StorageError, UnsafeKey
-from ai_service.storage.base import Download, ObjectInfo, Storage, atomic_file, parallel, plan_downloads
+from ai_service.storage.base import (
+    Download,
+    ObjectInfo,
+    Storage,
+    atomic_file,
+    exclusive_lock,
+    parallel,
+    plan_downloads,
+)
 from ai_service.storage.keys import folder as as_folder
 from ai_service.storage.keys import object_key, show
 
@@ -47,24 +52,6 @@ def cache_dir_name(storage: Storage, prefix: str) -> str:
     """The cache folder name of ``prefix`` in ``storage``: a sha256 hex digest."""
     folder = as_folder(prefix, allow_empty=False)
     return hashlib.sha256(f"{storage.describe()}\0{folder}".encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``: processes (and threads) take turns.
-
-    The lock file is never deleted; deleting it would let two holders lock different
-    inodes at the same time.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise StorageError(f"cannot open the cache lock {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 # --- the manifest ----------------------------------------------------------------------
@@ -127,7 +114,7 @@ def sync_prefix_report(storage: Storage, prefix: str, cache_root: Path) -> SyncR
         cache_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"cannot create the dataset cache {cache_root}: {exc.strerror}") from None
-    with _exclusive_lock(cache_root / f"{name}.lock"):
+    with exclusive_lock(cache_root / f"{name}.lock", "cache"):
         report = _sync_locked(
             storage, folder, cache_root / name, cache_root / f"{name}{MANIFEST_SUFFIX}"
         )
@@ -151,7 +138,7 @@ def forget_prefix(storage: Storage, prefix: str, cache_root: Path) -> None:
     name = cache_dir_name(storage, folder)
     if not cache_root.is_dir():
         return
-    with _exclusive_lock(cache_root / f"{name}.lock"):
+    with exclusive_lock(cache_root / f"{name}.lock", "cache"):
         shutil.rmtree(cache_root / name, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             (cache_root / f"{name}{MANIFEST_SUFFIX}").unlink()

@@ -12,17 +12,20 @@ import logging
 import os
 import shutil
 import stat as _stat
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ai_service.errors import EscapesRoot, ObjectNotFound, StorageError, UnsafeKey
+from ai_service.errors import EscapesRoot, ObjectNotFound, PreconditionFailed, StorageError, UnsafeKey
 from ai_service.storage.base import (
     TRANSFER_WORKERS,
     ObjectInfo,
     ObjectInfos,
     Storage,
     atomic_file,
+    exclusive_lock,
     is_tmp_name,
+    temp_path,
 )
 from ai_service.storage.keys import folder as as_folder
 from ai_service.storage.keys import object_key, show
@@ -32,6 +35,20 @@ log = logging.getLogger("ai_service.storage")
 
 def _is_regular(st: os.stat_result) -> bool:
     return _stat.S_ISREG(st.st_mode)
+
+
+def _write_new(path: Path, data: bytes, mtime_ns: int) -> os.stat_result:
+    """Write the new file ``path`` durably with the given mtime; return its stat."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def _vanished_ok(exc: OSError) -> None:
@@ -52,6 +69,7 @@ class LocalStorage(Storage):
     """
 
     def __init__(self, root: Path, *, workers: int = TRANSFER_WORKERS) -> None:
+        super().__init__()
         self.root = Path(root).absolute()
         self.workers = workers
         self._real_root = Path(os.path.realpath(self.root))
@@ -169,6 +187,58 @@ class LocalStorage(Storage):
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+
+    def _create_exclusive(self, key: str, data: bytes) -> ObjectInfo:
+        """A complete temporary file, hard-linked to the key: ``link`` fails if it exists.
+
+        Its mtime is the clock's nanoseconds, so that a key deleted and created again
+        gets a new version token even when the file system reuses the inode.
+        """
+        path = self._path(key)
+        with self._errors("create", key, missing=False):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(path)
+            try:
+                st = _write_new(tmp, data, time.time_ns())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise PreconditionFailed(
+                        f"{show(key)} already exists in {self.describe()}"
+                    ) from None
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+        return self._info(key, st)
+
+    def _replace_if_match(self, key: str, data: bytes, etag: str) -> ObjectInfo:
+        """Compare and rename while holding the key's lock file (``flock``), so one wins.
+
+        The new mtime is later than the old one's, so a version token cannot come back
+        (an inode reused within one clock tick would otherwise repeat an old etag).
+        """
+        path = self._path(key)
+        gone = PreconditionFailed(f"{show(key)} is gone from {self.describe()}")
+        if not path.parent.is_dir():
+            raise gone
+        with self._errors("replace", key, missing=False):
+            with exclusive_lock(temp_path(path, "lock"), "record"):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    raise gone from None
+                if not _is_regular(st) or self._info(key, st).etag != etag:
+                    raise PreconditionFailed(
+                        f"{show(key)} in {self.describe()} is no longer version {etag!r}"
+                    )
+                tmp = temp_path(path)
+                try:
+                    new = _write_new(tmp, data, max(time.time_ns(), st.st_mtime_ns + 1))
+                    os.replace(tmp, path)
+                finally:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+        return self._info(key, new)
 
     def _fetch(self, key: str, dest: Path, *, bulk: bool) -> None:
         src = self._path(key)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from ai_service.config import ConfigError
-from ai_service.errors import ObjectNotFound, StorageError, UnsafeKey
+from ai_service.errors import ObjectNotFound, PermanentError, PreconditionFailed, StorageError, UnsafeKey
 from ai_service.storage.base import (
     MULTIPART_CHUNKSIZE,
     MULTIPART_THRESHOLD,
@@ -49,6 +49,8 @@ log = logging.getLogger("ai_service.storage")
 
 #: DeleteObjects takes at most this many keys per call.
 _DELETE_BATCH = 1000
+#: Error codes of a conditional PutObject that lost its race.
+_LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
 #: Bytes read from a GetObject body per write to the local file.
 _CHUNK = 1024 * 1024
 
@@ -208,6 +210,7 @@ class S3Storage(Storage):
     ) -> None:
         if not bucket or "/" in bucket:
             raise ConfigError(f"S3_BUCKET must be a bucket name, not {bucket!r}")
+        super().__init__()
         self.bucket = bucket
         self.workers = workers
         self._client = (
@@ -305,6 +308,42 @@ class S3Storage(Storage):
                 self._client.upload_fileobj(
                     io.BytesIO(data), self.bucket, key, Config=self._transfer
                 )
+
+    def _create_exclusive(self, key: str, data: bytes) -> ObjectInfo:
+        return self._put_conditional(key, data, {"IfNoneMatch": "*"})
+
+    def _replace_if_match(self, key: str, data: bytes, etag: str) -> ObjectInfo:
+        return self._put_conditional(key, data, {"IfMatch": f'"{etag}"'})
+
+    def _put_conditional(self, key: str, data: bytes, condition: dict[str, str]) -> ObjectInfo:
+        """PutObject with ``If-None-Match: *`` or ``If-Match: <etag>`` (one request, no parts).
+
+        412 is the lost race; so is 409 ConditionalRequestConflict (AWS: another
+        conditional write of the key is in flight) and, for ``If-Match``, 404 (the object
+        is gone).  A server that does not implement the headers (501) is a PermanentError.
+        """
+        from botocore.exceptions import ClientError
+
+        with self._errors("conditional write", key):
+            try:
+                response = self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, **condition  # type: ignore[arg-type]
+                )
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                gone = "IfMatch" in condition and (status == 404 or code == "NoSuchKey")
+                if status in (409, 412) or code in _LOST_RACE or gone:
+                    raise PreconditionFailed(
+                        f"conditional write of {show(key)} in {self.describe()} lost: {code or status}"
+                    ) from None
+                if status == 501 or code == "NotImplemented":
+                    raise PermanentError(
+                        f"{self.describe()} does not implement conditional writes",
+                        error_code="storage_error",
+                    ) from None
+                raise
+        return ObjectInfo(key, len(data), _etag(response.get("ETag")))
 
     def _fetch(self, key: str, dest: Path, *, bulk: bool) -> None:
         if bulk:
