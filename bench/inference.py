@@ -85,7 +85,7 @@ def drive(bench: Bench, requests: list[tuple[str, bytes]], inflight: int, timeou
 
 
 def raw_env() -> dict[str, str]:
-    """The thread environment the inference worker gives itself (workers/inference.py ``setup``)."""
+    """The thread environment the inference worker gives itself (``workers.inference.setup``)."""
     return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 

@@ -50,7 +50,6 @@ class UnsupportedFormat(PermanentError):
     error_code = "unsupported_format"
 
 
-
 # --- models ----------------------------------------------------------------------------
 
 

@@ -38,7 +38,6 @@ class InferenceError(PermanentError):
     error_code = "inference_error"
 
 
-
 @dataclass(frozen=True)
 class Params:
     """The predict parameters; requests batch together only when these are equal."""
