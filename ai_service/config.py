@@ -172,6 +172,9 @@ class Settings:
     events_exchange: str = "ai.events"
     control_exchange: str = "ai.control"
     dead_letter_exchange: str = "ai.dlx"
+    # CONTRACT.md "Control": a cancel outlives the absence of every worker this long (seconds;
+    # the x-max-age of the cancel stream bound to CONTROL_EXCHANGE)
+    cancel_retention: int = 24 * 3600
     # storage
     storage_backend: str = "local"
     storage_dir: Path = Path("./data")
