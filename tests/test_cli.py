@@ -517,7 +517,7 @@ def test_submit_follow_trains_to_completion_then_status_and_a_failing_job_exits_
     assert "training failed at epoch 0: [dataset_not_found]" in failed.stderr
 
 
-def test_cancel_ends_a_followed_job_with_3_and_demo_trains_end_to_end(
+def test_cancel_ends_a_followed_job_with_3(
     be: BE, cli: Run, start_worker: WorkerFactory, worker_env: dict[str, str], shapes_dir: Path,
     poison_dir: Path, tmp_path: Path,
 ) -> None:
@@ -547,14 +547,3 @@ def test_cancel_ends_a_followed_job_with_3_and_demo_trains_end_to_end(
     cancelled = json.loads(stdout)
     assert cancelled["type"] == "training_cancelled" and 1 <= cancelled["current_epoch"] < 30
     assert "training cancelled at epoch" in err_path.read_text()
-
-    demo = cli("demo", "--epochs", "2", "--imgsz", "64", "--images", "16", "--job-id", "demo1", "--timeout", "500",
-               timeout=600)
-    assert demo.returncode == 0, output(demo)
-    assert "no training worker" not in demo.stderr
-    assert "uploaded the shapes dataset" in demo.stderr and "datasets/shapes-demo/" in demo.stderr
-    assert "epoch 2/2" in demo.stderr and "training completed" in demo.stderr
-    done = json.loads(demo.stdout)
-    storage = Path(worker_env["STORAGE_DIR"])
-    assert (storage / "datasets/shapes-demo/data.yaml").is_file()
-    assert (storage / done["model_path"]).is_file()

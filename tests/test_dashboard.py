@@ -4,9 +4,6 @@ Playwright against a real dashboard process, a real training worker and the brok
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,14 +15,7 @@ from ai_service.dashboard.state import DashboardState, load_records
 from ai_service.storage import LocalStorage
 from tests.conftest import WorkerFactory
 from tests.support.amqp import BE
-from tests.support.procs import REPO
-from tests.support.sse import free_port, wait_http
-
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = REPO / ".work" / "test-artifacts"
-# The dashboard is BE-side: it must start without torch or Ultralytics.
-NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['ultralytics'] = None; "
-            "from ai_service.cli import main; sys.exit(main(sys.argv[1:]))")
+from tests.support.dashboard import ARTIFACTS, Dashboard, chromium, points_seen, watch_points
 
 
 def epoch(job_id: str, n: int, total: int = 3, **metrics: float) -> dict[str, Any]:
@@ -118,51 +108,10 @@ def test_records_in_storage_rebuild_jobs_with_their_last_epoch(tmp_path: Path) -
 # --- the real page ---------------------------------------------------------------------
 
 
-class Dashboard:
-    """``ai-service dashboard`` as a real process (torch poisoned), with its log."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, *, token: str = "") -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full = {**env, "PYTHONUNBUFFERED": "1", **({"HTTP_TOKEN": token} if token else {})}
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", NO_TORCH, "dashboard", "--port", str(self.port)],
-                                         cwd=REPO, env={**_base_env(), **full}, stdout=log, stderr=subprocess.STDOUT)
-        wait_http(self.url, timeout=60)
-        deadline = time.monotonic() + 30
-        while "with '#'" not in self.log():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _base_env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
-
-
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), "make install puts Debian's chromium at /usr/bin/chromium"
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
@@ -176,16 +125,6 @@ def dashboards(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     yield start
     for dashboard in started:
         dashboard.stop()
-
-
-def watch_points(page: Any) -> None:
-    """Record every value the chart's point count takes (a MutationObserver in the page)."""
-    page.evaluate("""() => {
-        window.pointsSeen = [];
-        const charts = document.getElementById('charts');
-        new MutationObserver(() => window.pointsSeen.push(Number(charts.dataset.points)))
-            .observe(charts, {attributes: true, attributeFilter: ['data-points']});
-    }""")
 
 
 def upload_shapes(worker_env: dict[str, str], shapes_dir: Path) -> None:
@@ -216,8 +155,7 @@ def test_the_page_shows_a_training_job_live_and_a_dashboard_started_mid_job_canc
     done = be.terminal(be.settings.train_result_queue, "dash1", timeout=60)
     assert done.type == "training_completed", done.body
     assert page.get_attribute("#charts", "data-points") == "3"
-    seen = page.evaluate("window.pointsSeen")
-    assert [n for n in seen if n] == [1, 2, 3], seen  # one point per epoch_update, as each came
+    assert points_seen(page) == [1, 2, 3]  # one point per epoch_update, as each came
     assert page.inner_text("#job-state") == "completed"
     assert "training_completed" in (page.text_content("#job-terminal") or "")
     assert page.locator("#chart-map canvas").count() == 1 and page.locator("#chart-loss canvas").count() == 1
