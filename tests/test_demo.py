@@ -52,27 +52,30 @@ def test_demo_quick_trains_converts_detects_and_draws_boxes_where_the_shapes_are
     shutil.copy(trained_model["model"], storage / PRETRAINED)
     workers = [start_worker(op, wait_started=False) for op in ("train", "convert", "infer")]
     dashboard = Dashboard(worker_env, tmp_path / "dashboard.log")
-    for worker in workers:
-        worker.wait_log("✅ RabbitMQ consumer started", timeout=120)
-    output = tmp_path / "detections.png"
-    with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1050})
-        page.goto(dashboard.url + "/")
-        page.wait_for_selector("#broker.on", timeout=30_000)
-        watch_points(page)
-        demo = subprocess.run(
-            [*no_torch_cli("demo"), "--quick", "--pretrained", PRETRAINED, "--job-id", "demo1", "--timeout", "500",
-             "--output", str(output), "--dashboard-url", dashboard.url + "/"],
-            cwd=REPO, env={**os.environ, **worker_env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-            timeout=600,
-        )
-        assert demo.returncode == 0, demo.stderr[-4000:]
-        page.wait_for_selector('tr[data-job="infer/demo1-detect"][data-state="completed"]', timeout=30_000)
-        assert page.get_attribute('tr[data-job="train/demo1"]', "data-state") == "completed"
-        assert page.get_attribute('tr[data-job="convert/demo1-onnx"]', "data-state") == "completed"
-        assert points_seen(page) == [1, 2]  # the training curves grew one point per epoch, live
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "dashboard-demo.png"), full_page=True)
+    try:
+        for worker in workers:
+            worker.wait_log("✅ RabbitMQ consumer started", timeout=120)
+        output = tmp_path / "detections.png"
+        with chromium() as browser:
+            page = browser.new_page(viewport={"width": 1400, "height": 1050})
+            page.goto(dashboard.url + "/")
+            page.wait_for_selector("#broker.on", timeout=30_000)
+            watch_points(page)
+            demo = subprocess.run(
+                [*no_torch_cli("demo"), "--quick", "--pretrained", PRETRAINED, "--job-id", "demo1", "--timeout", "500",
+                 "--output", str(output), "--dashboard-url", dashboard.url + "/"],
+                cwd=REPO, env={**os.environ, **worker_env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                timeout=600,
+            )
+            assert demo.returncode == 0, demo.stderr[-4000:]
+            page.wait_for_selector('tr[data-job="infer/demo1-detect"][data-state="completed"]', timeout=30_000)
+            assert page.get_attribute('tr[data-job="train/demo1"]', "data-state") == "completed"
+            assert page.get_attribute('tr[data-job="convert/demo1-onnx"]', "data-state") == "completed"
+            assert points_seen(page) == [1, 2]  # the training curves grew one point per epoch, live
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-demo.png"), full_page=True)
+    finally:
+        dashboard.stop()
 
     assert "no worker is consuming" not in demo.stderr
     assert "uploaded the shapes dataset" in demo.stderr and "datasets/shapes-demo/" in demo.stderr

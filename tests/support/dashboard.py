@@ -37,11 +37,15 @@ class Dashboard:
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(no_torch_cli("dashboard", "--port", str(self.port)), cwd=REPO, env=full,
                                          stdout=log, stderr=subprocess.STDOUT)
-        wait_http(self.url, timeout=60)
-        deadline = time.monotonic() + 30
-        while "with '#'" not in self.log():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
-            time.sleep(0.1)
+        try:
+            wait_http(self.url, timeout=60)
+            deadline = time.monotonic() + 30
+            while "with '#'" not in self.log():
+                assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
