@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import pytest
 
-from ai_service.errors import PermanentError, PreconditionFailed
+from ai_service.errors import ObjectNotFound, PermanentError, PreconditionFailed
 from ai_service.storage import LocalStorage, ObjectInfo, S3Storage, Storage, make_s3_client
 from tests.support.storage import backend
 
@@ -90,6 +90,16 @@ def test_replace_if_match_with_a_stale_etag_fails_and_leaves_the_bytes(storage: 
     assert storage.read_bytes(KEY) == b"version 2"
     third = storage.replace_if_match(KEY, b"version 3", second.etag)
     assert storage.read_bytes(KEY) == b"version 3" and third.etag not in (first.etag, second.etag)
+
+
+def test_read_versioned_gives_the_bytes_with_the_etag_a_replace_needs(storage: Storage) -> None:
+    created = storage.create_exclusive(KEY, b"version 1")
+    data, info = storage.read_versioned(KEY)
+    assert (data, info) == (b"version 1", created)
+    storage.replace_if_match(KEY, b"version 2", info.etag)
+    assert storage.read_versioned(KEY)[0] == b"version 2"
+    with pytest.raises(ObjectNotFound):
+        storage.read_versioned("jobs/train/none.json")
 
 
 def test_replace_if_match_of_an_object_that_is_gone_fails(storage: Storage) -> None:

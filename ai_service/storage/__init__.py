@@ -10,6 +10,11 @@ a missing object or bucket is :class:`ObjectNotFound`, anything else that goes w
 talking to storage is the retryable :class:`StorageError`, and a bad key is
 :class:`UnsafeKey`.  botocore exceptions never leak out, and messages carry no secrets.
 
+Job records are written with conditional writes where the store has them
+(:meth:`Storage.create_exclusive`, :meth:`Storage.replace_if_match` with the etag of
+:meth:`Storage.read_versioned`; :meth:`Storage.supports_conditional_writes` says whether
+it does): a lost race is :class:`~ai_service.errors.PreconditionFailed`.
+
 The modules, along the seams:
 
 * :mod:`~ai_service.storage.keys` -- key rules at the storage boundary (built on
@@ -19,6 +24,8 @@ The modules, along the seams:
 * :mod:`~ai_service.storage.local` -- :class:`LocalStorage` and its symlink rule;
 * :mod:`~ai_service.storage.s3` -- :class:`S3Storage`, client construction, error
   mapping;
+* :mod:`~ai_service.storage.direct` -- the fast path of S3 bulk downloads (presigned
+  GETs over keep-alive connections, GetObject as the fallback);
 * :mod:`~ai_service.storage.cache` -- the dataset cache (:func:`sync_prefix`).
 """
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 from ai_service.config import ConfigError, Settings
 from ai_service.storage.base import (
+    CONDITIONAL_PROBE_PREFIX,
     MULTIPART_CHUNKSIZE,
     MULTIPART_THRESHOLD,
     TRANSFER_WORKERS,
@@ -48,6 +56,7 @@ from ai_service.storage.local import LocalStorage
 from ai_service.storage.s3 import S3Storage, make_s3_client
 
 __all__ = [
+    "CONDITIONAL_PROBE_PREFIX",
     "MANIFEST_SUFFIX",
     "MAX_KEY_LENGTH",
     "MULTIPART_CHUNKSIZE",

@@ -226,6 +226,15 @@ class Storage(ABC):
         """The whole content of ``key`` (for small objects: manifests, images)."""
 
     @abstractmethod
+    def read_versioned(self, key: str) -> tuple[bytes, ObjectInfo]:
+        """The content of ``key`` and the info of exactly that version (one request).
+
+        For :meth:`replace_if_match`: an etag taken by a separate :meth:`stat` after the
+        read could belong to a newer version than the bytes, and a write based on the
+        old bytes would then win.  A missing object is ObjectNotFound.
+        """
+
+    @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None:
         """Create or replace ``key`` with ``data``, atomically."""
 

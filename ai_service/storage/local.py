@@ -180,6 +180,14 @@ class LocalStorage(Storage):
         with self._errors("read", key):
             return self._path(key).read_bytes()
 
+    def read_versioned(self, key: str) -> tuple[bytes, ObjectInfo]:
+        object_key(key)
+        with self._errors("read", key), open(self._path(key), "rb") as fh:
+            st = os.fstat(fh.fileno())  # the opened inode: writes replace, never modify
+            if not _is_regular(st):
+                raise FileNotFoundError(key)
+            return fh.read(), self._info(key, st)
+
     def write_bytes(self, key: str, data: bytes) -> None:
         object_key(key)
         with self._errors("write", key, missing=False), atomic_file(self._path(key)) as tmp:

@@ -299,6 +299,13 @@ class S3Storage(Storage):
             response = self._client.get_object(Bucket=self.bucket, Key=key)
             return response["Body"].read()
 
+    def read_versioned(self, key: str) -> tuple[bytes, ObjectInfo]:
+        object_key(key)
+        with self._errors("read", key):
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            data = response["Body"].read()
+        return data, ObjectInfo(key, len(data), _etag(response.get("ETag")))
+
     def write_bytes(self, key: str, data: bytes) -> None:
         object_key(key)
         with self._errors("write", key):
