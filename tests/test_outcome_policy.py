@@ -106,6 +106,22 @@ def test_every_report_names_a_contract_code_and_deliberate_errors_keep_theirs() 
                 assert s.report is error
 
 
+def test_a_retry_copy_back_from_the_holding_queue_is_counted_by_our_header_on_quorum_queues_too() -> None:
+    from ai_service.consumer import DELIVERY_COUNT_HEADER, came_back_from, count_deliveries
+
+    holding = "t.train_request_q.lease"
+    expired = {"x-death": [{"queue": holding, "reason": "expired", "count": 1}], DELIVERY_COUNT_HEADER: 2}
+    assert came_back_from(expired, holding)
+    assert count_deliveries(expired, False, counted_by_us=came_back_from(expired, holding)) == 2
+    assert count_deliveries({**expired, "x-delivery-count": 1}, True, counted_by_us=True) == 3
+    # Not through our holding queue (a BE's own header, or another queue's death): not ours to trust.
+    forged = {DELIVERY_COUNT_HEADER: 9}
+    assert not came_back_from(forged, holding)
+    assert not came_back_from({"x-death": [{"queue": "other", "reason": "expired"}]}, holding)
+    assert not came_back_from({"x-death": [{"queue": holding, "reason": "rejected"}]}, holding)
+    assert count_deliveries(forged, False, counted_by_us=came_back_from(forged, holding)) == 0
+
+
 def test_the_real_operations_declare_the_modes_of_the_table() -> None:
     from ai_service.config import Settings
     from workers import conversion, inference, training

@@ -12,7 +12,8 @@ from ai_service.consumer.policy import JobFate, Settlement, SettleMode, settle
 from ai_service.errors import AIServiceError, InvalidInput, LeaseLost
 from ai_service.jobs.ledger import Ledger
 from ai_service.jobs.records import LEASE_HEADER, JobRecord
-from ai_service.messages import _Message, new_message_id
+from ai_service.message_ids import job_message_id
+from ai_service.messages import _Message
 from ai_service.operation import JobContext
 
 #: How long to wait before reading our own record back (two takers racing for one job).
@@ -84,7 +85,7 @@ class LongJob:
             ctx.log.info("Duplicate request: %s is running on %s; dropped", ctx.job_id, record.owner)
             return Begin(None, "duplicate")
         record = record or JobRecord(job_id=ctx.job_id, op=ctx.op)
-        if ledger.cancel_requested(ctx.job_id):
+        if ctx.cancelled.is_set() or ledger.cancel_requested(ctx.job_id):
             self.finish(record, "cancelled", self.cancelled_message(record))
             return Begin(None, "cancelled before start")
         limit = ctx.settings.rabbitmq_delivery_limit
@@ -151,8 +152,9 @@ class LongJob:
             if self.record is not None and not self.ledger.still_ours(record):
                 self.ctx.log.warning("Not reporting %s: the job belongs to another worker now", status)
                 return
-            message_id = new_message_id()
-            self.ledger.finish(record, status, message.to_json_dict(), message_id)
+            payload = message.to_json_dict()
+            message_id = job_message_id(self.ctx.op, record.job_id, str(payload.get("type", "")), payload)
+            self.ledger.finish(record, status, payload, message_id)
             self.ctx.result(message, message_id=message_id).wait(60)
             record.terminal_sent = True
             self.ledger.save(record)
@@ -186,8 +188,10 @@ class LongJob:
                 self.ctx.log.warning("Could not record the retry (%s): the job resumes once its lease expires",
                                      exc.message)
                 return
-            if ours:
-                self.ctx.outbox.retry_later(int(delay * 1000)).wait(30)
+            if not ours:
+                self.ctx.log.warning("Not retrying %s: another worker owns the job now", record.job_id)
+                return
+            self.ctx.outbox.retry_later(int(delay * 1000)).wait(30)
         self.ctx.log.info("Trying %s again from epoch %d in %.1f s (attempt %d of %d)", record.job_id,
                           record.last_epoch, delay, record.attempt + 1, self.ctx.settings.rabbitmq_delivery_limit)
 
