@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pika
 import pika.exceptions
@@ -412,9 +412,9 @@ class Listener:
         while not self._stop.is_set():
             connection = None
             try:
-                connection = pika.BlockingConnection(pika.ConnectionParameters(
+                connection = pika.BlockingConnection(cast(Any, broker_parameters(
                     self.host, self.port, heartbeat=30,
-                    client_properties={"connection_name": "bench BE listener"}))
+                    client_properties={"connection_name": "bench BE listener"})))
                 channel = connection.channel()
                 channel.basic_qos(prefetch_count=500)
                 for queue in self.queues:
@@ -477,6 +477,14 @@ def is_terminal(got: Got) -> bool:
     return got.type.endswith(TERMINAL_SUFFIXES)
 
 
+def broker_parameters(host: str, port: int, **options: Any) -> list[pika.ConnectionParameters]:
+    """One parameter set per node of ``host`` (one host, or a cluster's ``RABBITMQ_HOST``
+    node list): pika tries them in turn, so a BE stand-in rides out a lost node too."""
+    from ai_service.config import parse_nodes
+
+    return [pika.ConnectionParameters(node.host, node.port, **options) for node in parse_nodes(host, port)]
+
+
 class Sender:
     """Publishes requests (persistent, with publisher confirms) from the calling thread."""
 
@@ -488,8 +496,8 @@ class Sender:
         self.connect()
 
     def connect(self) -> None:
-        self.connection = pika.BlockingConnection(pika.ConnectionParameters(
-            self.host, self.port, heartbeat=0, client_properties={"connection_name": "bench BE sender"}))
+        self.connection = pika.BlockingConnection(cast(Any, broker_parameters(
+            self.host, self.port, heartbeat=0, client_properties={"connection_name": "bench BE sender"})))
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
 
@@ -530,7 +538,7 @@ class Sender:
 def delete_topology(host: str, port: int, env: dict[str, str]) -> None:
     """Delete the queues and exchanges a run declared under its unique names."""
     try:
-        connection = pika.BlockingConnection(pika.ConnectionParameters(host, port, heartbeat=0))
+        connection = pika.BlockingConnection(cast(Any, broker_parameters(host, port, heartbeat=0)))
     except (pika.exceptions.AMQPError, OSError):
         return
     try:

@@ -25,7 +25,7 @@ from typing import Any, cast
 import pika
 
 from ai_service.publisher import Publisher
-from bench.common import percentile
+from bench.common import broker_parameters, percentile
 from bench.context import Bench, Section
 
 SIZE = 600
@@ -48,7 +48,7 @@ def properties(i: int) -> dict[str, Any]:
 
 def plain_pika(bench: Bench, queue: str, count: int) -> float:
     s = bench.settings
-    connection = pika.BlockingConnection(pika.ConnectionParameters(s.rabbitmq_host, s.rabbitmq_port))
+    connection = pika.BlockingConnection(cast(Any, broker_parameters(s.rabbitmq_host, s.rabbitmq_port)))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -89,7 +89,7 @@ def shared_publisher(bench: Bench, queue: str, count: int, run: int) -> tuple[fl
 
 def pika_latency(bench: Bench, queue: str) -> list[float]:
     s = bench.settings
-    connection = pika.BlockingConnection(pika.ConnectionParameters(s.rabbitmq_host, s.rabbitmq_port))
+    connection = pika.BlockingConnection(cast(Any, broker_parameters(s.rabbitmq_host, s.rabbitmq_port)))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -118,7 +118,7 @@ def run(bench: Bench) -> list[Section]:
                              baseline="pika_latency")
     queue = f"{bench.names.prefix}.bench_publisher_q"
     s = bench.settings
-    connection = pika.BlockingConnection(pika.ConnectionParameters(s.rabbitmq_host, s.rabbitmq_port))
+    connection = pika.BlockingConnection(cast(Any, broker_parameters(s.rabbitmq_host, s.rabbitmq_port)))
     channel = connection.channel()
     channel.queue_declare(queue, durable=True, arguments=cast(Any, {"x-queue-type": "quorum"}))
     try:

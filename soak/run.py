@@ -14,7 +14,13 @@ restarted or reconfigured) and local storage in a temp dir:
    is restarted under inference (and, in full mode, training) load;
 4. ``corpus``: malformed and hostile requests (:mod:`soak.corpus`) to all three request
    queues;
-5. ``sustained``: inference at a fixed rate.
+5. ``sustained``: inference at a fixed rate;
+6. ``cluster``: a private three-node cluster (:mod:`tests.support.cluster`, ports
+   5690-5692) loses a node again and again under training and inference load: kill -9
+   of the node a worker is on, of the node leading the request queue, a clean stop; lost,
+   duplicated, and how soon each worker consumes again.  ``--short`` leaves it out
+   (``tests/test_cluster.py`` is the short version in ``make test``); ``--only cluster``
+   runs it alone.
 
 Workers are :mod:`bench.instrumented` (the real worker with a journal of what it
 publishes).  Exits 1 when anything was lost, a worker crashed, a payload ran code, or
@@ -771,6 +777,110 @@ def corpus_and_load(world: World) -> list[Part]:
         h.close()
 
 
+# --- 6. a three-node cluster losing nodes ------------------------------------------------------
+
+
+def cluster_node_of(proc: Any, what: str) -> int | None:
+    """The node (index) the worker's ``what`` connection ("consumer") last connected to,
+    from its ``[RMQ] Connected to 127.0.0.1:<port>`` log lines."""
+    from tests.support.cluster import BASE_PORT
+
+    found = None
+    for record in proc.lines(since_start=False):
+        text = str(record.get("message", ""))
+        if text.startswith("[RMQ] Connected to ") and what in text:
+            found = int(text.split()[3].rsplit(":", 1)[1]) - BASE_PORT
+    return found
+
+
+def wait_reconnected(proc: Any, before: int, lost_at: float, timeout: float = 60.0) -> float | None:
+    """Seconds from ``lost_at`` to the worker's next ``[RMQ] Reconnected to`` (its consumer
+    consuming again on another node), or None past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.text(since_start=False).count("[RMQ] Reconnected to") > before:
+            return last_time(proc.lines(since_start=False), "[RMQ] Reconnected to") - lost_at
+        time.sleep(0.1)
+    return None
+
+
+def cluster_section(world: World) -> Part:
+    from tests.support import cluster as private
+
+    cfg = world.cfg
+    rounds = 3 if cfg.short else 6
+    part = Part("cluster", f"A three-node RabbitMQ cluster losing a node {rounds} times under load (kill -9 of "
+                           "the node a worker is on, of the node leading the request queue, a clean stop; "
+                           "quorum queues, RABBITMQ_HOST a node list)")
+    if not private.available():
+        part.skipped = "rabbitmq-server is not installed"
+        return part
+    booted = time.monotonic()
+    with private.private_cluster() as c:
+        part.add(f"cluster of {len(c.nodes)} private nodes up and joined in {time.monotonic() - booted:.0f} s")
+        h = Harness(world.root, "cluster", storage_dir=world.storage,
+                    env={**c.env(), "RABBITMQ_PORT": str(c.nodes[0].port), "LEASE_SECONDS": "4",
+                         "RABBITMQ_DELIVERY_LIMIT": "50"})
+        try:
+            for name in ("infer", "train"):
+                h.worker(name, name, wait=False)
+            h.wait_started(["infer", "train"])
+            epochs = 3 if cfg.short else 6
+            jobs = [f"cluster-train-{i}" for i in range(2 if cfg.short else 3)]
+            for job in jobs:
+                h.sender.send(h.settings.train_request_queue, world.train_request(job, epochs))
+            h.sender.close()
+            load = InferLoad(world, h, cfg.restart_rate, "clinf").start()
+            time.sleep(3)
+            recovery: list[float] = []
+            plan = ["worker", "leader", "stop"] * (rounds // 3)
+            for i, how in enumerate(plan):
+                if how == "leader":
+                    victim, verb = c.leader(h.settings.infer_request_queue), "kill -9 of the request queue's leader"
+                elif how == "worker":
+                    proc = h.procs["infer" if i % 2 == 0 else "train"]
+                    victim, verb = cluster_node_of(proc, "consumer") or 0, "kill -9 of a worker's node"
+                else:
+                    victim, verb = cluster_node_of(h.procs["train"], "consumer") or 0, "clean stop of a node"
+                on_it = {n: p.text(since_start=False).count("[RMQ] Reconnected to")
+                         for n, p in h.procs.items() if cluster_node_of(p, "consumer") == victim}
+                lost_at = time.time()
+                c.stop(victim) if how == "stop" else c.kill9(victim)
+                waits = {n: wait_reconnected(h.procs[n], before, lost_at) for n, before in on_it.items()}
+                for name, seconds in waits.items():
+                    if seconds is None:
+                        part.fail(f"{name} worker not consuming again 60 s after the {verb} (node {victim})")
+                    else:
+                        recovery.append(seconds)
+                time.sleep(2)
+                c.start(victim)
+                shown = ", ".join(f"{n} consuming again after {s:.1f} s" for n, s in waits.items() if s is not None)
+                part.add(f"round {i + 1}: {verb} (node {victim + 1}): {shown or 'no worker was on it'}")
+            time.sleep(2)
+            load.stop()
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                h.check()
+                if all(load.answers().values()) and all(terminals_by_job(h.messages()).get(j) for j in jobs):
+                    break
+                time.sleep(0.5)
+            time.sleep(1.5)
+            h.wait_delivered(30)
+            if recovery:
+                part.add(f"time to consume again after losing its node: median {statistics.median(recovery):.1f} s, "
+                         f"max {max(recovery):.1f} s over {len(recovery)} losses (RECONNECT_MAX_DELAY=2)")
+            part.data["consuming_again_s"] = [round(x, 2) for x in recovery]
+            load.lines(part)
+            job_lines(part, jobs, h.messages(), "training jobs")
+            epoch_lines(part, jobs, h.messages(), epochs)
+            delivery_lines(part, h)
+            crash_lines(part, h)
+            stop_lines(part, h)
+        finally:
+            h.close()
+    return part
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -779,7 +889,10 @@ SECTIONS: dict[str, Callable[[World], list[Part]]] = {
     "proxy": lambda w: [proxy_section(w)],
     "restart": lambda w: [restart_section(w)],
     "corpus": corpus_and_load,
+    "cluster": lambda w: [cluster_section(w)],
 }
+#: what --short runs without --only: the cluster section is left to tests/test_cluster.py there
+SHORT_SECTIONS = [name for name in SECTIONS if name != "cluster"]
 
 
 def report(parts: list[Part], meta: dict[str, Any]) -> str:
@@ -842,7 +955,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if saved["failures"] else 0
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     cfg = Config.make(args.short, seed)
-    chosen = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
+    chosen = [s.strip() for s in args.only.split(",")] if args.only else list(SHORT_SECTIONS if args.short
+                                                                                else SECTIONS)
     if set(chosen) - set(SECTIONS):
         parser.error(f"unknown section(s); choose from {', '.join(SECTIONS)}")
     sampler = LoadSampler()
