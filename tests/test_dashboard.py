@@ -149,10 +149,19 @@ def test_the_page_shows_a_training_job_live_and_a_dashboard_started_mid_job_canc
     page.wait_for_selector('tr[data-worker="test/train-0/train"]', timeout=30_000)
     watch_points(page)
 
+    be.send_train({**train("bad1", 3), "hyperparams": {"model": "yolov8n", "epochs": 0, "batch": 16, "imgsz": 64}})
+    results = be.settings.train_result_queue
+    assert be.terminal(results, "bad1", timeout=60).body["error_code"] == "invalid_request"
+    page.click(f'tr[data-queue="{be.settings.train_request_queue}.dlq"] button[data-dlq="train"]', timeout=30_000)
+    page.click('button[data-replay="train"]', timeout=30_000)  # back to the request queue: the worker answers again
+    again = be.terminal(results, "bad1", timeout=60)
+    assert again.type == "training_failed" and again.body["error_code"] == "invalid_request"
+    assert "Replayed 1 dead letter(s)" in first.log()
+
     be.send_train(train("dash1", 3))
     page.wait_for_selector('tr[data-job="train/dash1"]', timeout=60_000)
     page.wait_for_selector('tr[data-job="train/dash1"][data-state="completed"]', timeout=240_000)
-    done = be.terminal(be.settings.train_result_queue, "dash1", timeout=60)
+    done = be.terminal(results, "dash1", timeout=60)
     assert done.type == "training_completed", done.body
     assert page.get_attribute("#charts", "data-points") == "3"
     assert points_seen(page) == [1, 2, 3]  # one point per epoch_update, as each came
@@ -185,7 +194,7 @@ def test_the_page_shows_a_training_job_live_and_a_dashboard_started_mid_job_canc
     request_q = next(q for q in queues if q["queue"] == be.settings.train_request_queue)
     assert request_q["messages"] == 0 and request_q["consumers"] is not None  # declared, read passively
     dlq = next(q for q in queues if q["queue"] == be.settings.train_request_queue + ".dlq")
-    assert dlq["messages"] == 0
+    assert dlq["messages"] == 1  # bad1, replayed once and dead-lettered again
 
 
 def test_with_http_token_the_data_and_the_buttons_need_it_and_the_page_asks_for_it(

@@ -42,7 +42,10 @@ Op = Literal["train", "convert", "infer"]
 
 
 class Replay(BaseModel):
-    message_id: str
+    """Which dead letter: its ``message_id``, or (a message without one) its place in the listing."""
+
+    message_id: str | None = None
+    index: int | None = None
 
 
 def sse(event: str, data: Any, event_id: int | None = None) -> bytes:
@@ -104,9 +107,11 @@ def dashboard_router(state: DashboardState, actions: Actions) -> APIRouter:
 
     @router.post("/dlq/{op}/replay", summary="Put one dead letter back on its request queue")
     def replay(op: Op, body: Replay) -> dict[str, Any]:
-        answer = _broker(lambda: actions.replay(op, body.message_id))
+        if body.message_id is None and body.index is None:
+            raise HTTPException(status_code=400, detail="name the dead letter: message_id or index")
+        answer = _broker(lambda: actions.replay(op, body.message_id, body.index))
         if not answer["replayed"]:
-            raise HTTPException(status_code=404, detail=f"no dead letter {body.message_id} in that .dlq")
+            raise HTTPException(status_code=404, detail=f"no such dead letter in the {op} .dlq")
         return answer
 
     return router

@@ -175,14 +175,18 @@ class Actions:
             count, letters = client.peek_dead_letters(request_q, limit)
         return {"op": op, "queue": f"{request_q}.dlq", "count": count, "letters": [d.to_json() for d in letters]}
 
-    def replay(self, op: str, message_id: str, limit: int = 1000) -> dict[str, Any]:
-        """Put the dead letter with ``message_id`` back on its request queue (confirmed, then removed)."""
+    def replay(self, op: str, message_id: str | None, index: int | None = None, limit: int = 1000) -> dict[str, Any]:
+        """Put one dead letter back on its request queue (confirmed, then removed): the one with
+        ``message_id``, or else the ``index``-th of the listing (for a message without an id)."""
         request_q = queue_names(self.settings, op).request
 
         def chosen(letter: DeadLetter) -> bool:
-            return bool(letter.properties.message_id == message_id)
+            if message_id is not None:
+                return bool(letter.properties.message_id == message_id)
+            return letter.index == index
 
         with BrokerClient(self.settings, purpose="dashboard replay") as client:
             replayed, left = client.replay_dead_letters(request_q, chosen, limit)
-        log.info("[Dashboard] Replayed %d dead letter(s) %s to %s", len(replayed), message_id, request_q)
+        log.info("[Dashboard] Replayed %d dead letter(s) (%s) to %s", len(replayed), message_id or f"#{index}",
+                 request_q)
         return {"op": op, "replayed": [d.to_json() for d in replayed], "left": left}

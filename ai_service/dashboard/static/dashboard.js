@@ -284,21 +284,23 @@ async function showDeadLetters(op) {
     $("dlq").innerHTML = `<h3>${esc(dlq.queue)} (${dlq.count})</h3><table><thead><tr><th>job</th><th>reason</th>
       <th>died at</th><th>size</th><th></th></tr></thead><tbody>` + dlq.letters.map((d) =>
       `<tr><td>${esc(d.job_id || "?")}</td><td>${esc(d.reason || "")}</td><td>${esc(d.dead_lettered_at || "")}</td>
-       <td>${d.size_bytes}</td><td>${d.message_id ? `<button data-replay="${esc(op)}" data-message="${esc(d.message_id)}">replay</button>` : ""}</td></tr>`)
+       <td>${d.size_bytes}</td><td><button data-replay="${esc(op)}" data-message="${esc(d.message_id || "")}"
+         data-index="${d.index}">replay</button></td></tr>`)
       .join("") + "</tbody></table>";
   } catch (error) {
     toast(`dead letters of ${op}: ${error.message}`);
   }
 }
 
-async function replay(op, messageId) {
+async function replay(op, messageId, index) {
+  const which = messageId ? {message_id: messageId} : {index: Number(index)};
   try {
     await api(`/dlq/${encodeURIComponent(op)}/replay`, {method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({message_id: messageId})});
-    toast(`replayed ${messageId} to the ${op} request queue`);
+      body: JSON.stringify(which)});
+    toast(`replayed ${messageId || "#" + index} to the ${op} request queue`);
     showDeadLetters(op);
   } catch (error) {
-    toast(`replay ${messageId}: ${error.message}`);
+    toast(`replay ${messageId || "#" + index}: ${error.message}`);
   }
 }
 
@@ -307,7 +309,7 @@ document.addEventListener("click", (event) => {
   if (!target) return;
   if (target.dataset.cancel) cancel(target.dataset.cancel);
   else if (target.dataset.dlq) showDeadLetters(target.dataset.dlq);
-  else if (target.dataset.replay) replay(target.dataset.replay, target.dataset.message);
+  else if (target.dataset.replay) replay(target.dataset.replay, target.dataset.message, target.dataset.index);
   else if (target.dataset.job) select(target.dataset.job, true);
 });
 
