@@ -15,6 +15,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from ai_service.cancels import declare_cancel_stream
 from ai_service.config import BrokerNode, Settings
 from ai_service.errors import AuthenticationFailed, BrokerError, ConnectionClosed, NotRouted, QueueNotFound
 from ai_service.registry import OPERATIONS, Registry
@@ -192,6 +193,7 @@ class Topology:
             channel.exchange_declare(s.events_exchange, "topic", durable=True)
             channel.exchange_declare(s.control_exchange, "fanout", durable=True)
             channel.exchange_declare(s.dead_letter_exchange, "direct", durable=True)
+            declare_cancel_stream(connection, s)  # cancels kept while no worker runs
             for op in self.ops:
                 names = queue_names(s, op, self.operations)
                 channel = self._queue(connection, channel, names.request, self.request_arguments(names))

@@ -32,9 +32,12 @@ class ControlExecutor:
     """
 
     def __init__(
-        self, hook: Callable[[str, Resources], None], resources: Resources, *, maxsize: int, name: str = "control"
+        self, hook: Callable[[str, Resources], None], resources: Resources, *, maxsize: int, name: str = "control",
+        on_room: Callable[[], None] | None = None,
     ) -> None:
         self.hook = hook
+        #: Called after each hook run: there is room again (the cancel stream's waiting cancels).
+        self.on_room = on_room
         self.resources = resources
         self.metrics = resources.metrics
         self.maxsize = max(1, maxsize)
@@ -52,8 +55,10 @@ class ControlExecutor:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job_id: str) -> str:
-        """Queue ``job_id`` for the hook: ``queued``, ``duplicate`` or ``dropped``."""
+    def submit(self, job_id: str, *, drop: bool = True) -> str:
+        """Queue ``job_id`` for the hook: ``queued``, ``duplicate`` or ``dropped``; with
+        ``drop=False`` a full queue answers ``full`` and nothing is counted (the cancel
+        stream's deliveries wait in the broker instead, :mod:`ai_service.cancels`)."""
         with self._lock:
             if job_id in self._waiting:
                 result = "duplicate"
@@ -61,6 +66,8 @@ class ControlExecutor:
                 try:
                     self._queue.put_nowait(job_id)
                 except queue.Full:
+                    if not drop:
+                        return "full"
                     result = "dropped"
                 else:
                     self._waiting.add(job_id)
@@ -122,3 +129,5 @@ class ControlExecutor:
                 self.hook(job_id, self.resources)
             except Exception:  # noqa: BLE001 - a hook must not kill the worker
                 log.exception("[RMQ] Cancel hook failed for job %s", job_id)
+            if self.on_room is not None:
+                self.on_room()

@@ -19,6 +19,7 @@ import pika
 
 from ai_service import tracing
 from ai_service.broker import QueueNames
+from ai_service.cancels import CancelStream
 from ai_service.config import Settings
 from ai_service.consumer.outbox import DeliveryOutbox
 from ai_service.consumer.policy import JobFate, Outcome, Settlement, settle
@@ -75,6 +76,7 @@ class Handlers:
     metrics: Metrics
     tracker: RequestTracker
     limits: Limits
+    cancels: CancelStream | None
     handled: int
     _stop: threading.Event
     _handlers_running: int
@@ -149,6 +151,8 @@ class Handlers:
             if self._stop.is_set():
                 ctx.shutdown.set()
             delivery.ctx = ctx
+            if self.cancels is not None and self.cancels.seen(job_id):
+                ctx.cancelled.set()  # its cancel came (from the stream) before the request
             ctx.log.info("Received %s request (delivery %d)", self.op.name, delivery.info.delivery_count + 1)
             self.op.handler(request, ctx)
         except InvalidRequest as exc:

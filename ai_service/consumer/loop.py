@@ -36,6 +36,7 @@ from ai_service.broker import (
     pump,
     session,
 )
+from ai_service.cancels import CancelStream
 from ai_service.config import Settings
 from ai_service.consumer.control import ControlExecutor
 from ai_service.consumer.handlers import Delivery, Handlers
@@ -99,10 +100,13 @@ class Consumer(Handlers, Settling):
         self._handlers_cond = threading.Condition()
         self.control = (
             ControlExecutor(operation.on_cancel, resources, maxsize=settings.control_queue_size,
-                            name=f"{operation.name}-control")
+                            name=f"{operation.name}-control", on_room=self._room_for_cancels)
             if operation.on_cancel is not None
             else None
         )
+        #: Durable cancels (read from the cancel stream) for operations that act on cancels.
+        self.cancels = CancelStream(settings) if self.control is not None else None
+        self._stream_channel: BlockingChannel | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -248,11 +252,15 @@ class Consumer(Handlers, Settling):
         control_queue = str(control.method.queue)
         channel.queue_bind(control_queue, self.settings.control_exchange)
         channel.basic_consume(control_queue, self._on_control, auto_ack=True)
+        if self.cancels is not None:
+            self._stream_channel = self.cancels.consume(connection, self._on_stream_cancel)
         return channel
 
     def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
         while not self._stop.is_set():
-            if self._consumer_tag is None and self.busy < self.op.prefetch and not self._paused():
+            if self._consumer_tag is None and self.busy < self.op.prefetch and not self._paused() and (
+                self.cancels is None or self._stream_channel is None or self.cancels.ready()
+            ):
                 self._consumer_tag = channel.basic_consume(self.names.request, self._on_message)
                 if not self.started.is_set():
                     log.info("[RMQ] ✅ RabbitMQ consumer started (queue %r on %s, prefetch %d)",
@@ -274,8 +282,11 @@ class Consumer(Handlers, Settling):
     def _pump_once(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
         pump(connection, 0.5)
         self._drain_calls()
+        self._hand_on_stream_cancels()
         if not channel.is_open:
             raise BrokerError("channel was closed by the broker")
+        if self._stream_channel is not None and not self._stream_channel.is_open:
+            raise BrokerError("the cancel stream's channel was closed by the broker")
 
     def _paused(self) -> bool:
         """Long jobs acked early keep the consumer off the queue until they end."""
@@ -291,6 +302,7 @@ class Consumer(Handlers, Settling):
     def _close_connection(self) -> None:
         self._consumer_tag = None
         self._retry_channel = None
+        self._stream_channel = None
         connection, self._connection, self._channel = self._connection, None, None
         close_quietly(connection)
 
@@ -318,27 +330,89 @@ class Consumer(Handlers, Settling):
     def _on_control(
         self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
     ) -> None:
-        """A lookup on the I/O thread; the hook goes to the one control thread's queue."""
+        """A cancel on the fanout: a lookup on the I/O thread; past the control queue's bound
+        it is dropped (the cancel stream brings it again, at the control thread's pace)."""
+        job_id = self._parse_cancel(body)
+        if job_id is not None:
+            self._cancel(job_id, drop=True)
+
+    def _on_stream_cancel(
+        self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
+    ) -> None:
+        """A cancel read from the cancel stream (also one sent before this worker started):
+        acked once handed on, so that a flood waits in the broker."""
+        assert self.cancels is not None
+        offset = self.cancels.delivered(props.headers)
+        tag = method.delivery_tag or 0
+        job_id = None if self.cancels.is_sync(props.headers) else self._parse_cancel(body)
+        if job_id is None:
+            channel.basic_ack(tag)
+            return
+        self._stop_here(job_id)
+        if not self.cancels.pending and self._hand_on(job_id, drop=False):
+            channel.basic_ack(tag)
+        else:
+            self.cancels.pending.append((tag, job_id, offset))  # in order, behind those waiting
+
+    def _room_for_cancels(self) -> None:
+        """(control thread) Wake the I/O thread when stream cancels wait for the hook."""
+        if self.cancels is not None and self.cancels.pending:
+            self._wake()
+
+    def _hand_on_stream_cancels(self) -> None:
+        """Stream cancels that waited for room in the control queue, in order."""
+        cancels, channel = self.cancels, self._stream_channel
+        if cancels is None or channel is None or not channel.is_open:
+            return
+        while cancels.pending:
+            tag, job_id, _ = cancels.pending[0]
+            if not self._hand_on(job_id, drop=False):
+                return
+            cancels.pending.popleft()
+            channel.basic_ack(tag)
+
+    def _parse_cancel(self, body: bytes) -> str | None:
         try:
-            cancel = Cancel.model_validate_json(body)
+            return Cancel.model_validate_json(body).job_id
         except ValidationError:
             self.metrics.control_messages.labels("malformed").inc()
             log.debug("[RMQ] Ignoring a malformed control message")
-            return
+            return None
+
+    def _cancel(self, job_id: str, *, drop: bool) -> bool:
+        """Stop ``job_id`` if it runs here and give it to the cancel hook once (a cancel comes
+        on both the fanout and the stream); False when the hook's queue has no room."""
+        self._stop_here(job_id)
+        return self._hand_on(job_id, drop=drop)
+
+    def _stop_here(self, job_id: str) -> None:
         matched = False
         with self._inflight_lock:
             for d in self._inflight.values():
-                if d.ctx is not None and d.ctx.job_id == cancel.job_id:
+                if d.ctx is not None and d.ctx.job_id == job_id:
                     d.ctx.cancelled.set()
                     matched = True
         if matched:
-            log.info("[RMQ] Cancel requested for job %s (running here)", cancel.job_id)
+            log.info("[RMQ] Cancel requested for job %s (running here)", job_id)
         else:
-            log.debug("[RMQ] Cancel requested for job %s (not running here)", cancel.job_id)
-        if self.control is not None:
-            self.control.submit(cancel.job_id)
-        else:
+            log.debug("[RMQ] Cancel requested for job %s (not running here)", job_id)
+        if self.cancels is not None:
+            self.cancels.read(job_id)
+
+    def _hand_on(self, job_id: str, *, drop: bool) -> bool:
+        if self.control is None:
             self.metrics.control_messages.labels("no_hook").inc()
+            return True
+        cancels = self.cancels
+        if cancels is not None and cancels.handed(job_id):
+            self.metrics.control_messages.labels("duplicate").inc()
+            return True
+        result = self.control.submit(job_id, drop=drop)
+        if result == "full":
+            return False
+        if result != "dropped" and cancels is not None:
+            cancels.hand(job_id)
+        return True
 
     def _on_message(
         self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes

@@ -15,7 +15,8 @@ from ai_service.broker import QueueNames, routing_key
 from ai_service.config import Settings
 from ai_service.consumer.tracker import DELIVERY_COUNT_HEADER
 from ai_service.jobs.records import LEASE_HEADER
-from ai_service.messages import _Message, derived_message_id
+from ai_service.message_ids import job_message_id
+from ai_service.messages import _Message
 from ai_service.operation import DeliveryInfo
 from ai_service.publisher import Publisher, Receipt
 
@@ -44,11 +45,11 @@ class DeliveryOutbox:
         progress = getattr(message, "progress", None)
         self.progress = float(progress) if isinstance(progress, (int, float)) else self.progress
         message_type = str(getattr(message, "type", ""))
-        if message_id is None and self.op == "infer" and kind == "result":
-            # Inference keeps no job record: an answer sent again after a redelivery the
-            # tracker could not recognise (a broker restart) carries the same message_id.
-            message_id = derived_message_id("infer", self.job_id, message_type)
-        return self.republish(kind, message.to_json_dict(), message_type, message_id)
+        payload = message.to_json_dict()
+        # Derived from the job: the copy a redelivery, a resume or another worker sends
+        # (an inference answer after a broker restart, epoch N again) has the same id.
+        message_id = message_id or job_message_id(self.op, self.job_id, message_type, payload)
+        return self.republish(kind, payload, message_type, message_id)
 
     def republish(
         self, kind: str, payload: dict[str, Any], message_type: str, message_id: str | None

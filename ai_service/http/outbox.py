@@ -35,6 +35,7 @@ from ai_service.config import Settings
 from ai_service.errors import AIServiceError
 from ai_service.jobs import Ledger
 from ai_service.jobs import ledger as jobs_ledger
+from ai_service.message_ids import job_message_id
 from ai_service.messages import _Message, new_message_id
 from ai_service.operation import DeliveryInfo, JobContext, Operation, Resources
 from ai_service.publisher import Receipt
@@ -161,11 +162,15 @@ def settled(message_id: str) -> Receipt:
 class LocalOutbox:
     """:class:`ai_service.operation.Outbox` for HTTP-only mode: messages go to the job's log."""
 
-    def __init__(self, events: EventLog) -> None:
+    def __init__(self, events: EventLog, *, op: str, job_id: str) -> None:
         self.events = events
+        self.op = op
+        self.job_id = job_id
 
     def emit(self, kind: str, message: _Message, *, message_id: str | None = None) -> Receipt:
-        return self.republish(kind, message.to_json_dict(), str(getattr(message, "type", "")), message_id)
+        payload, message_type = message.to_json_dict(), str(getattr(message, "type", ""))
+        message_id = message_id or job_message_id(self.op, self.job_id, message_type, payload)  # as over AMQP
+        return self.republish(kind, payload, message_type, message_id)
 
     def republish(self, kind: str, payload: dict[str, Any], message_type: str, message_id: str | None) -> Receipt:
         return settled(self.events.append(kind, message_type, payload, message_id).id)
@@ -258,8 +263,8 @@ class LocalJobs:
 
     def _start(self, job_id: str, body: bytes, request: Any, events: EventLog) -> None:
         ctx = JobContext(op=self.op, job_id=job_id, settings=self.settings, resources=self.resources,
-                         delivery=DeliveryInfo(False, 0, None, None, {}, body), outbox=LocalOutbox(events),
-                         ack_now_cb=lambda: None)
+                         delivery=DeliveryInfo(False, 0, None, None, {}, body),
+                         outbox=LocalOutbox(events, op=self.op, job_id=job_id), ack_now_cb=lambda: None)
         if self.stopping.is_set():
             ctx.shutdown.set()
         self._running[job_id] = ctx

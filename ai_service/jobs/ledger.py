@@ -115,6 +115,9 @@ class Ledger:
         return self.storage.stat(cancel_key(job_id, self.prefix)) is not None
 
     def request_cancel(self, job_id: str) -> None:
+        """Leave the cancel marker (once: every worker reading the cancel stream asks)."""
+        if self.cancel_requested(job_id):
+            return
         self.storage.write_bytes(cancel_key(job_id, self.prefix), json.dumps({"requested": time.time()}).encode())
 
 

@@ -102,6 +102,9 @@ class LongJob:
         time.sleep(TAKE_SETTLE_SECONDS)
         if not ledger.still_ours(record):
             return Begin(None, "taken by another worker")
+        if ctx.cancelled.is_set():  # its cancel came while we took it
+            self.finish(record, "cancelled", self.cancelled_message(record))
+            return Begin(None, "cancelled before start")
         receipt = ctx.outbox.lease(record.token or "", self.lease_ttl_ms)
         receipt.wait(30)
         ctx.ack_now()  # the job now lives in storage and in the lease message

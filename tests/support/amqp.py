@@ -20,6 +20,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from ai_service.broker import Topology
+from ai_service.cancels import cancel_stream_name
 from ai_service.config import Settings
 
 
@@ -86,6 +87,7 @@ def delete_topology(channel: BlockingChannel, settings: Settings) -> None:
     ):
         for name in (q, f"{q}.dlq", f"{q}.lease"):
             channel.queue_delete(name)
+    channel.queue_delete(cancel_stream_name(s))
     for ex in (s.events_exchange, s.control_exchange, s.dead_letter_exchange):
         channel.exchange_delete(ex)
 
