@@ -36,6 +36,8 @@ from ai_service.logs import setup_logging
 from ai_service.operation import Operation
 
 EVENTS_ENV = "BENCH_EVENTS"
+#: ``BENCH_PROFILE=PATH``: cProfile each training job's training thread into ``PATH.<pid>.<ms>.prof``
+PROFILE_ENV = "BENCH_PROFILE"
 
 
 class Journal:
@@ -125,8 +127,32 @@ def training_probes(journal: Journal) -> dict[str, list[Callable[[Any], None]]]:
     def on_train_end(trainer: Any) -> None:
         journal.write("train_end")
 
-    return {"on_train_start": [on_train_start], "on_train_epoch_start": [on_train_epoch_start],
-            "on_train_end": [on_train_end]}
+    callbacks: dict[str, list[Callable[[Any], None]]] = {
+        "on_train_start": [on_train_start], "on_train_epoch_start": [on_train_epoch_start],
+        "on_train_end": [on_train_end]}
+    profile_to = os.environ.get(PROFILE_ENV)
+    if profile_to:
+        add_profiler(callbacks, profile_to)
+    return callbacks
+
+
+def add_profiler(callbacks: dict[str, list[Callable[[Any], None]]], path: str) -> None:
+    """cProfile the training thread from on_train_start to on_train_end (Ultralytics and our
+    callbacks; the upload thread only as the time it takes from it), one ``.prof`` per job."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+
+    def start(trainer: Any) -> None:
+        profiler.enable()
+
+    def stop(trainer: Any) -> None:
+        profiler.disable()
+        profiler.dump_stats(f"{path}.{os.getpid()}.{int(time.time() * 1000)}.prof")
+        profiler.clear()
+
+    callbacks["on_train_start"].insert(0, start)
+    callbacks["on_train_end"].append(stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Ultralytics used directly, as a user would script it: the baseline of the training figures.
 
 ``python -m bench.raw_train --data DATA_YAML --work DIR --epochs 20 --imgsz 128 --batch 8
-[--threads N]`` trains yolov8n from its yaml with the arguments the training worker
+[--threads N] [--device cpu|cuda]`` trains yolov8n from its yaml with the arguments the training worker
 passes (``workers=0``, ``plots=False``, ``seed``), and prints one JSON line:
 ``import_s`` (Python start to Ultralytics imported), ``train_s`` (``model.train()``).
 
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     work = Path(args.work)
 
@@ -49,7 +50,7 @@ def main() -> None:
         model.add_callback("on_train_epoch_start", threads)
     began = time.perf_counter()
     model.train(data=args.data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, seed=args.seed, workers=0,
-                plots=False, verbose=False, device="cpu", project=str(work / "runs"), name="raw", exist_ok=True)
+                plots=False, verbose=False, device=args.device, project=str(work / "runs"), name="raw", exist_ok=True)
     ended = time.perf_counter()
     print(json.dumps({"import_s": imported - STARTED, "train_s": ended - began,
                       "total_in_process_s": ended - STARTED}))

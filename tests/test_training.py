@@ -234,11 +234,12 @@ def test_checkpoints_are_staged_so_the_next_epoch_cannot_overwrite_what_is_uploa
     src = tmp_path / "last.pt"
     src.write_bytes(b"epoch 1")
     uploads = CheckpointUploads(tmp_path / "staging", store)
-    uploads.submit({"last": src})
+    uploads.submit(src)
     src.write_bytes(b"epoch 2")  # Ultralytics saves the next epoch over it
     release.set()
     uploads.flush()
     assert stored == [b"epoch 1"]
+    assert src.read_bytes() == b"epoch 2", "the newer save was replaced by the uploaded one"
 
 
 def test_at_most_one_checkpoint_upload_is_pending_and_its_failure_reaches_the_training_thread(
@@ -262,13 +263,13 @@ def test_at_most_one_checkpoint_upload_is_pending_and_its_failure_reaches_the_tr
     src = tmp_path / "last.pt"
     src.write_bytes(b"w")
     uploads = CheckpointUploads(tmp_path / "staging", store)
-    uploads.submit({"last": src})
+    uploads.submit(src)
     assert running.wait(5)
     raised: list[BaseException] = []
 
     def next_epoch() -> None:
         try:
-            uploads.submit({"last": src})
+            uploads.submit(src)
         except BaseException as exc:  # noqa: BLE001 - checked below
             raised.append(exc)
 
@@ -296,3 +297,48 @@ def test_a_stored_checkpoint_tells_how_far_training_got_and_each_epochs_metrics(
     assert rows[2]["train_loss"] == 3.75 and rows[2]["mAP50"] == 0.25 and rows[2]["val_box_loss"] == 1.5
     assert rows[1]["mAP50"] == 0.1
     assert checkpoint_progress(SimpleNamespace(ckpt=None)) == (0, 0, {})
+
+
+def test_staging_a_checkpoint_copies_nothing_and_puts_last_pt_back_once_uploaded(tmp_path: Path) -> None:
+    import os
+
+    from workers.training.uploads import CheckpointUploads
+
+    seen: dict[str, tuple[int, bytes]] = {}
+
+    def store(staged: dict[str, Path]) -> None:
+        for name, path in staged.items():
+            seen[name] = (path.stat().st_ino, path.read_bytes())
+
+    last = tmp_path / "weights" / "last.pt"
+    last.parent.mkdir()
+    last.write_bytes(b"epoch 1")
+    inode = last.stat().st_ino
+    uploads = CheckpointUploads(tmp_path / "staging", store)
+    uploads.submit(last, best=True)
+    uploads.flush()
+    assert seen == {"last": (inode, b"epoch 1"), "best": (inode, b"epoch 1")}, "staged by rename and hard link"
+    assert last.read_bytes() == b"epoch 1" and last.stat().st_ino == inode, "last.pt is back for NaN recovery"
+    assert os.listdir(tmp_path / "staging") == []
+    last.write_bytes(b"epoch 2")  # the next save (in place) ...
+    uploads.submit(last)
+    uploads.flush()
+    assert seen["last"][1] == b"epoch 2" and last.read_bytes() == b"epoch 2"
+
+
+def test_the_checkpoint_upload_runs_nicer_than_training(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    from workers.training.uploads import UPLOAD_NICENESS, CheckpointUploads
+
+    niceness: list[int] = []
+    uploads = CheckpointUploads(tmp_path / "staging", lambda staged: niceness.append(
+        os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    src = tmp_path / "last.pt"
+    src.write_bytes(b"w")
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    uploads.submit(src)
+    uploads.flush()
+    assert niceness == [min(19, mine + UPLOAD_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine, "training kept its priority"

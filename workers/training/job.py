@@ -202,8 +202,6 @@ class TrainingJob:
         self.span_epoch = int(trainer.epoch) + 1
         self.epoch_span = tracing.start("train epoch", attach=True, attributes={
             "ai.job_id": self.request.job_id, "ai.epoch": self.span_epoch, "ai.epochs": int(trainer.epochs)})
-        if getattr(trainer.device, "type", "cpu") == "cpu":
-            yolo.set_cpu_threads()  # Ultralytics leaves one core idle on the CPU
 
     def _end_epoch_span(self, trainer: Any = None) -> None:
         span, self.epoch_span = self.epoch_span, tracing.NO_SPAN
@@ -240,10 +238,9 @@ class TrainingJob:
         """
         if self.record is None:
             return
-        files = {"last": Path(trainer.last)}
-        if trainer.best_fitness == trainer.fitness and Path(trainer.best).exists():
-            files["best"] = Path(trainer.best)
-        self.uploads.submit(files)
+        # Ultralytics wrote best.pt from the same bytes as last.pt in this save
+        best = trainer.best_fitness == trainer.fitness and Path(trainer.best).exists()
+        self.uploads.submit(Path(trainer.last), best=best)
         if self.progress.stopped_by or int(trainer.epoch) + 1 >= int(trainer.epochs):
             self.uploads.flush()
 
@@ -256,7 +253,10 @@ class TrainingJob:
         for name, path in staged.items():
             checkpoints[name] = self.job.ledger.checkpoint_key(self.request.job_id, f"{name}.pt")
             self.ctx.storage.upload_file(path, checkpoints[name])
-        self.job.renew(checkpoints=checkpoints)
+        if checkpoints != record.checkpoints:
+            # Only when a name is new: the keys are fixed, so the record already names
+            # these objects, now replaced in place (the epoch's announce renews the lease).
+            self.job.renew(checkpoints=checkpoints)
 
     def _on_train_epoch_end(self, trainer: Any) -> None:
         self.progress.train_epoch_seen = int(trainer.epoch)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
+import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ai_service import tracing
+
+log = logging.getLogger("workers.training")
+
+#: How much nicer than the training thread the upload thread runs (Linux: per thread).
+UPLOAD_NICENESS = 10
 
 
 class CheckpointUploads:
@@ -20,6 +26,15 @@ class CheckpointUploads:
     it and re-raises its failure in the training thread.  The job record names a
     checkpoint only once it is in storage, so a resume is at most one epoch behind the
     last announced epoch (Ultralytics redoes that epoch; the BE is not told twice).
+
+    Staging copies nothing: Ultralytics writes ``last.pt`` with ``Path.write_bytes``
+    (truncate in place), so ``last.pt`` is *renamed* into the staging folder -- its next
+    save creates a new file -- and ``best.pt``, written from the same bytes in the same
+    save, is a hard link to the staged ``last.pt`` (``best.pt`` itself stays for
+    Ultralytics' final evaluation).  Once uploaded, the staged file is linked back as
+    ``last.pt`` unless a newer one exists (Ultralytics' NaN recovery reads it).  The
+    upload thread runs :data:`UPLOAD_NICENESS` nicer than training, so that its hashing
+    and HTTP yield the cores to the epoch.
     """
 
     def __init__(self, staging: Path, store: Callable[[dict[str, Path]], None]) -> None:
@@ -28,24 +43,29 @@ class CheckpointUploads:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, files: dict[str, Path]) -> None:
-        """Copy ``files`` (Ultralytics overwrites them next epoch) and upload them in the background."""
+    def submit(self, last: Path, *, best: bool = False) -> None:
+        """Stage ``last`` (and name it ``best`` too) and upload it in the background."""
         self.flush()
         self.staging.mkdir(parents=True, exist_ok=True)
-        staged: dict[str, Path] = {}
-        for name, src in files.items():
-            staged[name] = self.staging / f"{name}.pt"
-            shutil.copyfile(src, staged[name])
-        self._thread = threading.Thread(target=self._run, args=(staged, tracing.current()), name="checkpoint-upload",
-                                        daemon=True)
+        staged = {"last": self.staging / "last.pt"}
+        os.replace(last, staged["last"])
+        if best:
+            staged["best"] = self.staging / "best.pt"
+            staged["best"].unlink(missing_ok=True)
+            os.link(staged["last"], staged["best"])
+        self._thread = threading.Thread(target=self._run, args=(staged, last, tracing.current()),
+                                        name="checkpoint-upload", daemon=True)
         self._thread.start()
 
-    def _run(self, staged: dict[str, Path], trace: Any = None) -> None:
+    def _run(self, staged: dict[str, Path], last: Path, trace: Any = None) -> None:
+        _lower_priority()
         try:
             with tracing.span("checkpoint upload", parent=trace, attributes={"ai.checkpoints": ",".join(staged)}):
                 self.store(staged)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
             self._error = exc
+        finally:
+            _put_back(staged, last)
 
     def flush(self) -> None:
         """Wait for the pending upload; raise its failure."""
@@ -60,3 +80,23 @@ class CheckpointUploads:
         """Wait for the pending upload, ignoring its failure (the job ends another way)."""
         with contextlib.suppress(BaseException):
             self.flush()
+
+
+def _put_back(staged: dict[str, Path], last: Path) -> None:
+    """``last.pt`` back where Ultralytics looks, unless it saved a newer one meanwhile.
+
+    ``os.link`` fails if ``last`` exists, so a newer save is never replaced by this one.
+    """
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        os.link(staged["last"], last)
+    for path in staged.values():
+        path.unlink(missing_ok=True)
+
+
+def _lower_priority() -> None:
+    """Make the calling thread nicer (Linux schedules threads one by one; elsewhere a no-op)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + UPLOAD_NICENESS))
+    except (AttributeError, OSError) as exc:
+        log.debug("upload thread keeps its priority: %s", exc)
