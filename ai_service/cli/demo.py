@@ -38,7 +38,7 @@ from ai_service.errors import StorageError
 DEMO_PREFIX = "datasets/shapes-demo/"
 DASHBOARD_URL = "http://127.0.0.1:8080/"
 #: (epochs, imgsz, images): the full demo, and ``--quick``.
-FULL = (150, 128, 24)
+FULL = (80, 128, 64)
 QUICK = (2, 64, 16)
 #: The generated images sent to the inference worker (seeds far from the dataset's).
 INFER_SEEDS = (9001, 9002, 9003, 9004)
@@ -121,7 +121,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> ExitCode:
     summary = _convert_and_detect(settings, trained, job_id, imgsz, args.timeout, output)
     summary["dashboard"] = args.dashboard_url
     print(json.dumps(summary, indent=2, ensure_ascii=False), flush=True)
-    err(f"detections drawn: {summary['detections_png']}")
+    if "detections_png" in summary:
+        err(f"detections drawn: {summary['detections_png']}")
+    else:
+        err(f"ai-service: inference failed: {summary['inference'].get('error_message')}")
     err(f"dashboard: {args.dashboard_url}")
     return outcome(summary["inference"]["type"])
 
