@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ai_service.storage.keys import show
+
 #: Bytes read per write to the local file.
 CHUNK = 1024 * 1024
 #: Lifetime of one presigned URL (it is used at once).
@@ -162,7 +164,7 @@ class DirectGets:
                 return
             self._rest_until = time.monotonic() + REST_S
         log.warning("direct GETs from s3://%s rest for %.0f s after %s failed (%s); "
-                    "downloading through GetObject", self._bucket, REST_S, key, exc)
+                    "downloading through GetObject", self._bucket, REST_S, show(key), exc)
 
     def _fetch(self, key: str, tmp: Path) -> None:
         from botocore.exceptions import BotoCoreError
@@ -192,16 +194,10 @@ class DirectGets:
             raise
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise DirectGetFailed(f"{type(exc).__name__}: {exc}") from None
+            # The type and errno text only: the text of some of these quotes the signed URL.
+            reason = getattr(exc, "strerror", None)
+            raise DirectGetFailed(f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__) from None
         self._give_back(conn)
-
-    def close(self) -> None:
-        """Close the pooled connections."""
-        while True:
-            try:
-                self._pool.get_nowait().close()
-            except queue.Empty:
-                return
 
     def _get(self, conn: Connection, target: str, tmp: Path) -> None:
         conn.request("GET", target, headers={"x-amz-checksum-mode": "ENABLED"})
