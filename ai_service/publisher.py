@@ -1,12 +1,16 @@
-"""The shared publisher: one connection, one thread, confirms, reconnects, a spool.
+"""The shared publisher: one connection, one thread, pipelined confirms, reconnects, a spool.
 
-Any thread calls :meth:`Publisher.publish`; the message is written to the on-disk spool
-first, then sent in order by the publisher thread with publisher confirms, ``mandatory``
-and ``delivery_mode=2``.  It leaves the spool only when the broker confirmed it.  When
-the connection goes, the thread reconnects with capped exponential backoff and jitter,
-re-declares the topology and re-sends everything unconfirmed, in order.  A restarted
-process re-sends what its predecessor left in the spool.  Each message carries a unique
-``message_id`` so a consumer can drop the rare duplicate a lost confirm causes.
+Any thread calls :meth:`Publisher.publish`; it returns once the message is on disk in the
+spool (synced: group-committed with every other thread publishing at the same time, see
+:class:`~ai_service.spool.Spool`), and the receipt settles on the broker's confirm.  The
+publisher thread sends in seq order on a ``SelectConnection``, up to
+:data:`~ai_service.publishing.pipeline.WINDOW` messages in flight, with ``mandatory`` and
+``delivery_mode=2`` (:mod:`ai_service.publishing.pipeline`).  A message leaves the spool
+only when the broker confirmed it.  When the connection goes, the thread reconnects with
+capped exponential backoff and jitter, re-declares the topology and re-sends everything
+unconfirmed, in order.  A restarted process re-sends what its predecessor left in the
+spool.  Each message carries a unique ``message_id`` so a consumer can drop the rare
+duplicate a lost confirm causes (at most what was in flight when a connection was lost).
 
 One message never stalls the ones behind it.  A body larger than ``MAX_MESSAGE_BYTES``
 is refused by :meth:`Publisher.publish` before it enters the spool; a message the broker
@@ -29,17 +33,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import pika
 import pika.exceptions
-from pika.adapters.blocking_connection import BlockingChannel
 
 from ai_service import tracing
-from ai_service.broker import Topology, describe_endpoint, session
-from ai_service.config import Settings
+from ai_service.broker import NodeRing, Topology, connected_node, connection_parameters, describe_endpoint, session
+from ai_service.config import BrokerNode, Settings
 from ai_service.errors import AIServiceError, AuthenticationFailed, BrokerError, PermanentError, SpoolFull
 from ai_service.messages import new_message_id
+from ai_service.publishing.pipeline import Pipeline
 from ai_service.registry import OPERATIONS
 from ai_service.spool import Envelope, RefusedLog, Spool
 
@@ -50,13 +53,14 @@ APP_ID = "ai-service"
 #: A message nacked this many times in a row is refused for good.
 NACK_LIMIT = 3
 
-#: Name of the refused-messages file inside the spool directory (the spool reads ``*.msg`` only).
+#: Name of the refused-messages file inside the spool directory (the spool reads its segments only).
 REFUSED_FILE = "refused.jsonl"
 
 #: ``replace(refused, reason)``: the small message to publish instead, or None.
 Replacer = Callable[[Envelope, str], Envelope | None]
 #: ``on_refused(code, envelope, reason)`` with code ``too_large``, ``precondition_failed`` or ``nacked``.
 RefusedHook = Callable[[str, Envelope, str], None]
+Ephemeral = tuple[Envelope, "Receipt"]
 
 _BROKER_SIZE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
@@ -131,23 +135,29 @@ class Publisher:
         self.refused_log = RefusedLog(spool_dir / REFUSED_FILE)
         self._replace = replace
         self._on_refused = on_refused
-        self._nacks: tuple[int, int] = (0, 0)  # (seq, nacks in a row) of the head message
+        self._nacks: dict[int, int] = {}  # seq -> nacks in a row
         self.refused_count = 0
-        self._pending: deque[Envelope] = deque()
+        self._pending: deque[Envelope] = deque()  # unconfirmed, in seq order
         self._receipts: dict[int, Receipt] = {}
-        self._cond = threading.Condition()
-        self._wake = threading.Event()
+        self.lock = self._cond = threading.Condition()
         self._stopping = False
         self._stop_deadline = 0.0
         self._thread: threading.Thread | None = None
+        self._pipeline: Pipeline | None = None
+        self._ring = NodeRing(settings)
+        self._backoff = Backoff(cap=settings.reconnect_max_delay)
         self._connected = threading.Event()
         self._ever_connected = False
         self._full_warned = False
         self._on_state = on_state or (lambda state: None)
         self.reconnects = 0
         self.confirmed_count = 0
+        #: Messages sent but unconfirmed when a connection was lost (each may arrive twice), summed.
+        self.lost_in_flight = 0
+        #: What ended the publisher thread unexpectedly (a bug), if anything.
+        self.crashed: BaseException | None = None
         #: An ``ephemeral`` message waiting for the thread (at most one: a newer one replaces it).
-        self._ephemeral: tuple[Envelope, Receipt] | None = None
+        self._ephemeral: Ephemeral | None = None
 
     # --- public API ------------------------------------------------------------------
 
@@ -176,7 +186,7 @@ class Publisher:
         expiration: str | None = None,
         ephemeral: bool = False,
     ) -> Receipt:
-        """Queue a message for confirmed delivery; returns once it is in the spool.
+        """Queue a message for confirmed delivery; returns once it is on disk in the spool.
 
         When the spool is full (broker away for long), waits for room (``block``) or
         raises :class:`SpoolFull`, and says so loudly in the log either way.  A body
@@ -228,17 +238,18 @@ class Publisher:
             skipped, self._ephemeral = self._ephemeral, (envelope, receipt)
             if not self._connected.is_set() or len(envelope.body) > self.settings.max_message_bytes:
                 skipped, self._ephemeral = (envelope, receipt), skipped
-        self._settle_ephemeral(skipped, "skipped (publisher disconnected, message too large, or superseded)")
-        self._wake.set()
+        self.settle_ephemeral(skipped, "skipped (publisher disconnected, message too large, or superseded)")
+        self._wake()
         return receipt
 
     @staticmethod
-    def _settle_ephemeral(item: tuple[Envelope, Receipt] | None, reason: str | None) -> None:
+    def settle_ephemeral(item: Ephemeral | None, reason: str | None) -> None:
         if item is not None:
             item[1].refused_reason = reason
             item[1]._set()
 
     def _enqueue(self, envelope: Envelope, receipt: Receipt, block: bool) -> None:
+        """Into the spool and the send queue; back once the spool synced it (group commit)."""
         with self._cond:
             while self.spool.full:
                 if not self._full_warned:
@@ -253,13 +264,21 @@ class Publisher:
                     raise SpoolFull(f"publisher spool full ({len(self.spool)} messages)")
                 self._cond.wait(1.0)
             self._full_warned = False
-            self.spool.add(envelope)
+            ticket = self.spool.reserve(envelope)
             self._pending.append(envelope)
             self._receipts[envelope.seq] = receipt
-        self._wake.set()
+            if self._pipeline is not None:
+                self._pipeline.accept(envelope)
+        self._wake()  # it may go out while the sync runs: the receipt settles on the confirm either way
+        self.spool.commit(ticket)
+
+    def _wake(self) -> None:
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.wake()
 
     def flush(self, timeout: float) -> bool:
-        """Wait until every queued message is confirmed; False on timeout."""
+        """Wait until every queued message is confirmed (and the spool on disk says so); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._pending:
@@ -267,6 +286,7 @@ class Publisher:
                 if left <= 0:
                     return False
                 self._cond.wait(min(left, 0.5))
+        self.spool.flush()
         return True
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -276,7 +296,7 @@ class Publisher:
         """
         self._stop_deadline = time.monotonic() + timeout
         self._stopping = True
-        self._wake.set()
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout + 15)
         self.spool.close()
@@ -288,6 +308,12 @@ class Publisher:
         return len(self._pending)
 
     @property
+    def in_flight(self) -> int:
+        """Messages sent on the current connection and not yet confirmed."""
+        pipeline = self._pipeline
+        return pipeline.in_flight if pipeline is not None else 0
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
@@ -297,47 +323,54 @@ class Publisher:
     # --- the publisher thread --------------------------------------------------------
 
     def _run(self) -> None:
+        """The publisher thread: whatever it did not expect is recorded as :attr:`crashed`."""
+        try:
+            self._reconnect_loop()
+        except BaseException as exc:  # noqa: BLE001 - recorded, and said loudly
+            self.crashed = exc
+            log.critical("[RMQ] ❌ Publisher crashed on its thread: %r; messages stay in the spool", exc,
+                         exc_info=exc)
+
+    def _reconnect_loop(self) -> None:
         """Reconnect for as long as it runs: a loop around the one primitive (broker.session)."""
-        backoff = Backoff(cap=self.settings.reconnect_max_delay)
-        while not self._done_stopping():
+        while not self.done_stopping():
             try:
-                with session(self.settings, client_name=self.client_name) as connection:
-                    self._connected_on(connection, backoff)
+                node = self._declare()
+                pipeline = Pipeline(self, connection_parameters(self.settings, client_name=self.client_name,
+                                                                node=node))
+                with self._cond:
+                    self._pipeline = pipeline
+                pipeline.run()
             except AuthenticationFailed as exc:
                 log.error("[RMQ] ❌ Publisher failed to connect to RabbitMQ: %s", exc.message)
-                backoff.attempt = 30
-            except BrokerError as exc:  # the session maps pika's and the socket's errors
+                self._backoff.attempt = 30
+            except BrokerError as exc:  # the session and the pipeline map pika's and the socket's errors
                 if self._connected.is_set():
                     log.warning("[RMQ] Publisher lost its connection: %s", exc.message)
                 else:
                     log.error("[RMQ] ❌ Publisher failed to connect to RabbitMQ: %s", exc.message)
             finally:
-                self._connected.clear()
                 with self._cond:
+                    if self._pipeline is not None:
+                        self.lost_in_flight += self._pipeline.in_flight
+                    self._pipeline = None
                     dropped, self._ephemeral = self._ephemeral, None
-                self._settle_ephemeral(dropped, "publisher disconnected")
+                self._connected.clear()
+                self.settle_ephemeral(dropped, "publisher disconnected")
                 self._on_state("disconnected")
-            if self._done_stopping():
+            if self.done_stopping():
                 return
-            self._sleep(backoff.next())
+            self._sleep(self._backoff.next())
 
-    def _done_stopping(self) -> bool:
+    def _declare(self) -> BrokerNode | None:
+        """Declare the topology on a short blocking session; the node it reached is the one to publish to."""
+        with session(self.settings, client_name=self.client_name, ring=self._ring) as connection:
+            if self.topology is not None:
+                self.topology.declare(connection)
+            return connected_node(connection)
+
+    def done_stopping(self) -> bool:
         return self._stopping and (not self._pending or time.monotonic() >= self._stop_deadline)
-
-    def _connected_on(self, connection: pika.BlockingConnection, backoff: Backoff) -> None:
-        if self.topology is not None:
-            self.topology.declare(connection)
-        channel = connection.channel()
-        channel.confirm_delivery()
-        reconnected = self._ever_connected
-        if reconnected:
-            log.info("[RMQ] Publisher reconnected to %s", describe_endpoint(self.settings))
-            self.reconnects += 1
-        backoff.reset()
-        self._ever_connected = True
-        self._connected.set()
-        self._on_state("reconnected" if reconnected else "connected")
-        self._pump(connection, channel)
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -346,87 +379,56 @@ class Publisher:
         if self._stopping:
             time.sleep(min(0.2, max(0.0, self._stop_deadline - time.monotonic())))
 
-    def _pump(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
-        """Send pending messages in order; between messages keep heartbeats flowing."""
-        while True:
-            with self._cond:
-                ephemeral, self._ephemeral = self._ephemeral, None
-                envelope = self._pending[0] if self._pending else None
-            if ephemeral is not None:
-                self._send_ephemeral(channel, *ephemeral)
-            if envelope is None:
-                if self._stopping:
-                    return
-                self._wake.wait(0.5)
-                self._wake.clear()
-                connection.process_data_events(0)
-                continue
-            if self._stopping and time.monotonic() >= self._stop_deadline:
-                return
-            try:
-                outcome = self._send(channel, envelope)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code != 406:
-                    raise
-                # Confirms make publishing one message at a time: the channel closed while
-                # this one (the head) was in flight, so it is the one refused.  Nothing else
-                # is lost: the rest is still pending, and goes out on a fresh channel.
-                self._refuse_head(envelope, *self._broker_refusal(envelope, exc))
-                channel = connection.channel()
-                channel.confirm_delivery()
-                continue
-            if outcome == "sent":
-                self._done(envelope)
-            elif outcome == "nacked":
-                self._refuse_head(envelope, "nacked", (
-                    f"message of {len(envelope.body):,} bytes was nacked by the broker {NACK_LIMIT} times in a row "
-                    "(a queue at its x-max-length with overflow reject-publish, or a broker alarm)"))
+    # --- the pipeline's feed (called on the publisher thread) -------------------------
 
-    def _send_ephemeral(self, channel: BlockingChannel, envelope: Envelope, receipt: Receipt) -> None:
-        """Once, unspooled, ``mandatory=False``; a nack or a lost channel only skips it."""
-        reason: str | None = "not sent (connection lost)"
-        try:
-            channel.basic_publish(envelope.exchange, envelope.routing_key, envelope.body,
-                                  properties=pika.BasicProperties(**envelope.properties), mandatory=False)
-            reason = None
-        except pika.exceptions.NackError:
-            reason = "nacked by the broker"
-        finally:
-            self._settle_ephemeral((envelope, receipt), reason)
+    def snapshot(self) -> list[Envelope]:
+        return list(self._pending)
 
-    def _send(self, channel: BlockingChannel, envelope: Envelope) -> Literal["sent", "retry", "nacked"]:
-        props = pika.BasicProperties(**envelope.properties)
-        try:
-            channel.basic_publish(
-                envelope.exchange,
-                envelope.routing_key,
-                envelope.body,
-                properties=props,
-                mandatory=envelope.mandatory,
-            )
-            self.confirmed_count += 1
-            return "sent"
-        except pika.exceptions.UnroutableError:
-            log.error(
-                "[RMQ] Message %s to %r/%r was returned unroutable (no queue bound); dropping it",
-                envelope.properties.get("message_id"),
-                envelope.exchange,
-                envelope.routing_key,
-            )
-            receipt = self._receipts.get(envelope.seq)
-            if receipt is not None:
-                receipt.unroutable = True
-            return "sent"
-        except pika.exceptions.NackError:
-            seq, count = self._nacks
-            count = count + 1 if seq == envelope.seq else 1
-            self._nacks = (envelope.seq, count)
-            if count >= NACK_LIMIT:
-                return "nacked"
-            log.warning("[RMQ] Broker nacked message %s (%d of %d); will retry",
-                        envelope.message_id, count, NACK_LIMIT)
-            time.sleep(0.5 * count)
-            return "retry"
+    def take_ephemeral(self) -> Ephemeral | None:
+        with self._cond:
+            item, self._ephemeral = self._ephemeral, None
+        return item
+
+    def on_ready(self, pipeline: Pipeline) -> None:
+        reconnected = self._ever_connected
+        if reconnected:
+            log.info("[RMQ] Publisher reconnected to %s", describe_endpoint(self.settings))
+            self.reconnects += 1
+        self._backoff.reset()
+        self._ever_connected = True
+        self._connected.set()
+        self._on_state("reconnected" if reconnected else "connected")
+
+    def tick(self) -> None:
+        self.spool.flush(wait=False)
+
+    def on_confirmed(self, envelope: Envelope) -> None:
+        self.confirmed_count += 1
+        self._nacks.pop(envelope.seq, None)
+        self._done(envelope)
+
+    def on_unroutable(self, envelope: Envelope) -> None:
+        log.error("[RMQ] Message %s to %r/%r was returned unroutable (no queue bound); dropping it",
+                  envelope.message_id, envelope.exchange, envelope.routing_key)
+        receipt = self._receipts.get(envelope.seq)
+        if receipt is not None:
+            receipt.unroutable = True
+
+    def on_nacked(self, envelope: Envelope) -> float | None:
+        """Seconds to wait before sending it again, or None when it is refused for good."""
+        count = self._nacks.get(envelope.seq, 0) + 1
+        self._nacks[envelope.seq] = count
+        if count < NACK_LIMIT:
+            log.warning("[RMQ] Broker nacked message %s (%d of %d); will retry", envelope.message_id, count, NACK_LIMIT)
+            return 0.5 * count
+        self._nacks.pop(envelope.seq, None)  # a replacement takes the same seq: its nacks count afresh
+        self._refuse(envelope, "nacked", (
+            f"message of {len(envelope.body):,} bytes was nacked by the broker {NACK_LIMIT} times in a row "
+            "(a queue at its x-max-length with overflow reject-publish, or a broker alarm)"))
+        return None
+
+    def on_broker_refusal(self, envelope: Envelope, exc: pika.exceptions.ChannelClosedByBroker) -> None:
+        self._refuse(envelope, *self._broker_refusal(envelope, exc))
 
     @staticmethod
     def _broker_refusal(envelope: Envelope, exc: pika.exceptions.ChannelClosedByBroker) -> tuple[str, str]:
@@ -438,25 +440,24 @@ class Publisher:
         return "precondition_failed", (f"message of {len(envelope.body):,} bytes was refused by the broker "
                                        f"({exc.reply_code} {text})")
 
-    def _refuse_head(self, envelope: Envelope, code: str, reason: str) -> None:
-        """Take the refused head message out of the spool, its replacement (if any) in its place."""
+    def _refuse(self, envelope: Envelope, code: str, reason: str) -> None:
+        """Take a refused message out of the spool, its replacement (if any) in its place."""
         with self._cond:
             receipt = self._receipts.get(envelope.seq)
         replacement = self._refused(envelope, code, reason, receipt)
         with self._cond:
-            self._nacks = (0, 0)  # a replacement takes the same seq: its nacks count afresh
             self._receipts.pop(envelope.seq, None)
-            head = bool(self._pending) and self._pending[0] is envelope
+            at = next((i for i, e in enumerate(self._pending) if e is envelope), None)
             if replacement is not None:
-                self.spool.swap(envelope, replacement)  # one rename: never both, never neither
-                if head:
-                    self._pending[0] = replacement
+                self.spool.swap(envelope, replacement)  # one record: never both, never neither
+                if at is not None:
+                    self._pending[at] = replacement
                 if receipt is not None:
                     self._receipts[replacement.seq] = receipt
             else:
                 self.spool.remove(envelope)
-                if head:
-                    self._pending.popleft()
+                if at is not None:
+                    del self._pending[at]
             self._cond.notify_all()
         if replacement is None and receipt is not None:
             receipt._set()
@@ -503,6 +504,10 @@ class Publisher:
             self.spool.remove(envelope)
             if self._pending and self._pending[0] is envelope:
                 self._pending.popleft()
+            else:  # out of order (rare): find it
+                at = next((i for i, e in enumerate(self._pending) if e is envelope), None)
+                if at is not None:
+                    del self._pending[at]
             receipt = self._receipts.pop(envelope.seq, None)
             self._cond.notify_all()
         if receipt is not None:

@@ -1,13 +1,22 @@
 """The publisher's on-disk spool: every message stays here until the broker confirms it.
 
-One file per message, named by a sequence number so that a restarted process re-sends
-in the original order.  The directory is locked for the life of the process: two
-processes must not share a spool (they would both re-send it).  The spool is bounded by
-message count (``SPOOL_MAX_MESSAGES``) and by bytes on disk (``SPOOL_MAX_BYTES``).
+An append-only log of checksummed records in segment files (:mod:`ai_service.publishing.segments`),
+written and fsynced once per *batch*: :meth:`Spool.add` returns once its message is on
+disk (kill -9 and power loss alike), and every thread adding at the same time shares
+one ``fdatasync`` (group commit: the first to arrive writes and syncs everyone's
+records).  What left the spool is recorded by small ``DONE`` records, written without a
+sync (losing one only re-sends a confirmed message with the same ``message_id``).  A
+segment is deleted once every message in it left, oldest first.
+
+The directory is locked for the life of the process: two processes must not share a
+spool (they would both re-send it).  The spool is bounded by message count
+(``SPOOL_MAX_MESSAGES``) and by bytes (``SPOOL_MAX_BYTES``, the live records' size).
+Messages an older version left as one ``*.msg`` file each are taken into the log on
+open, in order.
 
 Messages the broker refuses for good leave the spool and are kept, for an operator to
 look at, in a small :class:`RefusedLog` (``refused.jsonl`` in the spool directory,
-bounded in bytes; the spool itself only reads ``*.msg`` files).
+bounded in bytes).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ai_service.errors import SpoolLocked
+from ai_service.publishing import segments
 
 log = logging.getLogger("ai_service.spool")
 
@@ -60,25 +70,46 @@ class Envelope:
 
 
 class Spool:
-    """Durable FIFO of unconfirmed messages, bounded by count and by bytes on disk.
+    """Durable FIFO of unconfirmed messages, bounded by count and by bytes.
 
-    ``max_bytes`` (``SPOOL_MAX_BYTES``) bounds the spooled files' total size; ``None``
+    ``max_bytes`` (``SPOOL_MAX_BYTES``) bounds the live records' total size; ``None``
     leaves only the count bound.  The spool is :attr:`full` once either bound is
     reached, so one message larger than the rest of the room still gets in.
+
+    :meth:`reserve` gives a message its seq and queues its record (cheap, under the
+    caller's own lock if it likes); :meth:`commit` blocks until that record is synced.
+    :meth:`add` is both.  ``swap`` and ``remove`` only queue; :meth:`flush` writes what
+    is queued without a sync, :meth:`close` writes and syncs it.
     """
 
-    SUFFIX = ".msg"
+    LEGACY_SUFFIX = ".msg"
+    SUFFIX = segments.SEGMENT_SUFFIX
 
-    def __init__(self, directory: Path, max_messages: int, max_bytes: int | None = None) -> None:
+    def __init__(self, directory: Path, max_messages: int, max_bytes: int | None = None, *,
+                 files: segments.FileLayer | None = None, segment_bytes: int = 16 * 1024 * 1024) -> None:
         self.directory = directory
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.files: segments.FileLayer = files or segments.OsFiles()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_file: BinaryIO | None = None
-        self._count = 0
         self._bytes = 0
         self._sizes: dict[int, int] = {}
         self._next_seq = 1
+        self._cond = threading.Condition()  # state below, and commit waiters
+        self._queue: list[tuple[int, int, bytes]] = []  # (kind, seq, record) not yet written
+        self._tickets = 0  # ADD records queued so far
+        self._synced = 0  # ADD records known to be on disk
+        self._committing = False
+        self._io = threading.Lock()  # the segment file: writes in queue order
+        self._handle: BinaryIO | None = None
+        self._segment = 0
+        self._segment_size = 0
+        self._segment_of: dict[int, int] = {}  # seq -> the segment holding its live ADD
+        self._live: dict[int, int] = {}  # segment -> live ADD records in it
+
+    # --- open / close --------------------------------------------------------------------
 
     def open(self) -> list[Envelope]:
         """Lock the directory and return the messages a previous process left, in order."""
@@ -89,93 +120,230 @@ class Spool:
             lock.close()
             raise SpoolLocked(f"spool {self.directory} is in use by another process (same WORKER_NAME?)") from None
         self._lock_file = lock
-        left: list[Envelope] = []
-        self._sizes = {}
-        for path in sorted(self.directory.glob(f"*{self.SUFFIX}")):
-            try:
-                envelope, size = self._read(path)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("[RMQ] Dropping unreadable spooled message %s: %s", path.name, exc)
-                path.unlink(missing_ok=True)
-                continue
-            left.append(envelope)
-            self._sizes[envelope.seq] = size
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
-        self._count = len(left)
+        live, numbers, top = segments.replay(self.directory, self.files)
+        left: list[Envelope] = []
+        for seq in sorted(live):
+            record, number = live[seq]
+            try:
+                envelope = _parse(record.payload, seq)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("[RMQ] Dropping unreadable spooled message %d in %s: %s", seq, number, exc)
+                continue
+            left.append(envelope)
+            self._sizes[seq] = segments.HEAD_SIZE + len(record.payload)
+            self._segment_of[seq] = number
+            self._live[number] = self._live.get(number, 0) + 1
+        self._segment = (numbers[-1] if numbers else 0) + 1
+        self._next_seq = top + 1
         self._bytes = sum(self._sizes.values())
-        if left:
-            self._next_seq = left[-1].seq + 1
-        return left
+        for number in numbers:
+            self._live.setdefault(number, 0)
+        paths, legacy = self._adopt_legacy()
+        self.commit(self._tickets)
+        for path in paths:
+            path.unlink(missing_ok=True)
+        self._drop_empty_segments()
+        return left + legacy
+
+    def _adopt_legacy(self) -> tuple[list[Path], list[Envelope]]:
+        """Queue the ``*.msg`` files of an older version, in order: their paths, their messages."""
+        adopted: list[Envelope] = []
+        paths = sorted(self.directory.glob(f"*{self.LEGACY_SUFFIX}"))
+        for path in paths:
+            try:
+                envelope = _parse(path.read_bytes(), int(path.name[: -len(self.LEGACY_SUFFIX)]))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("[RMQ] Dropping unreadable spooled message %s: %s", path.name, exc)
+                continue
+            self.reserve(envelope)
+            adopted.append(envelope)
+        return paths, adopted
 
     def close(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        """Write and sync what is queued, close the segment, release the lock."""
+        if self._lock_file is None:
+            return
+        with self._io:
+            self._write_queued()
+            if self._handle is not None:
+                self.files.sync(self._handle)
+                self._handle.close()
+                self._handle = None
+        with self._cond:
+            if not self._live.get(self._segment):
+                self._segment += 1  # the last segment is done with: let it go too
+        self._drop_empty_segments()
+        self._lock_file.close()
+        self._lock_file = None
+
+    @classmethod
+    def peek(cls, directory: Path) -> list[Envelope]:
+        """What is on disk in ``directory`` now, in order, read without the lock and
+        changing nothing (for an operator, or a test, looking at another process's spool)."""
+        live, _, _ = segments.replay(directory, segments.OsFiles(), repair=False)
+        return [_parse(live[seq][0].payload, seq) for seq in sorted(live)]
+
+    # --- bounds --------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._sizes)
 
     @property
     def bytes(self) -> int:
-        """Total size of the spooled files."""
+        """Total size of the live records."""
         return self._bytes
 
     @property
     def full(self) -> bool:
-        if self._count >= self.max_messages:
+        if len(self._sizes) >= self.max_messages:
             return True
         return self.max_bytes is not None and self._bytes >= self.max_bytes
 
+    # --- changes -------------------------------------------------------------------------
+
     def add(self, envelope: Envelope) -> None:
-        """Persist ``envelope`` and give it the next sequence number."""
-        envelope.seq = self._next_seq
-        self._next_seq += 1
-        self._write(envelope)
-        self._count += 1
+        """Persist ``envelope`` (returns once it is synced) and give it the next seq."""
+        self.commit(self.reserve(envelope))
+
+    def reserve(self, envelope: Envelope) -> int:
+        """Give ``envelope`` the next seq and queue its record; returns the ticket to :meth:`commit`."""
+        with self._cond:
+            envelope.seq = self._next_seq
+            self._next_seq += 1
+            self._queue_add(envelope)
+            self._tickets += 1
+            return self._tickets
+
+    def commit(self, ticket: int) -> None:
+        """Block until the ADD record of ``ticket`` (and every one before it) is synced.
+
+        The first caller to find no sync in progress writes everything queued and syncs
+        it for all; the others wait for it (or for the next one)."""
+        with self._cond:
+            while self._synced < ticket:
+                if not self._committing:
+                    self._committing = True
+                    break
+                self._cond.wait()
+            else:
+                return
+        upto = self._synced
+        try:
+            with self._io:
+                upto = self._write_queued()
+                if self._handle is not None:
+                    self.files.sync(self._handle)
+        finally:
+            with self._cond:
+                self._synced = max(self._synced, upto)
+                self._committing = False
+                self._cond.notify_all()
 
     def swap(self, old: Envelope, new: Envelope) -> None:
-        """Replace ``old`` by ``new`` in one atomic rename, in ``old``'s place in the order."""
+        """Queue ``new`` in ``old``'s place (same seq): one record, never both, never neither."""
         new.seq = old.seq
-        if old.seq not in self._sizes:  # already gone: ``new`` is a new entry in that place
-            self._count += 1
-        self._write(new)
+        with self._cond:
+            self._queue_add(new)
 
     def remove(self, envelope: Envelope) -> None:
+        """Queue the ``DONE`` record of ``envelope`` (removing twice is harmless)."""
+        with self._cond:
+            size = self._sizes.pop(envelope.seq, None)
+            if size is None:
+                return
+            self._bytes -= size
+            self._queue.append((segments.DONE, envelope.seq, segments.encode(segments.DONE, envelope.seq)))
+
+    def flush(self, *, wait: bool = True) -> bool:
+        """Write what is queued, without a sync; ``wait=False`` skips it while another
+        thread holds the file (it writes the queue anyway).  False when skipped."""
+        if not self._io.acquire(blocking=wait):
+            return False
         try:
-            self._path(envelope.seq).unlink()
-            self._count -= 1
-        except FileNotFoundError:
-            pass
-        self._bytes -= self._sizes.pop(envelope.seq, 0)
+            self._write_queued()
+        finally:
+            self._io.release()
+        self._drop_empty_segments()
+        return True
 
-    def _write(self, envelope: Envelope) -> None:
-        path = self._path(envelope.seq)
-        tmp = path.with_suffix(".tmp")
-        data = json.dumps(envelope.header(), separators=(",", ":")).encode() + b"\n" + envelope.body
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-        self._bytes += len(data) - self._sizes.get(envelope.seq, 0)
-        self._sizes[envelope.seq] = len(data)
+    @property
+    def queued(self) -> int:
+        """Records queued and not yet written."""
+        return len(self._queue)
 
-    def _path(self, seq: int) -> Path:
-        return self.directory / f"{seq:016d}{self.SUFFIX}"
+    # --- the log -------------------------------------------------------------------------
 
-    def _read(self, path: Path) -> tuple[Envelope, int]:
-        raw = path.read_bytes()
-        head, _, body = raw.partition(b"\n")
-        meta = json.loads(head)
-        envelope = Envelope(
-            exchange=meta["exchange"],
-            routing_key=meta["routing_key"],
-            body=body,
-            properties=meta["properties"],
-            mandatory=bool(meta.get("mandatory", True)),
-            seq=int(path.name[: -len(self.SUFFIX)]),
-            replacement=bool(meta.get("replacement", False)),
-        )
-        return envelope, len(raw)
+    def _queue_add(self, envelope: Envelope) -> None:
+        payload = json.dumps(envelope.header(), separators=(",", ":")).encode() + b"\n" + envelope.body
+        record = segments.encode(segments.ADD, envelope.seq, payload)
+        self._bytes += len(record) - self._sizes.get(envelope.seq, 0)
+        self._sizes[envelope.seq] = len(record)
+        self._queue.append((segments.ADD, envelope.seq, record))
+
+    def _write_queued(self) -> int:
+        """Write the queue in one call (holding ``_io``); returns the ADD tickets it covers."""
+        with self._cond:
+            batch, self._queue = self._queue, []
+            upto = self._tickets
+        if not batch:
+            return upto
+        handle = self._current(sum(len(r) for _, _, r in batch))
+        handle.write(b"".join(r for _, _, r in batch))
+        self._segment_size += sum(len(r) for _, _, r in batch)
+        with self._cond:
+            for kind, seq, _ in batch:
+                before = self._segment_of.pop(seq, None)
+                if before is not None:
+                    self._live[before] -= 1
+                if kind == segments.ADD:
+                    self._segment_of[seq] = self._segment
+                    self._live[self._segment] = self._live.get(self._segment, 0) + 1
+        return upto
+
+    def _current(self, incoming: int) -> BinaryIO:
+        """The segment to append to; past ``segment_bytes`` a new one (the old synced first)."""
+        if self._handle is not None and self._segment_size + incoming > self.segment_bytes and self._segment_size:
+            self.files.sync(self._handle)
+            self._handle.close()
+            self._handle = None
+            self._segment += 1
+        if self._handle is None:
+            path = segments.segment_path(self.directory, self._segment)
+            self._handle = self.files.open_append(path)
+            self._segment_size = 0
+            self._live.setdefault(self._segment, 0)
+            self.files.sync_dir(self.directory)
+        return self._handle
+
+    def _drop_empty_segments(self) -> None:
+        """Delete the oldest segments whose every message left (never the one being written)."""
+        with self._cond:
+            doomed = []
+            for number in sorted(self._live):
+                if number == self._segment or self._live[number] > 0:
+                    break
+                doomed.append(number)
+            for number in doomed:
+                del self._live[number]
+        for number in doomed:
+            self.files.remove(segments.segment_path(self.directory, number))
+
+
+def _parse(raw: bytes, seq: int) -> Envelope:
+    """An envelope from ``<header JSON>\\n<body>`` (a record's payload, or an old ``*.msg`` file)."""
+    head, _, body = raw.partition(b"\n")
+    meta = json.loads(head)
+    return Envelope(
+        exchange=meta["exchange"],
+        routing_key=meta["routing_key"],
+        body=body,
+        properties=meta["properties"],
+        mandatory=bool(meta.get("mandatory", True)),
+        seq=seq,
+        replacement=bool(meta.get("replacement", False)),
+    )
 
 
 class RefusedLog:

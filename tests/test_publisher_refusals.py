@@ -130,7 +130,7 @@ def receive(be: BE, queue: str, count: int, timeout: float = WAIT) -> list[Recei
 def assert_spool_empty(publisher: Publisher) -> None:
     assert publisher.flush(WAIT), f"{publisher.pending} message(s) still unconfirmed"
     assert publisher.pending == 0 and len(publisher.spool) == 0 and publisher.spool.bytes == 0
-    assert list(publisher.spool.directory.glob(f"*{Spool.SUFFIX}")) == []
+    assert Spool.peek(publisher.spool.directory) == []
 
 
 def check_oversized_answer_replaced(rig: Rig, publisher: Publisher, code: str, size_text: str,

@@ -1,15 +1,21 @@
 """The publisher's on-disk spool: durable, ordered, bounded (count and bytes), one process at a
-time; and the bounded file of refused messages beside it."""
+time, group-committed (one fsync for every message added while the previous sync ran), torn
+tails cut off, old-version ``*.msg`` files taken in; and the bounded file of refused messages
+beside it."""
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
+from ai_service.publishing.segments import HEAD_SIZE, OsFiles
 from ai_service.spool import Envelope, RefusedLog, Spool, SpoolLocked
 
 
@@ -21,6 +27,31 @@ def envelope(n: int, pad: int = 0) -> Envelope:
         properties={"message_id": f"m{n}", "correlation_id": f"job{n}", "delivery_mode": 2},
         mandatory=n % 2 == 0,
     )
+
+
+def legacy_file(directory: Path, seq: int, e: Envelope) -> Path:
+    """A message as an older version spooled it: one ``<seq>.msg`` file, header line then body."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{seq:016d}{Spool.LEGACY_SUFFIX}"
+    path.write_bytes(json.dumps(e.header()).encode() + b"\n" + e.body)
+    return path
+
+
+class CountingFiles(OsFiles):
+    """The real file system, counting syncs; ``hold`` keeps the next sync waiting until set."""
+
+    def __init__(self) -> None:
+        self.syncs = 0
+        self.hold: threading.Event | None = None
+        self.in_sync = threading.Event()
+
+    def sync(self, handle: BinaryIO) -> None:
+        self.in_sync.set()
+        if self.hold is not None:
+            assert self.hold.wait(10), "the test never let the sync finish"
+            self.hold = None
+        super().sync(handle)
+        self.syncs += 1
 
 
 @pytest.fixture
@@ -126,17 +157,17 @@ def test_the_lock_is_released_on_close(spool_dir: Path, spool: Spool) -> None:
 def test_a_corrupt_file_is_dropped_with_an_error_log(
     spool_dir: Path, spool: Spool, caplog: pytest.LogCaptureFixture, content: bytes
 ) -> None:
-    spool.add(envelope(1))
-    spool.add(envelope(2))
     spool.close()
-    corrupt = spool_dir / f"{2:016d}{Spool.SUFFIX}"
+    legacy_file(spool_dir, 1, envelope(1))
+    legacy_file(spool_dir, 2, envelope(2))
+    corrupt = spool_dir / f"{2:016d}{Spool.LEGACY_SUFFIX}"
     corrupt.write_bytes(content)
 
     with caplog.at_level(logging.ERROR, logger="ai_service.spool"):
         again, left = reopen(spool_dir)
     again.close()
 
-    assert [e.seq for e in left] == [1]
+    assert [e.routing_key for e in left] == ["train.update.job1"]
     assert not corrupt.exists()
     assert any(r.levelno == logging.ERROR and corrupt.name in r.getMessage() for r in caplog.records)
 
@@ -144,7 +175,7 @@ def test_a_corrupt_file_is_dropped_with_an_error_log(
 def test_a_file_with_a_non_numeric_name_is_dropped(spool_dir: Path, spool: Spool,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     spool.close()
-    stray = spool_dir / f"stray{Spool.SUFFIX}"
+    stray = spool_dir / f"stray{Spool.LEGACY_SUFFIX}"
     stray.write_bytes(b'{"exchange": "", "routing_key": "q", "properties": {}}\nbody')
 
     with caplog.at_level(logging.ERROR, logger="ai_service.spool"):
@@ -197,7 +228,9 @@ def test_leftovers_count_towards_full(spool_dir: Path, spool: Spool) -> None:
 
 
 def spooled_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.glob(f"*{Spool.SUFFIX}"))
+    """The size of the live records on disk (each message's header, JSON and body)."""
+    return sum(HEAD_SIZE + len(json.dumps(e.header(), separators=(",", ":"))) + 1 + len(e.body)
+               for e in Spool.peek(directory))
 
 
 def test_a_spool_with_few_messages_is_full_once_their_bytes_reach_the_byte_bound(spool_dir: Path) -> None:
@@ -206,14 +239,16 @@ def test_a_spool_with_few_messages_is_full_once_their_bytes_reach_the_byte_bound
     try:
         small, big, other = envelope(1), envelope(2, pad=9_000), envelope(3, pad=2_000)
         s.add(small)
-        assert not s.full and s.bytes == spooled_bytes(spool_dir)
+        assert not s.full and s.bytes == spooled_bytes(spool_dir) > 0
         s.add(big)
         assert not s.full, "one message larger than the room left must still get in"
         s.add(other)
         assert s.full and len(s) == 3 and s.bytes == spooled_bytes(spool_dir) >= 10_000
         s.remove(big)
+        s.flush()
         assert not s.full and s.bytes == spooled_bytes(spool_dir)
         s.remove(big)  # twice: the bytes are not taken off again
+        s.flush()
         assert s.bytes == spooled_bytes(spool_dir)
     finally:
         s.close()
@@ -229,6 +264,7 @@ def test_leftover_bytes_count_towards_full_after_a_reopen(spool_dir: Path, spool
     try:
         assert len(left) == 2 and again.full and again.bytes == spooled_bytes(spool_dir)
         again.remove(left[0])
+        again.flush()
         assert not again.full and again.bytes == spooled_bytes(spool_dir)
     finally:
         again.close()
@@ -242,6 +278,7 @@ def test_a_swapped_in_replacement_takes_the_refused_messages_place_and_bytes(spo
     replacement.replacement = True
 
     spool.swap(refused, replacement)
+    spool.flush()
     assert replacement.seq == refused.seq and len(spool) == 3
     assert spool.bytes == spooled_bytes(spool_dir) < 50_000
     spool.close()
@@ -250,6 +287,111 @@ def test_a_swapped_in_replacement_takes_the_refused_messages_place_and_bytes(spo
     again.close()
     assert [e.routing_key for e in left] == ["train.update.job1", "train.update.job20", "train.update.job3"]
     assert [e.replacement for e in left] == [False, True, False]
+
+
+def test_messages_added_while_a_sync_runs_share_the_next_single_sync(spool_dir: Path) -> None:
+    files = CountingFiles()
+    s = Spool(spool_dir, max_messages=100, files=files)
+    s.open()
+    try:
+        base = files.syncs
+        files.hold = threading.Event()
+        first = threading.Thread(target=s.add, args=(envelope(0),))
+        first.start()
+        assert files.in_sync.wait(10)  # the first add is syncing (and held there)
+        others = [threading.Thread(target=s.add, args=(envelope(n),)) for n in range(1, 10)]
+        for t in others:
+            t.start()
+        while s.queued < 9:  # all nine queued behind the sync in progress
+            threading.Event().wait(0.01)
+        assert all(t.is_alive() for t in others), "an add returned before its record was synced"
+        files.hold.set()
+        for t in [first, *others]:
+            t.join(10)
+        assert not any(t.is_alive() for t in [first, *others])
+        assert files.syncs - base == 2, "ten adds: one sync for the first, one for the nine behind it"
+        on_disk = [e.message_id for e in Spool.peek(spool_dir)]
+        assert on_disk[0] == "m0" and sorted(on_disk[1:]) == sorted(f"m{n}" for n in range(1, 10))
+    finally:
+        s.close()
+
+
+def test_one_thread_adding_one_by_one_syncs_each_message_before_add_returns(spool_dir: Path) -> None:
+    files = CountingFiles()
+    s = Spool(spool_dir, max_messages=100, files=files)
+    s.open()
+    try:
+        base = files.syncs
+        for n in range(5):
+            s.add(envelope(n))
+            assert files.syncs - base == n + 1
+            assert [e.message_id for e in Spool.peek(spool_dir)] == [f"m{i}" for i in range(n + 1)]
+        s.remove(Spool.peek(spool_dir)[0])
+        assert s.flush() and files.syncs - base == 5, "a removal is written, never synced on its own"
+    finally:
+        s.close()
+
+
+def test_a_torn_last_record_is_cut_off_and_the_whole_ones_before_it_come_back(
+    spool_dir: Path, spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    for n in range(3):
+        spool.add(envelope(n))
+    spool.close()
+    [segment] = list(spool_dir.glob(f"*{Spool.SUFFIX}"))
+    whole = segment.stat().st_size
+    with open(segment, "r+b") as fh:
+        fh.truncate(whole - 5)  # the third record's write was cut short
+
+    with caplog.at_level(logging.ERROR, logger="ai_service.spool"):
+        again, left = reopen(spool_dir)
+    try:
+        assert [e.message_id for e in left] == ["m0", "m1"]
+        assert any("cut short" in r.getMessage() for r in caplog.records)
+        new = envelope(9)
+        again.add(new)
+        assert new.seq > left[-1].seq
+    finally:
+        again.close()
+    third, left = reopen(spool_dir)
+    third.close()
+    assert [e.message_id for e in left] == ["m0", "m1", "m9"]
+
+
+def test_segments_whose_messages_all_left_are_deleted_and_a_closed_empty_spool_leaves_no_log(
+    spool_dir: Path,
+) -> None:
+    s = Spool(spool_dir, max_messages=1000, segment_bytes=2_000)
+    s.open()
+    try:
+        sent = [envelope(n, pad=300) for n in range(20)]
+        for e in sent:
+            s.add(e)
+        assert len(list(spool_dir.glob(f"*{Spool.SUFFIX}"))) >= 4
+        for e in sent[:10]:
+            s.remove(e)
+        s.flush()
+        assert [e.message_id for e in Spool.peek(spool_dir)] == [f"m{n}" for n in range(10, 20)]
+        for e in sent[10:]:
+            s.remove(e)
+        s.flush()
+        assert len(list(spool_dir.glob(f"*{Spool.SUFFIX}"))) == 1, "only the segment being written stays"
+        assert Spool.peek(spool_dir) == [] and len(s) == 0 and s.bytes == 0
+    finally:
+        s.close()
+    assert list(spool_dir.glob(f"*{Spool.SUFFIX}")) == []
+
+
+def test_messages_an_older_version_left_as_files_are_taken_into_the_log_in_order(spool_dir: Path) -> None:
+    for n in (3, 1, 2):
+        legacy_file(spool_dir, n, envelope(n))
+    s, left = reopen(spool_dir)
+    s.close()
+    assert [e.routing_key for e in left] == [f"train.update.job{n}" for n in (1, 2, 3)]
+    assert list(spool_dir.glob(f"*{Spool.LEGACY_SUFFIX}")) == []
+    again, left = reopen(spool_dir)
+    again.close()
+    assert [e.message_id for e in left] == ["m1", "m2", "m3"]
 
 
 def test_the_refused_file_keeps_small_bodies_and_stays_within_its_byte_bound(tmp_path: Path) -> None:
