@@ -342,3 +342,23 @@ def test_the_checkpoint_upload_runs_nicer_than_training(tmp_path: Path) -> None:
     uploads.flush()
     assert niceness == [min(19, mine + UPLOAD_NICENESS)]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine, "training kept its priority"
+
+
+def test_without_hard_links_the_checkpoint_is_staged_as_a_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from workers.training import uploads as uploads_module
+
+    def no_links(src: Any, dst: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(uploads_module.os, "link", no_links)
+    seen: dict[str, bytes] = {}
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"epoch 1")
+    uploads = uploads_module.CheckpointUploads(tmp_path / "staging", lambda staged: seen.update(
+        {name: path.read_bytes() for name, path in staged.items()}))
+    uploads.submit(last, best=True)
+    uploads.flush()
+    assert seen == {"last": b"epoch 1", "best": b"epoch 1"}
+    assert last.read_bytes() == b"epoch 1" and os.listdir(tmp_path / "staging") == []

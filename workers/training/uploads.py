@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +53,7 @@ class CheckpointUploads:
         if best:
             staged["best"] = self.staging / "best.pt"
             staged["best"].unlink(missing_ok=True)
-            os.link(staged["last"], staged["best"])
+            _link(staged["last"], staged["best"])
         self._thread = threading.Thread(target=self._run, args=(staged, last, tracing.current()),
                                         name="checkpoint-upload", daemon=True)
         self._thread.start()
@@ -88,9 +89,20 @@ def _put_back(staged: dict[str, Path], last: Path) -> None:
     ``os.link`` fails if ``last`` exists, so a newer save is never replaced by this one.
     """
     with contextlib.suppress(FileExistsError, FileNotFoundError):
-        os.link(staged["last"], last)
+        _link(staged["last"], last)
     for path in staged.values():
         path.unlink(missing_ok=True)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link; a copy where the work dir's file system has none (FileExistsError as link's)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # EPERM/ENOTSUP/EXDEV: no hard links here
+        with open(src, "rb") as fin, open(dst, "xb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 def _lower_priority() -> None:
