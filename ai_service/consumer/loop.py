@@ -43,6 +43,7 @@ from ai_service.consumer.handlers import Delivery, Handlers
 from ai_service.consumer.settling import Settling
 from ai_service.consumer.tracker import RequestTracker, came_back_from, count_deliveries
 from ai_service.errors import AuthenticationFailed, BrokerError
+from ai_service.jobs.ledger import announce_lease_protocol
 from ai_service.limits import Limits
 from ai_service.messages import Cancel
 from ai_service.metrics import CONNECTED, CONSUMING, DISCONNECTED
@@ -113,6 +114,8 @@ class Consumer(Handlers, Settling):
     def start(self) -> None:
         if self.control is not None:
             self.control.start()
+            if self.resources.storage is not None:  # long jobs: say how their leases are written
+                announce_lease_protocol(self.resources.storage)
         self._thread = threading.Thread(target=self._run, name="consumer-io", daemon=True)
         self._thread.start()
 

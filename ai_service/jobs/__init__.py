@@ -30,7 +30,7 @@ and :meth:`LongJob.conclude`, which ends a job through the one outcome policy).
 from __future__ import annotations
 
 from ai_service.errors import LeaseLost
-from ai_service.jobs.ledger import Ledger, ledger, record_cancel
+from ai_service.jobs.ledger import Ledger, announce_lease_protocol, ledger, record_cancel
 from ai_service.jobs.longjob import TAKE_SETTLE_SECONDS, Begin, LongJob
 from ai_service.jobs.records import (
     LEASE_HEADER,
@@ -46,6 +46,7 @@ __all__ = [
     "LEASE_HEADER",
     "RECORD_PREFIX",
     "TAKE_SETTLE_SECONDS",
+    "announce_lease_protocol",
     "Begin",
     "JobRecord",
     "Ledger",

@@ -1,4 +1,13 @@
-"""The ledger: reads and writes job records, leases and cancel markers in storage."""
+"""The ledger: reads and writes job records, leases and cancel markers in storage.
+
+Where the store has conditional writes (:meth:`Storage.supports_conditional_writes`: S3
+``If-None-Match``/``If-Match``, the local backend's exclusive create and locked rename), a
+record is created with :meth:`Storage.create_exclusive` and every later write replaces
+exactly the version this ledger read (:meth:`Storage.replace_if_match`): of two workers
+on two hosts taking one expired lease, one write wins and the other learns it at once.
+A store without them gets the older protocol: write, wait :data:`TAKE_SETTLE_SECONDS`,
+read back (``still_ours``), which two takers can both pass in a rare interleaving.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from ai_service.errors import ObjectNotFound
+from ai_service.errors import AIServiceError, ObjectNotFound, PreconditionFailed
 from ai_service.jobs.records import (
     RECORD_PREFIX,
     JobRecord,
@@ -33,14 +42,30 @@ class Ledger:
         self.worker = worker
         self.lease_seconds = lease_seconds
         self.prefix = prefix
+        self._conditional: bool | None = None
+        #: The etag of the version of each record this ledger last read or wrote.
+        self._etags: dict[str, str] = {}
+
+    @property
+    def conditional(self) -> bool:
+        """Whether records are written with conditional requests (probed once per storage)."""
+        if self._conditional is None:
+            self._conditional = self.storage.supports_conditional_writes()
+        return self._conditional
 
     def checkpoint_key(self, job_id: str, name: str) -> str:
         return checkpoint_key(self.op, job_id, name, self.prefix)
 
     def load(self, job_id: str) -> JobRecord | None:
+        key = record_key(self.op, job_id, self.prefix)
         try:
-            raw = self.storage.read_bytes(record_key(self.op, job_id, self.prefix))
+            if self.conditional:
+                raw, info = self.storage.read_versioned(key)
+                self._etags[job_id] = info.etag
+            else:
+                raw = self.storage.read_bytes(key)
         except ObjectNotFound:
+            self._etags.pop(job_id, None)
             return self._load_legacy(job_id)
         try:
             return JobRecord.from_json(raw)
@@ -56,12 +81,28 @@ class Ledger:
             return None
         return record if record.op == self.op else None
 
-    def save(self, record: JobRecord) -> None:
+    def save(self, record: JobRecord) -> bool:
+        """Write ``record``; with conditional writes only over the version last read here
+        (or as a new object): False when another worker wrote it since."""
         record.updated = time.time()
-        self.storage.write_bytes(record_key(self.op, record.job_id, self.prefix), record.to_json())
+        key, data = record_key(self.op, record.job_id, self.prefix), record.to_json()
+        if not self.conditional:
+            self.storage.write_bytes(key, data)
+            return True
+        etag = self._etags.get(record.job_id)
+        try:
+            info = (self.storage.create_exclusive(key, data) if etag is None
+                    else self.storage.replace_if_match(key, data, etag))
+        except PreconditionFailed:
+            self._etags.pop(record.job_id, None)
+            return False
+        self._etags[record.job_id] = info.etag
+        return True
 
-    def take(self, record: JobRecord) -> JobRecord:
-        """Become the owner of ``record`` for a new attempt with a fresh lease.
+    def take(self, record: JobRecord) -> bool:
+        """Become the owner of ``record`` (as loaded here) for a new attempt with a fresh
+        lease.  With conditional writes False means another worker took it first; without
+        them the caller must read back after :data:`TAKE_SETTLE_SECONDS` (``still_ours``).
 
         A job handed back by a warm shutdown does not count as a failed attempt.
         """
@@ -71,22 +112,26 @@ class Ledger:
         record.token = uuid.uuid4().hex
         record.status = "running"
         record.lease_expires = time.time() + self.lease_seconds
-        self.save(record)
-        return record
+        return self.save(record)
 
     def still_ours(self, record: JobRecord) -> bool:
         """Read the record back: did another worker take the job since we wrote it?"""
         current = self.load(record.job_id)
-        return current is not None and current.token == record.token and not current.finished
+        ours = current is not None and current.token == record.token and not current.finished
+        return ours or self._not_ours(record.job_id)
+
+    def _not_ours(self, job_id: str) -> bool:
+        """Forget the etag of a version another worker wrote: never write over it."""
+        self._etags.pop(job_id, None)
+        return False
 
     def renew(self, record: JobRecord) -> bool:
         """Extend our lease; False when the job is no longer ours (taken over or ended)."""
         current = self.load(record.job_id)
         if current is None or current.token != record.token or current.finished:
-            return False
+            return self._not_ours(record.job_id)
         record.lease_expires = time.time() + self.lease_seconds
-        self.save(record)
-        return True
+        return self.save(record)  # False: taken over between the read and the write
 
     def hand_back(self, record: JobRecord, *, status: str = "handed_back") -> bool:
         """Give the job up: the next worker may take it at once.
@@ -96,20 +141,20 @@ class Ledger:
         """
         current = self.load(record.job_id)
         if current is not None and current.token != record.token:
-            return False
+            return self._not_ours(record.job_id)
         record.status = status
         record.owner = None
         record.token = None  # its lease message is stale now; the resubmitted request takes over
         record.lease_expires = 0.0
-        self.save(record)
-        return True
+        return self.save(record)
 
-    def finish(self, record: JobRecord, status: str, terminal: dict[str, Any], message_id: str) -> None:
+    def finish(self, record: JobRecord, status: str, terminal: dict[str, Any], message_id: str) -> bool:
+        """Record the terminal message; False when another worker wrote the record since."""
         record.status = status
         record.terminal = terminal
         record.terminal_message_id = message_id
         record.lease_expires = 0.0
-        self.save(record)
+        return self.save(record)
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.storage.stat(cancel_key(job_id, self.prefix)) is not None
@@ -127,6 +172,24 @@ def record_cancel(job_id: str, resources: Resources) -> None:
     worker is gone)."""
     settings = resources.settings
     ledger(resources.require_storage(), settings, op="").request_cancel(job_id)
+
+
+def announce_lease_protocol(storage: Storage) -> bool:
+    """Probe the store once at start and say how job records are written; True when
+    conditional.  A store that cannot be reached now is asked again at the first job."""
+    try:
+        conditional = storage.supports_conditional_writes()
+    except AIServiceError as exc:
+        log.warning("[Handler] Could not probe %s for conditional writes (%s); asking again at the first job",
+                    storage.describe(), exc.message)
+        return False
+    if conditional:
+        log.info("[Handler] Job records in %s: conditional writes (a lease two hosts cannot both win)",
+                 storage.describe())
+    else:
+        log.warning("[Handler] ⚠️ Job records in %s: no conditional writes; leases fall back to write, wait "
+                    "and read back", storage.describe())
+    return conditional
 
 
 def ledger(storage: Storage, settings: Any, *, op: str) -> Ledger:

@@ -16,7 +16,8 @@ from ai_service.message_ids import job_message_id
 from ai_service.messages import _Message
 from ai_service.operation import JobContext
 
-#: How long to wait before reading our own record back (two takers racing for one job).
+#: How long to wait before reading our own record back (two takers racing for one job),
+#: on a store without conditional writes (see :mod:`ai_service.jobs.ledger`).
 TAKE_SETTLE_SECONDS = 0.3
 
 
@@ -98,10 +99,12 @@ class LongJob:
             ctx.outbox.dead_letter().wait(30)
             self.finish(record, "failed", self.failed_message(record, error))
             return Begin(None, "retry bound")
-        ledger.take(record)
-        time.sleep(TAKE_SETTLE_SECONDS)
-        if not ledger.still_ours(record):
+        if not ledger.take(record):  # a conditional write another worker's take beat
             return Begin(None, "taken by another worker")
+        if not ledger.conditional:  # the fallback: did a second taker's write land after ours?
+            time.sleep(TAKE_SETTLE_SECONDS)
+            if not ledger.still_ours(record):
+                return Begin(None, "taken by another worker")
         if ctx.cancelled.is_set():  # its cancel came while we took it
             self.finish(record, "cancelled", self.cancelled_message(record))
             return Begin(None, "cancelled before start")
@@ -157,7 +160,9 @@ class LongJob:
                 return
             payload = message.to_json_dict()
             message_id = job_message_id(self.ctx.op, record.job_id, str(payload.get("type", "")), payload)
-            self.ledger.finish(record, status, payload, message_id)
+            if not self.ledger.finish(record, status, payload, message_id):
+                self.ctx.log.warning("Not reporting %s: another worker wrote the job's record first", status)
+                return
             self.ctx.result(message, message_id=message_id).wait(60)
             record.terminal_sent = True
             self.ledger.save(record)
