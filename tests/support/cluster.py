@@ -359,9 +359,9 @@ class ClusterClient:
         def read() -> None:
             while True:
                 method, props, body = self._channel().basic_get(queue, auto_ack=True)
-                if method is None:
+                if method is None or body is None:
                     return
-                out.append(Answer(json.loads(body), props.message_id, queue))
+                out.append(Answer(json.loads(body), props.message_id if props else None, queue))
 
         self._retry(read)
         return out

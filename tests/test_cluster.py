@@ -1,0 +1,194 @@
+"""Node loss on a real three-node RabbitMQ cluster (tests/support/cluster.py), with a real
+inference worker and a real training worker under load: a kill -9 of the node a worker
+is on, a kill -9 of the node leading the request queue, and a clean stop of a node and
+its return.  Nothing a BE was promised is lost; every worker consumes again."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ai_service.broker import Topology
+from ai_service.cancels import cancel_stream_name
+from ai_service.config import Settings
+from ai_service.storage import LocalStorage
+from tests.conftest import WorkerFactory
+from tests.support.cluster import Answer, Cluster, ClusterClient
+from tests.support.cluster import cluster as cluster  # noqa: F401 - the session fixture
+from tests.support.sse import free_port
+from tests.test_inference import b64, request, shapes
+from tests.test_training import train_request
+
+log = logging.getLogger("tests.cluster")
+
+pytestmark = pytest.mark.xdist_group("cluster")
+
+NODE_INFO = re.compile(r'^ai_broker_node_info\{component="consumer",node="(?P<node>[^"]+)"\} 1\.0$', re.M)
+STATE = re.compile(r"^ai_consumer_state (?P<state>\S+)$", re.M)
+#: the generous bound past which a worker that lost its node fails the test instead of hanging it
+BOUND = 60.0
+
+
+class Scraped:
+    """A worker's consumer as its /metrics tell it: the node it is on and whether it consumes."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+
+    def read(self) -> tuple[str | None, bool]:
+        """(node, back): ``back`` once the consumer is connected with its channel open --
+        consuming, or (a training worker busy with its job) ready to as soon as it is free."""
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return None, False
+        node, state = NODE_INFO.search(text), STATE.search(text)
+        return (node["node"] if node else None), bool(state and float(state["state"]) >= 1.0)
+
+    def node(self, cluster: Cluster) -> int:
+        node, _ = self.read()
+        assert node is not None, "the worker's /metrics name no broker node"
+        return cluster.index_of(int(node.rsplit(":", 1)[1]))
+
+    def consuming_again(self, cluster: Cluster, lost: int, since: float) -> float:
+        """Seconds from ``since`` until the consumer is on a node other than ``lost`` and consuming."""
+        deadline = since + BOUND
+        while time.monotonic() < deadline:
+            node, consuming = self.read()
+            if node is not None and consuming and cluster.index_of(int(node.rsplit(":", 1)[1])) != lost:
+                return time.monotonic() - since
+            time.sleep(0.1)
+        raise AssertionError(f"{self.url}: not consuming on another node {BOUND} s after losing node {lost}")
+
+
+class InferenceLoad(threading.Thread):
+    """Sends inference requests one after another (a few a second) until stopped."""
+
+    def __init__(self, settings: Settings, image: str) -> None:
+        super().__init__(daemon=True)
+        self.client = ClusterClient(settings, name="test cluster load")
+        self.image = image
+        self.sent: list[str] = []
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.done.is_set():
+                job_id = f"infer-{len(self.sent)}"
+                self.client.publish(self.client.settings.infer_request_queue,
+                                    request(job_id, "models/shapes.pt", [{"data": self.image}]))
+                self.sent.append(job_id)
+                time.sleep(0.2)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+        finally:
+            self.client.close()
+
+
+def by_job(answers: list[Answer]) -> dict[str, list[Answer]]:
+    out: dict[str, list[Answer]] = {}
+    for a in answers:
+        out.setdefault(str(a.body["job_id"]), []).append(a)
+    return out
+
+
+def wait_terminals(client: ClusterClient, queue: str, job_ids: set[str], seen: list[Answer], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not job_ids <= set(by_job(seen)):
+        if time.monotonic() > deadline:
+            missing = sorted(job_ids - set(by_job(seen)))
+            raise AssertionError(f"{len(missing)} jobs unanswered on {queue} after {timeout} s: {missing[:10]}")
+        seen.extend(client.drain(queue))
+        time.sleep(0.3)
+
+
+def test_workers_under_load_lose_nothing_when_a_node_is_killed_or_stopped_and_consume_again_soon(
+    cluster: Cluster, start_worker: WorkerFactory, worker_env: dict[str, str], trained_model: dict[str, Any],
+    shapes_dir: Path,
+) -> None:
+    storage = LocalStorage(Path(worker_env["STORAGE_DIR"]))
+    storage.upload_dir(shapes_dir, "datasets/shapes")
+    storage.upload_file(Path(trained_model["model"]), "models/shapes.pt")
+    env = {**cluster.env(), "RABBITMQ_PORT": str(cluster.nodes[0].port)}
+    settings = Settings.from_env({**worker_env, **env})
+    client = ClusterClient(settings, declare=True)
+    infer_port, train_port = free_port(), free_port()
+    start_worker("infer", env={**env, "METRICS_PORT": str(infer_port)}, name="infer")
+    start_worker("train", env={**env, "METRICS_PORT": str(train_port)}, name="train")
+    workers = {"infer": Scraped(infer_port), "train": Scraped(train_port)}
+    topology = Topology(settings)
+    promised = {q: ("quorum", 3) for qs in map(topology.queues, topology.ops)
+                for q in (qs.request, qs.dlq, qs.lease, qs.update, qs.result) if q}
+    promised[cancel_stream_name(settings)] = ("stream", 3)
+    held = cluster.queues()
+    assert {q: held.get(q) for q in promised} == promised  # a replica of each on every node
+    trainings = {"train-a": 2}  # under way while the nodes go: its epochs come on other nodes
+    for job_id, epochs in trainings.items():
+        client.publish(settings.train_request_queue, train_request(job_id, epochs=epochs))
+    load = InferenceLoad(settings, b64(shapes(0)[0]))
+    load.start()
+    recovery: dict[str, list[float]] = {"infer": [], "train": []}
+
+    def lose(n: int, how: str) -> None:
+        on_it = [name for name, w in workers.items() if w.node(cluster) == n]
+        since = time.monotonic()
+        cluster.kill9(n) if how == "kill9" else cluster.stop(n)
+        for name in on_it:
+            seconds = workers[name].consuming_again(cluster, n, since)
+            recovery[name].append(seconds)
+            log.info("%s worker consuming again %.1f s after %s of node %d", name, seconds, how, n)
+        time.sleep(2)  # load keeps coming while the node is away
+        cluster.start(n)
+
+    lose(workers["infer"].node(cluster), "kill9")  # the node the inference worker is on
+    lose(cluster.leader(settings.infer_request_queue), "kill9")  # the node leading its request queue
+    lose(workers["train"].node(cluster), "stop")  # a clean stop of the training worker's node, and back
+    time.sleep(1)
+    load.done.set()
+    load.join(BOUND)
+    assert load.error is None, load.error
+
+    infer_answers: list[Answer] = []
+    wait_terminals(client, settings.infer_result_queue, set(load.sent), infer_answers, timeout=BOUND)
+    train_results: list[Answer] = []
+    wait_terminals(client, settings.train_result_queue, set(trainings), train_results, timeout=240)
+    updates = client.drain(settings.train_update_queue)
+    client.close()
+    print(f"cluster: {len(load.sent)} inference requests, {len(infer_answers)} answers, "
+          f"consuming again after (s): {recovery}")
+
+    assert len(load.sent) >= 10 and recovery["infer"], (load.sent, recovery)
+    for job_id, answers in by_job(infer_answers).items():
+        assert {a.body["type"] for a in answers} == {"inference_completed"}, answers
+        assert len({a.message_id for a in answers}) == 1, f"{job_id} answered as different messages: {answers}"
+    for job_id, results in by_job(train_results).items():
+        assert len({a.message_id for a in results}) == 1, f"{job_id}: more than one terminal message: {results}"
+        assert results[0].body["type"] == "training_completed", results[0].body
+    announced = Counter((str(u.body["job_id"]), int(u.body["current_epoch"]))
+                        for u in {u.message_id: u for u in updates if u.body["type"] == "epoch_update"}.values())
+    for job_id, total in trainings.items():  # every epoch announced, once (copies share their message_id)
+        assert {e: n for (j, e), n in announced.items() if j == job_id} == dict.fromkeys(range(1, total + 1), 1)
+
+
+def test_the_broker_node_gauge_names_one_node_per_component_and_follows_a_move() -> None:
+    from ai_service.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.on_broker_node("consumer", "node-a:5672")
+    metrics.on_broker_node("publisher", "node-a:5672")
+    metrics.on_broker_node("consumer", "node-b:5673")
+
+    text = metrics.render().decode()
+    assert 'ai_broker_node_info{component="consumer",node="node-b:5673"} 1.0' in text
+    assert 'ai_broker_node_info{component="publisher",node="node-a:5672"} 1.0' in text
+    assert 'component="consumer",node="node-a:5672"' not in text
