@@ -248,6 +248,63 @@ def test_a_full_spool_refuses_non_blocking_publishes_loudly_and_blocking_ones_re
     assert [m.body["n"] for m in got] == list(range(6))
 
 
+def test_sixteen_jobs_publishing_at_once_keep_each_jobs_order_with_many_messages_in_flight(
+    be: BE, make_publisher: PublisherFactory
+) -> None:
+    publisher = make_publisher()
+    jobs, each = 16, 60
+    receipts: dict[str, list[Receipt]] = {}
+    most_in_flight = 0
+    sampling = threading.Event()
+
+    def sample() -> None:
+        nonlocal most_in_flight
+        while not sampling.is_set():
+            most_in_flight = max(most_in_flight, publisher.in_flight)
+            time.sleep(0.0002)
+
+    def job(tag: str) -> None:
+        receipts[tag] = [publish_numbered(publisher, i, tag) for i in range(each)]
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    threads = [threading.Thread(target=job, args=(f"j{k}",)) for k in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(r.wait(30) for rs in receipts.values() for r in rs)
+    sampling.set()
+    sampler.join()
+    got = first_occurrences(collect(be, be.settings.train_update_queue, jobs * each, timeout=30))
+    assert len(got) == jobs * each
+    for tag in receipts:
+        assert [m.body["n"] for m in got if m.body["tag"] == tag] == list(range(each)), tag
+    assert most_in_flight > 1, "never more than one message in flight: the publisher did not pipeline"
+
+
+class HoldingProxy(CuttableProxy):
+    """A proxy that can hold back what the broker sends (confirms), while publishes still go through."""
+
+    def __init__(self, target_port: int) -> None:
+        self.holding = threading.Event()
+        super().__init__(target_port)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        if src.getpeername()[1] != self.target[1]:
+            return super()._pipe(src, dst)
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                while self.holding.is_set():
+                    time.sleep(0.01)
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
 # --- the spool across processes ------------------------------------------------------
 
 
@@ -327,6 +384,38 @@ def test_a_spool_left_by_a_killed_process_is_re_sent_in_order_with_the_same_mess
     assert all(m.properties.type == "training_completed" and m.properties.app_id == "ai-service"
                and m.properties.delivery_mode == 2 for m in got)
     assert Spool.peek(directory) == [] and list(directory.glob(f"*{Spool.SUFFIX}")) == []
+
+
+def test_a_process_killed_with_messages_sent_but_unconfirmed_re_sends_them_all_after_a_restart(
+    be: BE, worker_env: dict[str, str], scripts: Callable[..., Script], tmp_path: Path
+) -> None:
+    env = {**worker_env, "WORKER_NAME": "test/inflight", "RECONNECT_MAX_DELAY": "1"}
+    holding = HoldingProxy(5672)
+    try:
+        go = tmp_path / "go"
+        sender = scripts({**env, "RABBITMQ_PORT": str(holding.port)}, "inflight", "inflight", "40", str(go))
+        sender.wait_for("CONNECTED")
+        holding.holding.set()  # from here on the broker's confirms do not reach the process
+        go.touch()
+        sender.wait_for("SPOOLED")
+        spooled = json.loads(next(line for line in sender.text().splitlines() if line.startswith("{")))
+        assert be.wait_count(be.settings.train_result_queue, 40) == 40, "the messages did not reach the broker"
+        sender.kill()  # kill -9: sent, routed, never confirmed to it
+    finally:
+        holding.holding.clear()
+        holding.close()
+    directory = spool_dir(Settings.from_env(env), "train")
+    assert [e.message_id for e in Spool.peek(directory)] == spooled["spooled"]
+
+    drainer = scripts(env, "drain", "drain")
+    assert drainer.wait(60) == 0, drainer.text()
+    assert "Re-sending 40 message(s) left unconfirmed by a previous run" in drainer.text()
+    got = collect(be, be.settings.train_result_queue, 40, timeout=15)
+    unique = first_occurrences(got)  # also: a repeated message_id is the same message
+    assert [m.body["n"] for m in unique] == list(range(40))
+    assert [m.properties.message_id for m in unique] == spooled["spooled"]
+    assert len(got) == 80, "each message once before the kill and once re-sent: no other copies"
+    assert Spool.peek(directory) == []
 
 
 def test_a_second_process_on_a_spool_in_use_fails_clearly_with_spool_locked(

@@ -5,6 +5,10 @@
     with the broker unreachable (point ``RABBITMQ_PORT`` at a closed port), print one
     JSON line ``{"spooled": [message_id, ...]}`` and ``SPOOLED``, then sleep until
     killed.  The messages stay unconfirmed, in the spool under ``WORK_DIR``.
+``python -m tests.support.publish_script inflight N GO_FILE``
+    As ``spool``, but connected: wait until the publisher is connected, print
+    ``CONNECTED``, wait for ``GO_FILE`` to exist, then publish (a test holds the broker's
+    confirms back in between, so the messages are sent and stay unconfirmed).
 ``python -m tests.support.publish_script drain``
     Start a Publisher on the same spool (same ``WORK_DIR`` and ``WORKER_NAME``) with the
     broker reachable, wait until everything left there is confirmed, print
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from ai_service.broker import Topology
 from ai_service.config import Settings
@@ -33,7 +38,13 @@ def main(argv: list[str]) -> int:
     setup_logging(settings)
     publisher = Publisher(settings, spool_dir=spool_dir(settings, "train"), topology=Topology(settings, ops=("train",)))
     publisher.start()
-    if mode == "spool":
+    if mode == "inflight":
+        if not publisher.wait_connected(30):
+            return 1
+        print("CONNECTED", flush=True)
+        while not Path(argv[2]).exists():
+            time.sleep(0.02)
+    if mode in ("spool", "inflight"):
         count = int(argv[1])
         ids = []
         for i in range(count):
