@@ -32,7 +32,7 @@ from bench.common import REPO, Figure, LoadSampler, fmt, machine, now_utc, versi
 from bench.context import Bench, Section
 from bench.seaweed import bench_s3
 
-SECTIONS = ("training", "publisher", "download", "inference", "cost")
+SECTIONS = ("training", "publisher", "download", "inference", "cost", "cluster")
 
 
 def aws_cli() -> str | None:
@@ -43,10 +43,10 @@ def aws_cli() -> str | None:
 
 
 def runners() -> dict[str, Callable[[Bench], list[Section]]]:
-    from bench import cost, download, inference, publisher, training
+    from bench import cluster, cost, download, inference, publisher, training
 
     return {"training": training.run, "publisher": publisher.run, "download": download.run,
-            "inference": inference.run, "cost": cost.run}
+            "inference": inference.run, "cost": cost.run, "cluster": cluster.run}
 
 
 # --- rendering -----------------------------------------------------------------------------
