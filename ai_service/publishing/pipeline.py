@@ -140,12 +140,14 @@ class Pipeline:
         connection.channel(on_open_callback=self._on_channel)
 
     def _on_channel(self, channel: pika.channel.Channel) -> None:
-        self.channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
-        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm,
+                                 callback=lambda _frame: self._on_confirm_mode(channel))
 
-    def _on_confirm_mode(self, _frame: Any) -> None:
+    def _on_confirm_mode(self, channel: pika.channel.Channel) -> None:
+        """Only now may anything be sent on ``channel``, starting with everything unconfirmed."""
+        self.channel = channel
         self._tag = 0
         self._rewind()
         if not self._ready:
