@@ -24,9 +24,7 @@ and the small message the ``replace`` hook makes of it (a ``*_failed`` for that 
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import re
 import threading
 import time
@@ -40,10 +38,16 @@ import pika.exceptions
 from ai_service import tracing
 from ai_service.broker import NodeRing, Topology, connected_node, connection_parameters, describe_endpoint, session
 from ai_service.config import BrokerNode, Settings
-from ai_service.errors import AIServiceError, AuthenticationFailed, BrokerError, PermanentError, SpoolFull
+from ai_service.errors import AuthenticationFailed, BrokerError, SpoolFull
 from ai_service.messages import new_message_id
 from ai_service.publishing.pipeline import Pipeline
-from ai_service.registry import OPERATIONS
+from ai_service.publishing.receipts import Backoff as Backoff
+from ai_service.publishing.receipts import Receipt as Receipt
+from ai_service.publishing.replacements import ERROR_CODES as ERROR_CODES
+from ai_service.publishing.replacements import HINTS as HINTS
+from ai_service.publishing.replacements import Replacer as Replacer
+from ai_service.publishing.replacements import failure_replacer as failure_replacer
+from ai_service.publishing.replacements import replacement_envelope as replacement_envelope
 from ai_service.spool import Envelope, RefusedLog, Spool
 
 log = logging.getLogger("ai_service.publisher")
@@ -56,62 +60,11 @@ NACK_LIMIT = 3
 #: Name of the refused-messages file inside the spool directory (the spool reads its segments only).
 REFUSED_FILE = "refused.jsonl"
 
-#: ``replace(refused, reason)``: the small message to publish instead, or None.
-Replacer = Callable[[Envelope, str], Envelope | None]
 #: ``on_refused(code, envelope, reason)`` with code ``too_large``, ``precondition_failed`` or ``nacked``.
 RefusedHook = Callable[[str, Envelope, str], None]
-Ephemeral = tuple[Envelope, "Receipt"]
+Ephemeral = tuple[Envelope, Receipt]
 
 _BROKER_SIZE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter (AWS style)."""
-
-    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
-        self.base = base
-        self.cap = cap
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * (2**self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-class Receipt:
-    """Lets a caller wait until its message was settled: confirmed by the broker, or given up.
-
-    Given up means ``unroutable`` (no queue was bound for it) or ``refused_reason`` set
-    (larger than ``MAX_MESSAGE_BYTES``, or refused by the broker for good).  A refused
-    message with ``replaced`` set had a replacement (``replacement_id``) published in its
-    place; the receipt settles when that replacement is settled.
-    """
-
-    def __init__(self, message_id: str) -> None:
-        self.message_id = message_id
-        self._event = threading.Event()
-        self.unroutable = False
-        self.refused_reason: str | None = None
-        self.replaced = False
-        self.replacement_id: str | None = None
-        #: The message's publish span (inside a trace), ended when the receipt settles.
-        self.span: tracing.Span = tracing.NO_SPAN
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(timeout)
-
-    @property
-    def confirmed(self) -> bool:
-        return self._event.is_set()
-
-    def _set(self) -> None:
-        self._event.set()
-        span, self.span = self.span, tracing.NO_SPAN
-        tracing.published(span, unroutable=self.unroutable, refused_reason=self.refused_reason, replaced=self.replaced)
 
 
 class Publisher:
@@ -512,72 +465,3 @@ class Publisher:
             self._cond.notify_all()
         if receipt is not None:
             receipt._set()
-
-
-# --- replacements -----------------------------------------------------------------------
-
-_JOB_KEY = re.compile(r"^(?P<op>[a-z]+)\.(?P<kind>update|result)\.(?P<job_id>[A-Za-z0-9_-]{1,64})$")
-_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-#: ``error_code`` of the replacement, by operation (its spec's).
-ERROR_CODES = {spec.name: spec.error_code for spec in OPERATIONS}
-
-#: What to change so that the answer fits, by operation (its spec's).
-HINTS = {spec.name: spec.too_big_hint for spec in OPERATIONS}
-
-
-def replacement_envelope(refused: Envelope, exchange: str, routing_key: str, body: bytes,
-                         message_type: str) -> Envelope:
-    """A message standing in for ``refused``: same correlation_id, a message_id derived from its."""
-    properties = {k: v for k, v in refused.properties.items() if k not in ("headers", "expiration")}
-    properties.update({
-        "message_id": f"{refused.message_id}-refused",
-        "type": message_type,
-        "timestamp": int(time.time()),
-    })
-    return Envelope(exchange, routing_key, body, properties, refused.mandatory, replacement=True)
-
-
-def failure_replacer(settings: Settings, op: str,
-                     failure: Callable[[str, AIServiceError], Any]) -> Replacer:
-    """The worker's ``replace`` hook: a refused answer becomes that job's ``*_failed``.
-
-    ``failure`` is the operation's ``failure(job_id, error)`` (``Operation.failure``).
-    An ``<op>.result.<job_id>`` answer on the events exchange is replaced by a failure
-    there (a refused ``<op>.update.<job_id>`` is only dropped: the job goes on and ends
-    with its own terminal message); an RPC answer (default
-    exchange, the request's ``reply_to``) by a failure to the same queue.  Requests the
-    worker re-publishes (leases, hand-backs, dead-letters) are not replaced.
-    """
-    code = ERROR_CODES.get(op, "internal_error")
-    hint = HINTS.get(op, "raise the broker's max_message_size and MAX_MESSAGE_BYTES with it")
-
-    def replace(refused: Envelope, reason: str) -> Envelope | None:
-        if refused.properties.get("type") == "request":
-            return None
-        job_id: str | None = None
-        if refused.exchange == settings.events_exchange:
-            m = _JOB_KEY.match(refused.routing_key)
-            if m is None:
-                return None
-            if ".update." in refused.routing_key:
-                return None  # progress is dropped (logged, counted); a *_failed here would be a second terminal
-            job_id, key = m.group("job_id"), f"{m.group('op')}.result.{m.group('job_id')}"
-        elif refused.exchange == "":
-            key = refused.routing_key
-            try:
-                found = json.loads(refused.body).get("job_id")
-            except (ValueError, UnicodeDecodeError, AttributeError):
-                found = None
-            job_id = found if isinstance(found, str) else refused.properties.get("correlation_id")
-        else:
-            return None
-        if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
-            return None
-        kind = str(refused.properties.get("type") or "answer")
-        error = PermanentError(f"the {kind} could not be delivered: {reason}; {hint}", error_code=code)
-        message = failure(job_id, error)
-        body = json.dumps(message.to_json_dict(), separators=(",", ":"), ensure_ascii=False).encode()
-        return replacement_envelope(refused, refused.exchange, key, body, str(message.type))
-
-    return replace
