@@ -43,8 +43,6 @@ class Ledger:
         self.lease_seconds = lease_seconds
         self.prefix = prefix
         self._conditional: bool | None = None
-        #: The etag of the version of each record this ledger last read or wrote.
-        self._etags: dict[str, str] = {}
 
     @property
     def conditional(self) -> bool:
@@ -58,17 +56,19 @@ class Ledger:
 
     def load(self, job_id: str) -> JobRecord | None:
         key = record_key(self.op, job_id, self.prefix)
+        etag: str | None = None
         try:
             if self.conditional:
                 raw, info = self.storage.read_versioned(key)
-                self._etags[job_id] = info.etag
+                etag = info.etag
             else:
                 raw = self.storage.read_bytes(key)
         except ObjectNotFound:
-            self._etags.pop(job_id, None)
             return self._load_legacy(job_id)
         try:
-            return JobRecord.from_json(raw)
+            record = JobRecord.from_json(raw)
+            record.etag = etag
+            return record
         except (ValueError, TypeError) as exc:
             log.error("[Handler] [%s] Unreadable job record (%s); treating the job as new", job_id, exc)
             return None
@@ -82,21 +82,20 @@ class Ledger:
         return record if record.op == self.op else None
 
     def save(self, record: JobRecord) -> bool:
-        """Write ``record``; with conditional writes only over the version last read here
-        (or as a new object): False when another worker wrote it since."""
+        """Write ``record``; with conditional writes only over the version it was read at or
+        last written as (``record.etag``; None: as a new object), so False when another
+        worker wrote it since."""
         record.updated = time.time()
         key, data = record_key(self.op, record.job_id, self.prefix), record.to_json()
         if not self.conditional:
             self.storage.write_bytes(key, data)
             return True
-        etag = self._etags.get(record.job_id)
         try:
-            info = (self.storage.create_exclusive(key, data) if etag is None
-                    else self.storage.replace_if_match(key, data, etag))
+            info = (self.storage.create_exclusive(key, data) if record.etag is None
+                    else self.storage.replace_if_match(key, data, record.etag))
         except PreconditionFailed:
-            self._etags.pop(record.job_id, None)
             return False
-        self._etags[record.job_id] = info.etag
+        record.etag = info.etag
         return True
 
     def take(self, record: JobRecord) -> bool:
@@ -117,19 +116,13 @@ class Ledger:
     def still_ours(self, record: JobRecord) -> bool:
         """Read the record back: did another worker take the job since we wrote it?"""
         current = self.load(record.job_id)
-        ours = current is not None and current.token == record.token and not current.finished
-        return ours or self._not_ours(record.job_id)
-
-    def _not_ours(self, job_id: str) -> bool:
-        """Forget the etag of a version another worker wrote: never write over it."""
-        self._etags.pop(job_id, None)
-        return False
+        return current is not None and current.token == record.token and not current.finished
 
     def renew(self, record: JobRecord) -> bool:
         """Extend our lease; False when the job is no longer ours (taken over or ended)."""
         current = self.load(record.job_id)
         if current is None or current.token != record.token or current.finished:
-            return self._not_ours(record.job_id)
+            return False
         record.lease_expires = time.time() + self.lease_seconds
         return self.save(record)  # False: taken over between the read and the write
 
@@ -141,7 +134,7 @@ class Ledger:
         """
         current = self.load(record.job_id)
         if current is not None and current.token != record.token:
-            return self._not_ours(record.job_id)
+            return False
         record.status = status
         record.owner = None
         record.token = None  # its lease message is stale now; the resubmitted request takes over

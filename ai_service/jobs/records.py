@@ -51,6 +51,9 @@ class JobRecord:
     terminal_sent: bool = False
     last_metrics: dict[str, float] = field(default_factory=dict)
     updated: float = 0.0
+    #: The store's version of this record as read or last written (not stored): with
+    #: conditional writes the next write replaces exactly that version, or fails.
+    etag: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -60,10 +63,12 @@ class JobRecord:
         return self.status == "running" and self.lease_expires > (now if now is not None else time.time())
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        data = asdict(self)
+        del data["etag"]
+        return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> "JobRecord":
         data = json.loads(raw)
-        known = {f for f in cls.__dataclass_fields__}
+        known = {f for f in cls.__dataclass_fields__} - {"etag"}
         return cls(**{k: v for k, v in data.items() if k in known})
