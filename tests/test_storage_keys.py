@@ -126,10 +126,6 @@ class _HostileListing:
     def paginate(self, *, Bucket: str, Prefix: str) -> Iterator[dict[str, Any]]:  # noqa: N803 - boto3's names
         yield {"Contents": [{"Key": k, "Size": 4, "ETag": '"e"'} for k in self.keys if k.startswith(Prefix)]}
 
-    def download_file(self, bucket: str, key: str, filename: str, Config: object = None) -> None:  # noqa: N803
-        self.downloaded.append(key)
-        Path(filename).write_bytes(b"data")
-
     def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
         self.downloaded.append(Key)
         return {"Body": _Body(b"data")}
