@@ -283,6 +283,30 @@ def test_sixteen_jobs_publishing_at_once_keep_each_jobs_order_with_many_messages
     assert most_in_flight > 1, "never more than one message in flight: the publisher did not pipeline"
 
 
+class BrokenTopology(Topology):
+    def declare(self, connection: Any) -> None:
+        raise RuntimeError("injected bug")
+
+
+def test_a_bug_on_the_publisher_thread_is_recorded_as_a_crash_said_loudly_and_the_messages_stay_spooled(
+    tmp_path: Path, worker_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings.from_env(worker_env)
+    publisher = Publisher(settings, spool_dir=tmp_path / "spool", topology=BrokenTopology(settings))
+    with caplog.at_level(logging.CRITICAL, logger="ai_service.publisher"):
+        publisher.start()
+        receipt = publish_numbered(publisher, 1)
+        assert publisher._thread is not None
+        publisher._thread.join(15)
+    try:
+        assert isinstance(publisher.crashed, RuntimeError) and str(publisher.crashed) == "injected bug"
+        assert any("Publisher crashed on its thread" in r.getMessage() for r in caplog.records)
+        assert not receipt.confirmed and publisher.pending == 1
+        assert [e.message_id for e in Spool.peek(publisher.spool.directory)] == [receipt.message_id]
+    finally:
+        publisher.stop(timeout=0)
+
+
 class HoldingProxy(CuttableProxy):
     """A proxy that can hold back what the broker sends (confirms), while publishes still go through."""
 
