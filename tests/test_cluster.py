@@ -23,6 +23,7 @@ from ai_service.storage import LocalStorage
 from tests.conftest import WorkerFactory
 from tests.support.cluster import Answer, Cluster, ClusterClient
 from tests.support.cluster import cluster as cluster  # noqa: F401 - the session fixture
+from tests.support.procs import STARTED
 from tests.support.sse import free_port
 from tests.test_inference import b64, request, shapes
 from tests.test_training import train_request
@@ -123,8 +124,10 @@ def test_workers_under_load_lose_nothing_when_a_node_is_killed_or_stopped_and_co
     settings = Settings.from_env({**worker_env, **env})
     client = ClusterClient(settings, declare=True)
     infer_port, train_port = free_port(), free_port()
-    start_worker("infer", env={**env, "METRICS_PORT": str(infer_port)}, name="infer")
-    start_worker("train", env={**env, "METRICS_PORT": str(train_port)}, name="train")
+    procs = [start_worker(op, env={**env, "METRICS_PORT": str(port)}, name=op, wait_started=False)
+             for op, port in (("infer", infer_port), ("train", train_port))]
+    for proc in procs:  # both start at once: their imports overlap
+        proc.wait_log(STARTED, timeout=180)
     workers = {"infer": Scraped(infer_port), "train": Scraped(train_port)}
     topology = Topology(settings)
     promised = {q: ("quorum", 3) for qs in map(topology.queues, topology.ops)
