@@ -57,7 +57,7 @@ def publisher_rates(bench: Bench, count: int, run: int) -> tuple[float, float]:
     channel.queue_declare(queue, durable=True, arguments=cast(Any, {"x-queue-type": "quorum"}))
     try:
         pika_rate = publisher.plain_pika(bench, queue, count)
-        service_rate, _ = publisher.shared_publisher(bench, queue, count, run)
+        service_rate, _ = publisher.shared_publisher(bench, queue, count, run, threads=1)
         return pika_rate, service_rate
     finally:
         channel.queue_delete(queue)
@@ -89,8 +89,10 @@ def run(bench: Bench) -> list[Section]:
     pika_one = f("pika_single", "plain pika, confirm one by one: single node", "msg/s", better="higher")
     pika_three = f("pika_cluster", "plain pika, confirm one by one: cluster", "msg/s", better="higher",
                    baseline="pika_single")
-    svc_one = f("service_single", "shared Publisher: single node", "msg/s", better="higher")
-    svc_three = f("service_cluster", "shared Publisher: cluster", "msg/s", better="higher", baseline="service_single")
+    svc_one = f("service_single", "shared Publisher, one publish() after another: single node", "msg/s",
+                better="higher")
+    svc_three = f("service_cluster", "shared Publisher, one publish() after another: cluster", "msg/s",
+                  better="higher", baseline="service_single")
     inf_one = f("infer_single", "inference, batching on: single node", "img/s", better="higher")
     inf_three = f("infer_cluster", "inference, batching on: cluster", "img/s", better="higher",
                   baseline="infer_single")
