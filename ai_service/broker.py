@@ -310,10 +310,8 @@ def close_quietly(connection: pika.BlockingConnection | None) -> None:
     """Close ``connection`` if it is open; a broken one may fail to close, and that is fine."""
     if connection is None or not connection.is_open:
         return
-    try:
+    with contextlib.suppress(Exception):  # closing a broken connection may fail: fine
         connection.close()
-    except Exception:  # noqa: BLE001 - closing a broken connection
-        pass
 
 
 @contextlib.contextmanager

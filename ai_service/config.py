@@ -242,57 +242,8 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Build settings from ``env`` (``os.environ`` by default); raise ConfigError."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-
-        def get(name: str) -> str | None:
-            raw = env.get(name)
-            return None if raw is None or raw.strip() == "" else raw
-
-        for f in fields(cls):
-            raw = get(f.name.upper())
-            if raw is None:
-                continue
-            name = f.name.upper()
-            if f.type in ("bool",):
-                values[f.name] = _bool(name, raw)
-            elif f.type in ("int",):
-                values[f.name] = _int(name, raw, lo=0)
-            elif f.type in ("int | None",):
-                values[f.name] = _int(name, raw, lo=0, hi=65535)
-            elif f.type in ("float",):
-                values[f.name] = _float(name, raw)
-            elif f.type == "Path":
-                values[f.name] = Path(raw)
-            else:
-                values[f.name] = raw
-
-        ssl = values.get("rabbitmq_ssl", False)
-        if "rabbitmq_port" not in values:
-            values["rabbitmq_port"] = 5671 if ssl else 5672
-        if not 1 <= values["rabbitmq_port"] <= 65535:
-            raise ConfigError("RABBITMQ_PORT must be between 1 and 65535")
-        values["rabbitmq_queue_type"] = _choice(
-            "RABBITMQ_QUEUE_TYPE", values.get("rabbitmq_queue_type", "quorum"), ("quorum", "classic")
-        )
-        values["storage_backend"] = _choice(
-            "STORAGE_BACKEND", values.get("storage_backend", "local"), ("local", "s3")
-        )
-        values["log_format"] = _choice("LOG_FORMAT", values.get("log_format", "text"), ("text", "json"))
-        level = values.get("log_level", "INFO").upper()
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {level!r}")
-        values["log_level"] = level
-        if values.get("storage_backend") == "s3" and not values.get("s3_bucket"):
-            raise ConfigError("STORAGE_BACKEND=s3 needs S3_BUCKET")
-        if values.get("rabbitmq_delivery_limit", 5) < 1:
-            raise ConfigError("RABBITMQ_DELIVERY_LIMIT must be at least 1")
-        if values.get("rabbitmq_heartbeat", 60) > 3600:
-            raise ConfigError("RABBITMQ_HEARTBEAT must be at most 3600 seconds")
-        if values.get("lease_seconds", 300) < 2:
-            raise ConfigError("LEASE_SECONDS must be at least 2")
-        if "jobs_prefix" in values:
-            values["jobs_prefix"] = _jobs_prefix(values["jobs_prefix"])
+        values = _typed_values(fields(cls), os.environ if env is None else env)
+        _check_values(values)
         return cls(**values)
 
     def for_program(self, program: str) -> "Settings":
@@ -321,3 +272,55 @@ class Settings:
         out["rabbitmq_password"] = "***"
         out["http_token"] = "***" if self.http_token else ""
         return {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
+
+
+def _typed_values(settings_fields: Any, env: Mapping[str, str]) -> dict[str, Any]:
+    """Each variable that is set (blank counts as unset), parsed by its field's type."""
+    values: dict[str, Any] = {}
+    for f in settings_fields:
+        name = f.name.upper()
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        if f.type == "bool":
+            values[f.name] = _bool(name, raw)
+        elif f.type == "int":
+            values[f.name] = _int(name, raw, lo=0)
+        elif f.type == "int | None":
+            values[f.name] = _int(name, raw, lo=0, hi=65535)
+        elif f.type == "float":
+            values[f.name] = _float(name, raw)
+        elif f.type == "Path":
+            values[f.name] = Path(raw)
+        else:
+            values[f.name] = raw
+    return values
+
+
+def _check_values(values: dict[str, Any]) -> None:
+    """Defaults that depend on other variables, choices and bounds (in place)."""
+    if "rabbitmq_port" not in values:
+        values["rabbitmq_port"] = 5671 if values.get("rabbitmq_ssl", False) else 5672
+    if not 1 <= values["rabbitmq_port"] <= 65535:
+        raise ConfigError("RABBITMQ_PORT must be between 1 and 65535")
+    values["rabbitmq_queue_type"] = _choice(
+        "RABBITMQ_QUEUE_TYPE", values.get("rabbitmq_queue_type", "quorum"), ("quorum", "classic")
+    )
+    values["storage_backend"] = _choice("STORAGE_BACKEND", values.get("storage_backend", "local"), ("local", "s3"))
+    values["log_format"] = _choice("LOG_FORMAT", values.get("log_format", "text"), ("text", "json"))
+    level = values.get("log_level", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {level!r}")
+    values["log_level"] = level
+    if values.get("storage_backend") == "s3" and not values.get("s3_bucket"):
+        raise ConfigError("STORAGE_BACKEND=s3 needs S3_BUCKET")
+    bounds = (
+        (values.get("rabbitmq_delivery_limit", 5) < 1, "RABBITMQ_DELIVERY_LIMIT must be at least 1"),
+        (values.get("rabbitmq_heartbeat", 60) > 3600, "RABBITMQ_HEARTBEAT must be at most 3600 seconds"),
+        (values.get("lease_seconds", 300) < 2, "LEASE_SECONDS must be at least 2"),
+    )
+    for broken, message in bounds:
+        if broken:
+            raise ConfigError(message)
+    if "jobs_prefix" in values:
+        values["jobs_prefix"] = _jobs_prefix(values["jobs_prefix"])

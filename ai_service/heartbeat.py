@@ -90,7 +90,7 @@ def device_info(setting: str, chosen: DeviceInfo | None = None) -> tuple[str, st
         return device, None
     try:
         return device, str(torch.cuda.get_device_name(0))
-    except Exception:  # noqa: BLE001 - a broken driver must not stop the heartbeat
+    except Exception:  # a broken driver must not stop the heartbeat
         log.debug("[RMQ] Could not read the CUDA device name", exc_info=True)
         return device, None
 
@@ -182,7 +182,7 @@ class Heartbeat:
                     last = (state, job_id)
                     # on the beat: every interval from the first, without drift; a change restarts the count
                     due = now + self.interval if changed or now - due > self.interval else due + self.interval
-            except Exception:  # noqa: BLE001 - the heartbeat must never take the worker down
+            except Exception:  # the heartbeat must never take the worker down
                 log.exception("[RMQ] Heartbeat failed; trying again next interval")
                 due = time.monotonic() + self.interval
             self._stop.wait(max(0.0, min(POLL_SECONDS, due - time.monotonic())))

@@ -279,7 +279,7 @@ class Publisher:
         """The publisher thread: whatever it did not expect is recorded as :attr:`crashed`."""
         try:
             self._reconnect_loop()
-        except BaseException as exc:  # noqa: BLE001 - recorded, and said loudly
+        except BaseException as exc:  # recorded, and said loudly
             self.crashed = exc
             log.critical("[RMQ] ❌ Publisher crashed on its thread: %r; messages stay in the spool", exc,
                          exc_info=exc)
@@ -423,7 +423,7 @@ class Publisher:
         if not envelope.replacement and self._replace is not None:
             try:
                 replacement = self._replace(envelope, reason)
-            except Exception:  # noqa: BLE001 - a broken hook must not stop publishing
+            except Exception:  # a broken hook must not stop publishing
                 log.exception("[RMQ] Could not build a replacement for refused message %s", envelope.message_id)
             if replacement is not None:
                 replacement.replacement = True
@@ -444,7 +444,7 @@ class Publisher:
         if self._on_refused is not None:
             try:
                 self._on_refused(code, envelope, reason)
-            except Exception:  # noqa: BLE001 - metrics must not stop publishing
+            except Exception:  # metrics must not stop publishing
                 log.exception("[RMQ] on_refused hook failed")
         if receipt is not None and receipt.refused_reason is None:
             receipt.refused_reason = reason

@@ -55,8 +55,8 @@ def draw_shapes_image(size: int, seed: int) -> tuple[Image.Image, list[Box]]:
     canvas = Image.new("RGB", (size, size), tuple(int(c) for c in background))
     draw = ImageDraw.Draw(canvas)
 
-    lo = max(4, int(round(_MIN_FRACTION * size)))
-    hi = max(lo, int(round(_MAX_FRACTION * size)))
+    lo = max(4, round(_MIN_FRACTION * size))
+    hi = max(lo, round(_MAX_FRACTION * size))
     wanted = int(rng.integers(1, 4))
     placed: list[tuple[int, int, int, int]] = []
     truth: list[Box] = []

@@ -113,7 +113,7 @@ class Spool:
 
     def open(self) -> list[Envelope]:
         """Lock the directory and return the messages a previous process left, in order."""
-        lock = open(self.directory / ".lock", "wb")
+        lock = open(self.directory / ".lock", "wb")  # noqa: SIM115 - held (flock) while the spool is open
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -100,9 +100,8 @@ class StubRuntime:
         info = DeliveryInfo(redelivered=False, delivery_count=delivery_count, reply_to=None,
                             correlation_id=None, headers=dict(headers or {}),
                             body=json.dumps(body).encode())
-        ctx = JobContext(op=self.op, job_id=str(body["job_id"]), settings=self.settings, resources=self.resources,
+        return JobContext(op=self.op, job_id=str(body["job_id"]), settings=self.settings, resources=self.resources,
                          delivery=info, outbox=StubOutbox(self, info), ack_now_cb=self._ack)
-        return ctx
 
     def _ack(self) -> None:
         with self._lock:

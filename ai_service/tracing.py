@@ -100,7 +100,7 @@ def setup(op: str, *, worker: str | None = None, env: Mapping[str, str] | None =
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(provider)
         configure(provider)
-    except Exception:  # noqa: BLE001 - tracing must never stop a worker
+    except Exception:  # tracing must never stop a worker
         log.warning("[Tracing] Could not set up OpenTelemetry; going on without traces", exc_info=True)
         return False
     log.info("[Tracing] Exporting traces over OTLP/HTTP to %s as service %s", traces_endpoint(env),

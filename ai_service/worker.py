@@ -92,7 +92,7 @@ def adopt_legacy_spool(settings: Settings, op: str) -> int:
     try:
         for directory in (old, new):
             directory.mkdir(parents=True, exist_ok=True)
-            lock = open(directory / ".lock", "wb")
+            lock = open(directory / ".lock", "wb")  # noqa: SIM115 - held (flock) until closed below
             locks.append(lock)
             try:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,6 +6,7 @@ names), a private RabbitMQ node, a SeaweedFS server started for the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -428,10 +429,8 @@ class Listener:
                 time.sleep(0.3)
             finally:
                 if connection is not None and connection.is_open:
-                    try:
+                    with contextlib.suppress(pika.exceptions.AMQPError, OSError):
                         connection.close()
-                    except (pika.exceptions.AMQPError, OSError):
-                        pass
 
     def _on_message(self, channel: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
         t = time.time()
@@ -529,10 +528,8 @@ class Sender:
 
     def close(self) -> None:
         if self.connection is not None and self.connection.is_open:
-            try:
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
                 self.connection.close()
-            except (pika.exceptions.AMQPError, OSError):
-                pass
 
 
 def delete_topology(host: str, port: int, env: dict[str, str]) -> None:

@@ -108,7 +108,7 @@ def training_probes(journal: Journal) -> dict[str, list[Callable[[Any], None]]]:
     def prepare_of(store: Any, prefix: str, *rest: Any, **kw: Any) -> dict[str, Any]:
         return {"prefix": prefix}
 
-    TJ = training.TrainingJob  # noqa: N806 - a class
+    TJ = training.TrainingJob  # a class
     _timed(journal, TJ, "run", "job", job_of)
     _timed(journal, TJ, "_on_model_save", "ckpt", epoch_of)
     _timed(journal, TJ, "_on_fit_epoch_end", "fit_epoch_end", epoch_of)
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if op == "train" and journal is not None:
             operation: Operation = module.operation(settings, callbacks=training_probes(journal))
             return operation
-        operation = module.operation(settings)
-        return operation
+        plain: Operation = module.operation(settings)
+        return plain
 
     from ai_service.worker import run_worker
 

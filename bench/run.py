@@ -80,64 +80,90 @@ def table(sections: list[Section]) -> str:
     return "\n".join(out)
 
 
-def headlines(sections: list[Section]) -> list[str]:
+Median = Callable[[str, str], float]
+
+
+def _medians(sections: list[Section]) -> Median:
+    """``med(section, figure)``: the figure's median, NaN when it was not measured."""
     by = {s.key: s for s in sections}
-    out: list[str] = []
 
     def med(section: str, key: str) -> float:
         s = by.get(section)
         f = s.get(key) if s else None
         return f.median if f is not None and f.values else float("nan")
 
-    def ok(*values: float) -> bool:
-        return all(v == v for v in values)
+    return med
 
+
+def _ok(*values: float) -> bool:
+    return all(v == v for v in values)
+
+
+def _training_lines(med: Median) -> list[str]:
+    out: list[str] = []
     a, b, bw, at = (med("training", "raw_fastest_wall"), med("training", "service_cold"),
                     med("training", "service_warm"), med("training", "raw_train"))
-    a = a if ok(a) else med("training", "raw_wall")  # results from before (a*)
-    if ok(a, b, bw, at):
+    a = a if _ok(a) else med("training", "raw_wall")  # results from before (a*)
+    if _ok(a, b, bw, at):
         out.append(f"Training through the service takes ×{b / a:.2f} (training_ratio) the time of the faster "
                    f"direct Ultralytics run ({fmt(b)} s vs {fmt(a)} s with a fresh worker, start-up and S3 download "
                    f"included); a warm worker takes ×{bw / at:.2f} of model.train() alone ({fmt(bw)} s vs "
                    f"{fmt(at)} s).")
     p50, p99 = med("epoch_latency", "end_p50"), med("epoch_latency", "end_p99")
-    if ok(p50, p99):
+    if _ok(p50, p99):
         out.append(f"An epoch_update reaches the BE {fmt(p50)} ms (p50) / {fmt(p99)} ms (p99) after the epoch "
                    "ends in the worker.")
+    return out
+
+
+def _transfer_lines(med: Median) -> list[str]:
+    out: list[str] = []
     pub, raw, piped = med("publisher", "service"), med("publisher", "pika"), med("publisher", "pika_pipelined")
-    if ok(pub, raw):
+    if _ok(pub, raw):
         out.append(f"The shared publisher (synced spool, pipelined confirms) sends {fmt(pub)} confirmed messages/s "
                    f"vs {fmt(raw)}/s for plain pika confirming one by one (publisher_ratio ×{pub / raw:.2f})"
-                   + (f" and ×{pub / piped:.2f} of pipelined pika ({fmt(piped)}/s)." if ok(piped) else "."))
+                   + (f" and ×{pub / piped:.2f} of pipelined pika ({fmt(piped)}/s)." if _ok(piped) else "."))
     sc, ac, sw, aw = (med("download", "service_cold"), med("download", "aws_cold"), med("download", "service_warm"),
                       med("download", "aws_warm"))
-    if ok(sc, ac):
+    if _ok(sc, ac):
         text = (f"Dataset download: the service's prefix sync takes {fmt(sc)} s vs {fmt(ac)} s for aws s3 sync "
                 f"(×{sc / ac:.2f})")
-        if ok(sw, aw):
+        if _ok(sw, aw):
             text += f"; cached second run {fmt(sw)} s vs {fmt(aw)} s"
         out.append(text + ".")
-    elif ok(sc, sw):
+    elif _ok(sc, sw):
         out.append(f"Dataset download: the service's prefix sync takes {fmt(sc)} s, cached second run {fmt(sw)} s.")
+    return out
+
+
+def _inference_lines(med: Median) -> list[str]:
+    out: list[str] = []
     raw1, off, on = (med("inference", "raw_single_tput"), med("inference", "service_off_tput"),
                      med("inference", "service_on_tput"))
-    if ok(raw1, off, on):
+    if _ok(raw1, off, on):
         out.append(f"Inference (1-image requests, many in flight): {fmt(on)} img/s with batching, {fmt(off)} img/s "
                    f"without, vs {fmt(raw1)} img/s for a raw predict loop (one image per call).")
     over = med("inference", "single_overhead")
-    if ok(over):
+    if _ok(over):
         out.append(f"One request alone costs {fmt(over)} ms more through the service than a raw predict call (p50).")
     h32, a32, h1, a1, h1p, a1p = (med("inference", k) for k in ("http_32_tput", "amqp_32_tput", "http_1_tput",
                                                                 "amqp_1_tput", "http_1_p50", "amqp_1_p50"))
-    if ok(h32, a32, raw1):
+    if _ok(h32, a32, raw1):
         text = (f"Inference over HTTP (POST /v1/infer, 32 keep-alive clients): {fmt(h32)} img/s vs {fmt(a32)} img/s "
                 f"over AMQP on the same worker (HTTP ÷ AMQP ×{h32 / a32:.2f}, HTTP ÷ raw ×{h32 / raw1:.2f})")
-        if ok(h1, a1, h1p, a1p):
+        if _ok(h1, a1, h1p, a1p):
             text += (f"; 1 in flight {fmt(h1)} vs {fmt(a1)} img/s, p50 {fmt(h1p)} ms vs {fmt(a1p)} ms "
                      f"(HTTP ÷ AMQP ×{h1p / a1p:.2f})")
         out.append(text + ".")
+    return out
+
+
+def headlines(sections: list[Section]) -> list[str]:
+    """One sentence per measured figure group, for the top of docs/PERFORMANCE.md."""
+    med = _medians(sections)
+    out = [*_training_lines(med), *_transfer_lines(med), *_inference_lines(med)]
     cold = [med("cost", f"cold_{op}") for op in ("train", "convert", "infer")]
-    if ok(*cold):
+    if _ok(*cold):
         out.append("Cold start to consuming: train {} s, convert {} s, infer {} s.".format(*(fmt(c) for c in cold)))
     return out
 

@@ -330,7 +330,7 @@ def plant(storage_dir: Path, marker_dir: Path, shapes_dir: Path) -> dict[str, st
     probes = marker_dir.parent / "live-probes"
     probes.mkdir(parents=True, exist_ok=True)
     evil_torch_checkpoint(marker_dir / "torch-zip-ran", evil_zip, probes / "torch-zip")
-    pickle.loads(evil_pickle(probes / "pickle"))  # noqa: S301 - our own payload, to show it is live
+    pickle.loads(evil_pickle(probes / "pickle"))  # our own payload, to show it is live
     if not ((probes / "torch-zip").is_dir() and (probes / "pickle").is_dir()):
         raise RuntimeError("the pickle payloads did not run when loaded unsafely: the corpus would prove nothing")
     refs["evil_zip"] = "models/evil-zip.pt"

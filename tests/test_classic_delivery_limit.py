@@ -44,7 +44,8 @@ def test_a_request_that_always_fails_retryably_ends_in_the_dlq_after_the_deliver
     assert failed.body["error_code"] == "storage_error"
     assert be.wait_count(f"{queue}.dlq", 1) == 1
     method, props, body = be.channel.basic_get(f"{queue}.dlq", auto_ack=True)
-    assert method is not None and json.loads(body)["job_id"] == "flaky-classic"
+    assert method is not None
+    assert json.loads(body)["job_id"] == "flaky-classic"
     # The dead letter is the last counted copy, with the request's own properties.
     assert props.headers[DELIVERY_COUNT_HEADER] == LIMIT - 1
     assert props.headers["x-be-trace"] == "abc"
@@ -83,7 +84,8 @@ def test_a_redelivery_after_a_crash_counts_as_a_delivery_on_a_classic_queue(
     assert failed.body["error_code"] == "storage_error"
     assert be.wait_count(f"{be.settings.train_request_queue}.dlq", 1) == 1
     method, props, _ = be.channel.basic_get(f"{be.settings.train_request_queue}.dlq", auto_ack=True)
-    assert method is not None and props.headers[DELIVERY_COUNT_HEADER] == LIMIT - 1
+    assert method is not None
+    assert props.headers[DELIVERY_COUNT_HEADER] == LIMIT - 1
     log = worker.log()
     assert "[crash-then-flaky] Redelivered: counted as delivery 2 of 3" in log
     assert "[crash-then-flaky] Received train request (delivery 2)" in log

@@ -111,7 +111,8 @@ def test_help_works_everywhere_and_the_be_side_commands_never_import_torch(tmp_p
     env = {**os.environ, "STORAGE_DIR": str(tmp_path / "storage")}
     result = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT.format(helps=HELPS)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and result.stdout.startswith("ok"), output(result)
+    assert result.returncode == 0, output(result)
+    assert result.stdout.startswith("ok"), output(result)
 
     started = time.monotonic()
     top = subprocess.run(cli_args("--help"), cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
@@ -131,7 +132,8 @@ def test_docs_asyncapi_yaml_is_generated_and_up_to_date(poison_dir: Path) -> Non
     )
     result = subprocess.run(cli_args("asyncapi"), cwd=REPO, env=cli_env({}, poison_dir),
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and result.stdout == ASYNCAPI.read_text(encoding="utf-8"), output(result)
+    assert result.returncode == 0, output(result)
+    assert result.stdout == ASYNCAPI.read_text(encoding="utf-8"), output(result)
     check = subprocess.run(cli_args("asyncapi", "--check", str(ASYNCAPI)), cwd=REPO, env=cli_env({}, poison_dir),
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, output(check)
@@ -209,7 +211,8 @@ def test_progress_is_a_live_line_on_a_terminal_and_plain_lines_otherwise() -> No
         "training completed in 0:01:01: models/m.pt (mAP50 0.7500, loss 1.0000, 2 epochs)",
     ]
     text = live.getvalue()
-    assert "\r" + "epoch 1/2 [##########----------]  50%" in text and "\x1b[K" in text
+    assert "\r" + "epoch 1/2 [##########----------]  50%" in text
+    assert "\x1b[K" in text
     assert text.endswith("ETA 0:00:00\x1b[K\ntraining completed in 0:01:01: models/m.pt (mAP50 0.7500, loss 1.0000, "
                          "2 epochs)\n")
 
@@ -271,17 +274,21 @@ def test_submit_publishes_a_persistent_validated_request_and_prints_the_job_id(
         "hyperparams": {"model": "yolov8n", "epochs": 3, "batch": 16, "imgsz": 64, "seed": 7, "optimizer": "AdamW"},
     }
     props = msg.properties
-    assert props.delivery_mode == 2 and props.content_type == "application/json"
-    assert props.correlation_id == job_id and props.message_id
+    assert props.delivery_mode == 2
+    assert props.content_type == "application/json"
+    assert props.correlation_id == job_id
+    assert props.message_id
 
     request = tmp_path / "request.json"
     request.write_text(json.dumps(train_request("from-file")))
     result = cli("submit", "train", "--file", str(request), "--job-id", "override1")
-    assert result.returncode == 0 and result.stdout.strip() == "override1", output(result)
+    assert result.returncode == 0, output(result)
+    assert result.stdout.strip() == "override1", output(result)
     assert be.wait_for(be.settings.train_request_queue, timeout=10).body == {**train_request("from-file"),
                                                                             "job_id": "override1"}
     result = cli("submit", "train", "-f", "-", input=json.dumps(train_request("stdin1")))
-    assert result.returncode == 0 and result.stdout.strip() == "stdin1", output(result)
+    assert result.returncode == 0, output(result)
+    assert result.stdout.strip() == "stdin1", output(result)
     assert be.wait_for(be.settings.train_request_queue, timeout=10).body == train_request("stdin1")
 
 
@@ -289,7 +296,8 @@ def test_following_without_a_worker_says_so_and_times_out_with_4(cli: Run) -> No
     result = cli("submit", "train", "--dataset", "datasets/shapes/", "--job-id", "lonely1", "--follow",
                  "--timeout", "1.5")
     assert result.returncode == 4, output(result)
-    assert "no worker is consuming" in result.stderr and "make run-train-worker" in result.stderr
+    assert "no worker is consuming" in result.stderr
+    assert "make run-train-worker" in result.stderr
     assert "did not end within 1.5 s" in result.stderr
 
 
@@ -350,24 +358,30 @@ def test_dlq_list_shows_dead_letters_without_losing_them_and_replay_republishes_
     assert listed.returncode == 0, output(listed)
     lines = listed.stdout.splitlines()
     assert lines[0] == f"{dlq}: 3 message(s)"
-    assert "dead1" in lines[2] and "rejected" in lines[2]
-    assert "dead2" in lines[3] and "(unreadable)" in lines[4]
+    assert "dead1" in lines[2]
+    assert "rejected" in lines[2]
+    assert "dead2" in lines[3]
+    assert "(unreadable)" in lines[4]
     # non-destructive: the same three, in the same order, still there
     again = cli("dlq", "list", request_q, "--json", "--body")
     assert again.returncode == 0, output(again)
     data = json.loads(again.stdout)
-    assert data["count"] == 3 and [m["job_id"] for m in data["messages"]] == ["dead1", "dead2", None]
-    assert data["messages"][0]["reason"] == "rejected" and data["messages"][0]["count"] == 1
+    assert data["count"] == 3
+    assert [m["job_id"] for m in data["messages"]] == ["dead1", "dead2", None]
+    assert data["messages"][0]["reason"] == "rejected"
+    assert data["messages"][0]["count"] == 1
     assert data["messages"][0]["queue"] == request_q
     assert json.loads(data["messages"][1]["body"])["job_id"] == "dead2"
     assert be.count(dlq) == 3
 
     replay = cli("dlq", "replay", "train", "--job-id", "dead2")
-    assert replay.returncode == 0 and replay.stdout.split() == ["dead2"], output(replay)
+    assert replay.returncode == 0, output(replay)
+    assert replay.stdout.split() == ["dead2"], output(replay)
     assert be.count(dlq) == 2
     msg = be.wait_for(request_q, timeout=10)
     assert msg.body == train_request("dead2")
-    assert msg.properties.delivery_mode == 2 and msg.properties.correlation_id == "dead2"
+    assert msg.properties.delivery_mode == 2
+    assert msg.properties.correlation_id == "dead2"
     # the broker's death headers were not replayed (a quorum queue adds its own x-delivery-count)
     assert not any(str(k).startswith(("x-death", "x-first-death", "x-last-death"))
                    for k in (msg.properties.headers or {})), msg.properties.headers
@@ -378,10 +392,12 @@ def test_dlq_list_shows_dead_letters_without_losing_them_and_replay_republishes_
     assert be.count(dlq) == 0
     assert be.wait_count(request_q, 2) == 2
     first = be.wait_for(request_q, timeout=10)
-    assert first.body == train_request("dead1") and "x-death" not in (first.properties.headers or {})
+    assert first.body == train_request("dead1")
+    assert "x-death" not in (first.properties.headers or {})
 
     missing = cli("dlq", "list", "no_such_queue")
-    assert missing.returncode == 6 and "does not exist" in missing.stderr, output(missing)
+    assert missing.returncode == 6, output(missing)
+    assert "does not exist" in missing.stderr, output(missing)
 
 
 class StandIn:
@@ -471,10 +487,12 @@ def test_submit_infer_is_rpc_and_submit_convert_follows_progress(cli: Run, be: B
                      "--follow", "--timeout", "30")
     assert result.returncode == 0, output(result)
     assert "conversion started on stand-in: onnx" in result.stderr
-    assert "format onnx done" in result.stderr and "models/exports/m.onnx" in result.stderr
+    assert "format onnx done" in result.stderr
+    assert "models/exports/m.onnx" in result.stderr
     assert json.loads(result.stdout)["type"] == "conversion_completed"
     # the BE's own queues still hold everything: following did not drain them
-    assert be.count(s.convert_update_queue) == 2 and be.count(s.convert_result_queue) == 1
+    assert be.count(s.convert_update_queue) == 2
+    assert be.count(s.convert_result_queue) == 1
 
 
 # --- a real training worker ------------------------------------------------------------
@@ -489,11 +507,16 @@ def test_submit_follow_trains_to_completion_then_status_and_a_failing_job_exits_
                  "--batch", "8", "--job-id", "clijob1", "--follow", "--timeout", "500", timeout=600)
     assert result.returncode == 0, output(result)
     err = result.stderr
-    assert "submitted training job clijob1" in err and "training started on test/train-0 (2 epochs)" in err
-    assert "epoch 1/2 [##########----------]  50%  loss " in err and "mAP50 " in err and "ETA " in err
-    assert "epoch 2/2" in err and "training completed in" in err
+    assert "submitted training job clijob1" in err
+    assert "training started on test/train-0 (2 epochs)" in err
+    assert "epoch 1/2 [##########----------]  50%  loss " in err
+    assert "mAP50 " in err
+    assert "ETA " in err
+    assert "epoch 2/2" in err
+    assert "training completed in" in err
     done = json.loads(result.stdout)
-    assert done["type"] == "training_completed" and done["model_path"] == "models/yolov8n/shapes-clijob1.pt"
+    assert done["type"] == "training_completed"
+    assert done["model_path"] == "models/yolov8n/shapes-clijob1.pt"
     assert storage.stat(done["model_path"]) is not None
     # the BE's result queue still has the job's result: the CLI followed through a queue of its own
     assert be.terminal(be.settings.train_result_queue, "clijob1", timeout=10).type == "training_completed"
@@ -501,14 +524,20 @@ def test_submit_follow_trains_to_completion_then_status_and_a_failing_job_exits_
     status = cli("status", "clijob1")
     assert status.returncode == 0, output(status)
     rows = dict(line.split(None, 1) if " " in line else (line, "") for line in status.stdout.splitlines())
-    assert rows["status"].strip() == "completed" and rows["attempt"].strip() == "1"
-    assert "last epoch     2" in status.stdout and "owner          test/train-0" in status.stdout
-    assert "jobs/train/clijob1/last.pt" in status.stdout and "training_completed (sent)" in status.stdout
+    assert rows["status"].strip() == "completed"
+    assert rows["attempt"].strip() == "1"
+    assert "last epoch     2" in status.stdout
+    assert "owner          test/train-0" in status.stdout
+    assert "jobs/train/clijob1/last.pt" in status.stdout
+    assert "training_completed (sent)" in status.stdout
     record = json.loads(cli("status", "clijob1", "--json").stdout)
-    assert record["status"] == "completed" and record["terminal_type"] == "training_completed"
-    assert record["last_epoch"] == 2 and record["checkpoints"]["last"] == "jobs/train/clijob1/last.pt"
+    assert record["status"] == "completed"
+    assert record["terminal_type"] == "training_completed"
+    assert record["last_epoch"] == 2
+    assert record["checkpoints"]["last"] == "jobs/train/clijob1/last.pt"
     missing = cli("status", "never-seen")
-    assert missing.returncode == 6 and "no job record for never-seen" in missing.stderr, output(missing)
+    assert missing.returncode == 6, output(missing)
+    assert "no job record for never-seen" in missing.stderr, output(missing)
 
     failed = cli("submit", "train", "--dataset", "datasets/missing/", "--epochs", "1", "--imgsz", "64",
                  "--job-id", "clifail", "--follow", "--timeout", "300", timeout=400)
@@ -537,7 +566,8 @@ def test_cancel_ends_a_followed_job_with_3(
             assert time.monotonic() < deadline, f"no epoch line:\n{err_path.read_text()}"
             time.sleep(0.2)
         cancel = cli("cancel", "clicancel")
-        assert cancel.returncode == 0 and "cancel requested for job clicancel" in cancel.stderr, output(cancel)
+        assert cancel.returncode == 0, output(cancel)
+        assert "cancel requested for job clicancel" in cancel.stderr, output(cancel)
         stdout, _ = follower.communicate(timeout=300)
     finally:
         if follower.poll() is None:
@@ -545,5 +575,6 @@ def test_cancel_ends_a_followed_job_with_3(
             follower.wait(10)
     assert follower.returncode == 3, err_path.read_text()
     cancelled = json.loads(stdout)
-    assert cancelled["type"] == "training_cancelled" and 1 <= cancelled["current_epoch"] < 30
+    assert cancelled["type"] == "training_cancelled"
+    assert 1 <= cancelled["current_epoch"] < 30
     assert "training cancelled at epoch" in err_path.read_text()

@@ -223,7 +223,8 @@ def test_guest_credentials_on_a_remote_host_are_called_insecure() -> None:
 
     warning = settings.insecurity()
 
-    assert warning is not None and "guest" in warning
+    assert warning is not None
+    assert "guest" in warning
 
 
 def test_no_tls_to_a_remote_host_is_called_insecure() -> None:
@@ -233,7 +234,8 @@ def test_no_tls_to_a_remote_host_is_called_insecure() -> None:
 
     warning = settings.insecurity()
 
-    assert warning is not None and "TLS" in warning
+    assert warning is not None
+    assert "TLS" in warning
     assert PASSWORD not in warning
 
 
@@ -266,7 +268,8 @@ def test_the_http_token_never_appears_in_repr_or_redacted_and_opens_a_public_hos
     token = "s3cr3t-http-token"
     settings = Settings.from_env({"HTTP_TOKEN": token, "HTTP_HOST": "0.0.0.0", "HTTP_PORT": "8100"})
 
-    assert token not in repr(settings) and token not in str(settings)
+    assert token not in repr(settings)
+    assert token not in str(settings)
     assert token not in repr(settings.redacted())
     assert settings.redacted()["http_token"] == "***"
     assert settings.http_api_allowed

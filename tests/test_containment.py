@@ -100,7 +100,8 @@ def test_a_list_file_naming_images_outside_the_dataset_is_refused_and_leaves_not
     storage = LocalStorage(root)
     with pytest.raises(DatasetError) as caught:
         materialise(storage, "datasets/d/", tmp_path / "work", tmp_path / "run")
-    assert "train.txt line 2" in caught.value.message and "relative" in caught.value.message
+    assert "train.txt line 2" in caught.value.message
+    assert "relative" in caught.value.message
     assert caught.value.error_code == "dataset_invalid"
     assert not (tmp_path / "run" / "dataset").exists()
     assert not (tmp_path / "work" / "datasets" / cache_dir_name(storage, "datasets/d/")).exists()
@@ -192,7 +193,8 @@ def test_a_dataset_with_a_symlink_out_of_storage_is_invalid_and_nothing_of_it_is
     os.symlink(secret, ds / "images/train/leak.png")
     with pytest.raises(PermanentError) as caught:
         materialise(LocalStorage(root), "datasets/d/", tmp_path / "work", tmp_path / "run")
-    assert caught.value.error_code == "dataset_invalid" and "leak.png" in caught.value.message
+    assert caught.value.error_code == "dataset_invalid"
+    assert "leak.png" in caught.value.message
     cached = [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
     assert not [p for p in cached if b"SECRET-CONTENT" in p.read_bytes()]
 
@@ -223,20 +225,22 @@ def _parse(model: type[Any], body: dict[str, Any], limits: Limits | None = None)
     return caught.value.message
 
 
-@pytest.mark.parametrize("field,value", [
+@pytest.mark.parametrize(("field", "value"), [
     ("dataset.s3_prefix", "jobs/"), ("dataset.s3_prefix", "jobs"), ("output.prefix", "jobs"),
     ("output.prefix", "jobs/train"), ("hyperparams.pretrained", "jobs/train/x/last.pt"),
 ])
 def test_no_training_key_may_name_the_services_own_area(field: str, value: str) -> None:
     message = _parse(TrainingRequest, _train(**{field: value}))
-    assert field in message and "JOBS_PREFIX" in message
+    assert field in message
+    assert "JOBS_PREFIX" in message
 
 
 def test_conversion_and_inference_keys_may_not_name_the_services_own_area_either() -> None:
     conv = {"job_id": "c1", "model": {"path": "jobs/train/x/best.pt"}, "formats": ["onnx"],
             "output": {"prefix": "jobs/artifacts"}}
     message = _parse(ConversionRequest, conv)
-    assert "model.path" in message and "output.prefix" in message
+    assert "model.path" in message
+    assert "output.prefix" in message
     inf = {"job_id": "i1", "model": {"path": "m.pt"}, "images": [{"path": "jobs/convert/c1.json"}]}
     assert "images.0" in _parse(InferenceRequest, inf)
 
@@ -247,7 +251,7 @@ def test_jobs_prefix_is_the_configured_one() -> None:
     parse_request(TrainingRequest, json.dumps(_train(**{"output.prefix": "jobs"})).encode(), 10**8, limits)
 
 
-@pytest.mark.parametrize("field,value,setting", [
+@pytest.mark.parametrize(("field", "value", "setting"), [
     ("hyperparams.batch", 257, "MAX_TRAIN_BATCH"), ("hyperparams.epochs", 10001, "MAX_EPOCHS"),
     ("hyperparams.imgsz", 4100, "MAX_IMGSZ"), ("hyperparams.workers", 17, "MAX_DATALOADER_WORKERS"),
     ("hyperparams.cache", "ram", "ALLOW_RAM_CACHE"), ("hyperparams.cache", True, "ALLOW_RAM_CACHE"),
@@ -260,7 +264,8 @@ def test_an_inference_request_with_too_many_images_is_refused_by_counting_alone(
     body = {"job_id": "i1", "model": {"path": "m.pt"}, "images": [{"data": "!!not base64!!"}] * 5000,
             "params": {"max_det": 1001}}
     message = _parse(InferenceRequest, body)
-    assert "MAX_IMAGES_PER_REQUEST" in message and "MAX_DET" in message
+    assert "MAX_IMAGES_PER_REQUEST" in message
+    assert "MAX_DET" in message
     assert "base64" not in message, "the items were never validated one by one"
 
 
@@ -277,7 +282,8 @@ def test_training_and_conversion_records_of_one_job_id_are_separate(tmp_path: Pa
     # a record an older release wrote is read by its own operation only
     storage.write_bytes("jobs/old.json", JobRecord(job_id="old", op="train").to_json())
     loaded = train.load("old")
-    assert loaded is not None and loaded.op == "train"
+    assert loaded is not None
+    assert loaded.op == "train"
     assert convert.load("old") is None
 
 
@@ -346,7 +352,8 @@ def test_hostile_datasets_and_keys_through_the_real_worker_run_nothing_and_touch
         be.send_train(body)
     for job_id, (_, code) in cases.items():
         failed = be.terminal(be.settings.train_result_queue, job_id, timeout=180).body
-        assert failed["type"] == "training_failed" and failed["error_code"] == code, (job_id, failed)
+        assert failed["type"] == "training_failed", (job_id, failed)
+        assert failed["error_code"] == code, (job_id, failed)
     assert not marker.exists(), "a planted payload ran"
     assert record.read_bytes() == before, "the victim's record was touched"
     work = Path(worker_env["WORK_DIR"])

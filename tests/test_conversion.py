@@ -129,7 +129,7 @@ def yolo_ready(tmp_path: Path) -> Iterator[None]:
     from workers import yolo
 
     yolo.prepare_ultralytics(tmp_path / "yolo")
-    yield
+    return
 
 
 # --- end to end ------------------------------------------------------------------------
@@ -156,12 +156,15 @@ def test_torchscript_onnx_and_openvino_from_s3_are_verified_and_load_and_engine_
     updates, result = follow(be, "conv3")
     done = result.body
     assert done["type"] == "conversion_completed", done
-    assert done["status"] == "completed" and done["progress"] == 100.0 and done["conversion_time"] > 0
+    assert done["status"] == "completed"
+    assert done["progress"] == 100.0
+    assert done["conversion_time"] > 0
     assert result.routing_key == "convert.result.conv3"
 
     assert [u.type for u in updates] == ["conversion_started"] + ["conversion_update"] * 3
     started = updates[0].body
-    assert started["formats"] == ["torchscript", "onnx", "openvino"] and started["worker"] == "test/convert-0"
+    assert started["formats"] == ["torchscript", "onnx", "openvino"]
+    assert started["worker"] == "test/convert-0"
     steps = [u.body for u in updates[1:]]
     assert [s["current_format"] for s in steps] == ["torchscript", "onnx", "openvino"]
     assert [s["progress"] for s in steps] == [33.33, 66.67, 100.0]
@@ -200,9 +203,12 @@ def test_torchscript_onnx_and_openvino_from_s3_are_verified_and_load_and_engine_
     send(be, convert_request("conv-engine", ["torchscript", "engine", "onnx"]))
     updates, result = follow(be, "conv-engine")
     failed = result.body
-    assert failed["type"] == "conversion_failed" and failed["status"] == "failed", failed
-    assert failed["error_code"] == "unsupported_format" and failed["failed_format"] == "engine"
-    assert "GPU" in failed["error_message"] and "Traceback" not in failed["error_message"]
+    assert failed["type"] == "conversion_failed", failed
+    assert failed["status"] == "failed", failed
+    assert failed["error_code"] == "unsupported_format"
+    assert failed["failed_format"] == "engine"
+    assert "GPU" in failed["error_message"]
+    assert "Traceback" not in failed["error_message"]
     assert [a["format"] for a in failed["artifacts"]] == ["torchscript", "onnx"]
     assert all(a["verified"] for a in failed["artifacts"]), failed["artifacts"]
     assert [u.body.get("current_format") for u in updates[1:]] == ["torchscript", "onnx"]
@@ -251,7 +257,8 @@ def test_bad_requests_each_end_with_one_conversion_failed_and_the_worker_goes_on
         assert failed["type"] == "conversion_failed", failed
         assert failed["error_code"] == code, (job_id, failed)
         message = failed["error_message"]
-        assert mentioned in message and "Traceback" not in message, (job_id, message)
+        assert mentioned in message, (job_id, message)
+        assert "Traceback" not in message, (job_id, message)
         assert failed["artifacts"] == []
     assert be.drain(be.settings.convert_result_queue) == [], "one terminal message per job"
     assert not marker.exists(), "the malicious pickle ran"
@@ -277,7 +284,8 @@ def test_a_cancel_between_formats_ends_with_conversion_cancelled_and_the_artifac
     assert first.body["current_format"] == "torchscript"
     be.cancel("conv-cancel")
     result = be.terminal(be.settings.convert_result_queue, "conv-cancel", timeout=60).body
-    assert result["type"] == "conversion_cancelled" and result["status"] == "cancelled", result
+    assert result["type"] == "conversion_cancelled", result
+    assert result["status"] == "cancelled", result
     assert [a["format"] for a in result["artifacts"]] == ["torchscript"]
     assert storage.stat("models/exports/shapes.torchscript") is not None
     assert storage.stat("models/exports/shapes.onnx") is None
@@ -292,7 +300,8 @@ def test_a_cancel_between_formats_ends_with_conversion_cancelled_and_the_artifac
         time.sleep(0.1)
     send(be, convert_request("conv-early", ["onnx"]))
     early = be.terminal(be.settings.convert_result_queue, "conv-early", timeout=60).body
-    assert early["type"] == "conversion_cancelled" and early["artifacts"] == [], early
+    assert early["type"] == "conversion_cancelled", early
+    assert early["artifacts"] == [], early
     assert storage.stat("models/exports/shapes.onnx") is None
 
 
@@ -318,11 +327,11 @@ def test_formats_and_options_are_checked_against_the_installed_exporter(
     assert {"torchscript", "onnx", "openvino", "engine", "coreml", "saved_model", "ncnn"} <= set(table)
     plans = conversion.plan_formats(_request(["onnx", "tflite", "trt"]), table)
     assert [(p.requested, p.name) for p in plans] == [("onnx", "onnx"), ("tflite", "litert"), ("trt", "engine")]
-    with pytest.raises(InvalidInput, match="tensorflow_js.*allowed: .*torchscript"):
+    with pytest.raises(InvalidInput, match=r"tensorflow_js.*allowed: .*torchscript"):
         conversion.plan_formats(_request(["onnx", "tensorflow_js"]), table)
     with pytest.raises(InvalidInput, match="int8: not available for torchscript"):
         conversion.plan_formats(_request(["torchscript", "onnx"], dataset=True, int8=True), table)
-    with pytest.raises(InvalidInput, match="needs dataset.s3_prefix"):
+    with pytest.raises(InvalidInput, match=r"needs dataset\.s3_prefix"):
         conversion.plan_formats(_request(["onnx"], int8=True), table)
     with pytest.raises(InvalidInput, match="half and int8"):
         conversion.plan_formats(_request(["onnx"], dataset=True, int8=True, half=True), table)
@@ -346,7 +355,9 @@ def test_unsupported_formats_are_named_with_what_is_missing_before_any_export(
 
     assert "GPU" in (reason("engine") or "")
     assert "GPU" in (reason("torchscript", half=True) or "")
-    assert reason("torchscript") is None and reason("onnx") is None and reason("openvino") is None
+    assert reason("torchscript") is None
+    assert reason("onnx") is None
+    assert reason("openvino") is None
     assert "coremltools" in (reason("coreml") or "")
     assert "tensorflow" in (reason("saved_model") or "")
     assert "ncnn" in (reason("ncnn") or "")
@@ -357,7 +368,9 @@ def test_unsupported_formats_are_named_with_what_is_missing_before_any_export(
     assert reason("onnx", simplify=False) is None
     args = conversion.export_arguments(conversion.Plan("torchscript", table["torchscript"]),
                                        _request(["torchscript"], opset=12), cpu, None)
-    assert "opset" not in args and "simplify" not in args and args["imgsz"] == IMGSZ
+    assert "opset" not in args
+    assert "simplify" not in args
+    assert args["imgsz"] == IMGSZ
 
 
 def _dets(*rows: tuple[int, float, float, float, float, float]) -> conversion.Detections:
@@ -375,7 +388,9 @@ def test_detections_match_within_tolerance_and_a_mismatch_is_reported() -> None:
     names = {0: "circle", 1: "square"}
     moved = [_dets((0, 10, 10, 50, 50, 0.90), (1, 70, 70, 110, 110, 0.80)), _dets()]
     result = conversion.compare_detections(ref, moved, tol, 0.25, names)
-    assert not result.ok and "square" in result.problems[0] and "no match" in result.problems[0]
+    assert not result.ok
+    assert "square" in result.problems[0]
+    assert "no match" in result.problems[0]
     swapped = [_dets((1, 10, 10, 50, 50, 0.90), (1, 60, 60, 100, 100, 0.80)), _dets()]
     assert not conversion.compare_detections(ref, swapped, tol, 0.25).ok
     weaker = [_dets((0, 10, 10, 50, 50, 0.70), (1, 60, 60, 100, 100, 0.80)), _dets()]

@@ -38,9 +38,13 @@ def test_state_follows_a_job_from_its_messages_and_its_terminal_message_is_final
     state.apply("train.update.j1", epoch("j1", 3))  # late: changes nothing
     job = state.job("train", "j1")
     assert job is not None
-    assert job["state"] == "failed" and job["error_code"] == "out_of_memory" and job["worker"] == "host/train"
-    assert [p["epoch"] for p in job["history"]] == [1.0, 2.0] and job["history"][1]["mAP50"] == 0.4
-    assert job["progress"] == pytest.approx(200 / 3) and job["eta_seconds"] is None
+    assert job["state"] == "failed"
+    assert job["error_code"] == "out_of_memory"
+    assert job["worker"] == "host/train"
+    assert [p["epoch"] for p in job["history"]] == [1.0, 2.0]
+    assert job["history"][1]["mAP50"] == 0.4
+    assert job["progress"] == pytest.approx(200 / 3)
+    assert job["eta_seconds"] is None
     kinds = [c.kind for c in state.changes_after(0) or []]
     assert kinds == ["job"] * 5
 
@@ -51,7 +55,8 @@ def test_a_resumed_job_replaces_the_epochs_it_repeats_and_progress_never_goes_ba
         state.apply("train.update.j", epoch("j", n))
     job = state.job("train", "j")
     assert job is not None
-    assert [p["epoch"] for p in job["history"]] == [1.0, 2.0, 3.0] and job["progress"] == 100.0
+    assert [p["epoch"] for p in job["history"]] == [1.0, 2.0, 3.0]
+    assert job["progress"] == 100.0
 
 
 def test_state_is_bounded_and_a_reader_left_behind_gets_none_for_a_fresh_snapshot() -> None:
@@ -66,9 +71,12 @@ def test_state_is_bounded_and_a_reader_left_behind_gets_none_for_a_fresh_snapsho
     snapshot = state.snapshot()
     assert {j["job_id"] for j in snapshot["jobs"]} == {"long", "i2", "i3"}  # finished ones went first
     long = state.job("train", "long")
-    assert long is not None and [p["epoch"] for p in long["history"]] == [6.0, 7.0, 8.0, 9.0]
+    assert long is not None
+    assert [p["epoch"] for p in long["history"]] == [6.0, 7.0, 8.0, 9.0]
     infer = state.job("infer", "i3")
-    assert infer is not None and infer["terminal"]["detections"] == 3 and "results" not in infer["terminal"]
+    assert infer is not None
+    assert infer["terminal"]["detections"] == 3
+    assert "results" not in infer["terminal"]
     assert state.changes_after(0) is None  # the log no longer reaches back: take a snapshot
     assert [c.seq for c in state.changes_after(snapshot["seq"] - 2) or []] == [snapshot["seq"] - 1, snapshot["seq"]]
 
@@ -96,13 +104,20 @@ def test_records_in_storage_rebuild_jobs_with_their_last_epoch(tmp_path: Path) -
     state = DashboardState()
     assert load_records(state, storage, "jobs/") == 2
     job = state.job("train", "r")
-    assert job is not None and job["state"] == "running" and job["current_epoch"] == 4
-    assert job["history"] == [{"epoch": 4.0, "mAP50": 0.3, "train_loss": 1.5}] and job["worker"] == "w/train"
+    assert job is not None
+    assert job["state"] == "running"
+    assert job["current_epoch"] == 4
+    assert job["history"] == [{"epoch": 4.0, "mAP50": 0.3, "train_loss": 1.5}]
+    assert job["worker"] == "w/train"
     converted = state.job("convert", "d")
-    assert converted is not None and converted["state"] == "completed" and converted["artifacts"][0]["format"] == "onnx"
+    assert converted is not None
+    assert converted["state"] == "completed"
+    assert converted["artifacts"][0]["format"] == "onnx"
     state.apply("train.update.r", epoch("r", 5, total=10))
     job = state.job("train", "r")
-    assert job is not None and [p["epoch"] for p in job["history"]] == [4.0, 5.0] and job["total_epochs"] == 10
+    assert job is not None
+    assert [p["epoch"] for p in job["history"]] == [4.0, 5.0]
+    assert job["total_epochs"] == 10
 
 
 # --- the real page ---------------------------------------------------------------------
@@ -155,7 +170,8 @@ def test_the_page_shows_a_training_job_live_and_a_dashboard_started_mid_job_canc
     page.click(f'tr[data-queue="{be.settings.train_request_queue}.dlq"] button[data-dlq="train"]', timeout=30_000)
     page.click('button[data-replay="train"]', timeout=30_000)  # back to the request queue: the worker answers again
     again = be.terminal(results, "bad1", timeout=60)
-    assert again.type == "training_failed" and again.body["error_code"] == "invalid_request"
+    assert again.type == "training_failed"
+    assert again.body["error_code"] == "invalid_request"
     assert "Replayed 1 dead letter(s)" in first.log()
 
     be.send_train(train("dash1", 3))
@@ -167,7 +183,8 @@ def test_the_page_shows_a_training_job_live_and_a_dashboard_started_mid_job_canc
     assert points_seen(page) == [1, 2, 3]  # one point per epoch_update, as each came
     assert page.inner_text("#job-state") == "completed"
     assert "training_completed" in (page.text_content("#job-terminal") or "")
-    assert page.locator("#chart-map canvas").count() == 1 and page.locator("#chart-loss canvas").count() == 1
+    assert page.locator("#chart-map canvas").count() == 1
+    assert page.locator("#chart-loss canvas").count() == 1
 
     be.send_train(train("dash2", 200))
     be.wait_for(be.settings.train_update_queue,  # the second job has stored an epoch in its record
@@ -192,7 +209,8 @@ def test_the_page_shows_a_training_job_live_and_a_dashboard_started_mid_job_canc
     assert "Cancel sent for dash2" in late.log()
     queues = httpx.get(late.url + "/v1/dashboard/state", timeout=10).json()["queues"]
     request_q = next(q for q in queues if q["queue"] == be.settings.train_request_queue)
-    assert request_q["messages"] == 0 and request_q["consumers"] is not None  # declared, read passively
+    assert request_q["messages"] == 0
+    assert request_q["consumers"] is not None
     dlq = next(q for q in queues if q["queue"] == be.settings.train_request_queue + ".dlq")
     assert dlq["messages"] == 1  # bad1, replayed once and dead-lettered again
 

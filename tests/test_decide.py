@@ -95,7 +95,8 @@ def test_with_a_delivery_limit_of_one_the_first_delivery_is_the_last() -> None:
     decision = decide(StorageError("S3 timed out"), 0, 1)
 
     assert decision.outcome is Outcome.REJECT
-    assert decision.report is not None and decision.report.error_code == "storage_error"
+    assert decision.report is not None
+    assert decision.report.error_code == "storage_error"
 
 
 @pytest.mark.parametrize("delivery_count", [0, LIMIT - 1, LIMIT + 10])

@@ -78,15 +78,20 @@ def test_demo_quick_trains_converts_detects_and_draws_boxes_where_the_shapes_are
         dashboard.stop()
 
     assert "no worker is consuming" not in demo.stderr
-    assert "uploaded the shapes dataset" in demo.stderr and "datasets/shapes-demo/" in demo.stderr
-    assert "epoch 2/2" in demo.stderr and "training completed" in demo.stderr
-    assert f"dashboard: {dashboard.url}/" in demo.stderr and f"detections drawn: {output}" in demo.stderr
+    assert "uploaded the shapes dataset" in demo.stderr
+    assert "datasets/shapes-demo/" in demo.stderr
+    assert "epoch 2/2" in demo.stderr
+    assert "training completed" in demo.stderr
+    assert f"dashboard: {dashboard.url}/" in demo.stderr
+    assert f"detections drawn: {output}" in demo.stderr
     summary = json.loads(demo.stdout)
     assert (storage / "datasets/shapes-demo/data.yaml").is_file()
     assert (storage / summary["training"]["model_path"]).is_file()
     (onnx,) = summary["conversion"]["artifacts"]
-    assert onnx["format"] == "onnx" and summary["inference"]["model_path"] == onnx["path"]
-    assert summary["detections_png"] == str(output) and summary["dashboard"] == dashboard.url + "/"
+    assert onnx["format"] == "onnx"
+    assert summary["inference"]["model_path"] == onnx["path"]
+    assert summary["detections_png"] == str(output)
+    assert summary["dashboard"] == dashboard.url + "/"
 
     picture = Image.open(output)
     assert picture.size == (tile_origin(len(INFER_SEEDS))[0], INFER_SIZE * SCALE + 2 * tile_origin(0)[1])
@@ -101,4 +106,5 @@ def test_demo_quick_trains_converts_detects_and_draws_boxes_where_the_shapes_are
                 found += 1
                 best = max(hits, key=lambda d: d["confidence"])
                 assert edge_colour_share(picture, tile, best["box"], BOX_COLOURS[best["class_id"]]) >= 0.8, best
-    assert shapes >= len(INFER_SEEDS) and found >= shapes / 2, (found, shapes, summary["images"])
+    assert shapes >= len(INFER_SEEDS), (found, shapes, summary["images"])
+    assert found >= shapes / 2, (found, shapes, summary["images"])

@@ -105,10 +105,9 @@ def promql_problems(expr: str) -> list[str]:
     for ch in s:
         if ch in "([{":
             stack.append(ch)
-        elif ch in pairs:
-            if not stack or stack.pop() != pairs[ch]:
-                problems.append(f"unbalanced {ch!r}")
-                break
+        elif ch in pairs and (not stack or stack.pop() != pairs[ch]):
+            problems.append(f"unbalanced {ch!r}")
+            break
     if stack:
         problems.append(f"unclosed {''.join(stack)!r}")
     unknown = functions(expr) - FUNCTIONS
@@ -231,7 +230,8 @@ def test_every_metric_the_dashboard_and_the_alerts_query_is_served_by_a_real_wor
     port = free_port()
     start_worker(module=SLEEPY, env={"METRICS_PORT": str(port)}, wait_started=False)
     served = served_series(scrape(f"http://127.0.0.1:{port}/metrics"))
-    assert "ai_jobs_total" in served and "ai_inference_latency_seconds_bucket" in served, sorted(served)
+    assert "ai_jobs_total" in served, sorted(served)
+    assert "ai_inference_latency_seconds_bucket" in served, sorted(served)
 
     queried = dashboard_exprs(load_dashboard()) + alert_exprs(load_alerts())
     referenced: dict[str, list[str]] = {}
@@ -253,11 +253,13 @@ def test_every_metric_the_dashboard_and_the_alerts_query_is_served_by_a_real_wor
 def test_the_dashboard_loads_with_a_datasource_variable_a_worker_variable_and_queries_on_every_panel() -> None:
     dashboard = load_dashboard()
     assert 36 <= dashboard["schemaVersion"] <= 41
-    assert dashboard["title"] and dashboard["uid"]
+    assert dashboard["title"]
+    assert dashboard["uid"]
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["DS_PROMETHEUS"]["type"] == "datasource"
     assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
-    assert variables["instance"]["type"] == "query" and variables["instance"]["includeAll"]
+    assert variables["instance"]["type"] == "query"
+    assert variables["instance"]["includeAll"]
     assert variables["job"]["type"] == "query"
 
     panels = all_panels(dashboard)
@@ -267,14 +269,18 @@ def test_the_dashboard_loads_with_a_datasource_variable_a_worker_variable_and_qu
     assert len(graphs) >= 15
     for p in graphs:
         label = f"panel {p['id']} {p.get('title')!r}"
-        assert p.get("title") and p.get("description"), label
+        assert p.get("title"), label
+        assert p.get("description"), label
         assert p.get("datasource") == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, label
         pos = p["gridPos"]
-        assert pos["w"] > 0 and pos["h"] > 0 and pos["x"] + pos["w"] <= 24, label
+        assert pos["w"] > 0, label
+        assert pos["h"] > 0, label
+        assert pos["x"] + pos["w"] <= 24, label
         targets = p.get("targets")
         assert targets, f"{label} has no targets"
         refs = [t.get("refId") for t in targets]
-        assert all(refs) and len(refs) == len(set(refs)), f"{label}: refIds {refs}"
+        assert all(refs), f"{label}: refIds {refs}"
+        assert len(refs) == len(set(refs)), f"{label}: refIds {refs}"
         for t in targets:
             assert t.get("expr", "").strip(), f"{label} {t.get('refId')}: no expr"
             assert t.get("datasource", p["datasource"])["uid"] == "${DS_PROMETHEUS}", label
@@ -293,22 +299,26 @@ def test_the_dashboard_loads_with_a_datasource_variable_a_worker_variable_and_qu
 
 def test_the_alert_rules_have_the_structure_prometheus_requires_and_sane_promql(tmp_path: Path) -> None:
     alerts = load_alerts()
-    assert set(alerts) == {"groups"} and alerts["groups"]
+    assert set(alerts) == {"groups"}
+    assert alerts["groups"]
     group_names = [g["name"] for g in alerts["groups"]]
-    assert all(group_names) and len(group_names) == len(set(group_names))
+    assert all(group_names)
+    assert len(group_names) == len(set(group_names))
     seen = set()
     for group in alerts["groups"]:
         assert set(group) <= {"name", "interval", "rules", "limit"}, group["name"]
         assert group["rules"], group["name"]
         for rule in group["rules"]:
             name = rule.get("alert")
-            assert name and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name), rule
+            assert name, rule
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name), rule
             assert name not in seen, f"alert {name} twice"
             seen.add(name)
             assert set(rule) <= {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}, name
             assert DURATION.match(str(rule.get("for", ""))), f"{name}: for {rule.get('for')!r}"
             assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
-            assert rule["annotations"]["summary"].strip() and rule["annotations"]["description"].strip(), name
+            assert rule["annotations"]["summary"].strip(), name
+            assert rule["annotations"]["description"].strip(), name
             assert promql_problems(str(rule["expr"])) == [], f"{name}: {rule['expr']}"
     exprs = {r["alert"]: str(r["expr"]) for g in alerts["groups"] for r in g["rules"]}
     required = {

@@ -10,6 +10,7 @@ answers ``training_completed``.  It never imports torch.
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import json
 import os
 import signal
@@ -158,10 +159,11 @@ def test_a_worker_publishes_an_ephemeral_heartbeat_every_interval_with_every_fie
     props = first.properties
     assert (props.delivery_mode, props.expiration, props.type, props.app_id, props.content_type) == (
         1, "3000", "worker_heartbeat", "ai-service", "application/json")
-    assert props.message_id and props.timestamp
+    assert props.message_id
+    assert props.timestamp
 
     stamps = [parse_ts(b.body["timestamp"]) for b in beats]
-    gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(stamps)]
     assert all(0.7 <= gap <= 1.6 for gap in gaps), gaps
     assert len({b.properties.message_id for b in beats}) == len(beats)
     assert {b.body["started_at"] for b in beats} == {first.body["started_at"]}
@@ -198,7 +200,9 @@ def test_ai_service_workers_lists_two_live_workers_and_exits_6_when_there_is_non
     env = poisoned_env(tmp_path, worker_env)
     nobody = WorkersCommand(env, "--wait", "1.5")
     rc, out, err = nobody.finish()
-    assert rc == 6 and out == "" and "no worker heartbeat" in err, (rc, out, err)
+    assert rc == 6, (rc, out, err)
+    assert out == "", (rc, out, err)
+    assert "no worker heartbeat" in err, (rc, out, err)
 
     import torch
 
@@ -209,7 +213,8 @@ def test_ai_service_workers_lists_two_live_workers_and_exits_6_when_there_is_non
     rc, out, err = WorkersCommand(env).finish()  # 1.5 intervals by default
     assert rc == 0, (rc, out, err)
     lines = out.strip().splitlines()
-    assert lines[0].split()[:4] == ["WORKER", "OP", "STATE", "DEVICE"] and len(lines) == 3, out
+    assert lines[0].split()[:4] == ["WORKER", "OP", "STATE", "DEVICE"], out
+    assert len(lines) == 3, out
     conv, stub = lines[1].split(), lines[2].split()
     assert conv[:4] == ["test/conv", "convert", "idle", "cuda:0" if cuda else "cpu"], out
     assert stub[:6] == ["test/stub", "train", "idle", "cpu", "-", "-"], out
@@ -221,7 +226,8 @@ def test_ai_service_workers_lists_two_live_workers_and_exits_6_when_there_is_non
     assert rc == 0, (rc, out, err)
     rows = by_worker(json.loads(out))
     assert set(rows) == {"test/conv", "test/stub"}
-    assert rows["test/conv"]["operation"] == "convert" and rows["test/conv"]["status"] == "idle"
+    assert rows["test/conv"]["operation"] == "convert"
+    assert rows["test/conv"]["status"] == "idle"
     assert rows["test/conv"]["device"] == ("cuda:0" if cuda else "cpu")
     assert (rows["test/conv"]["gpu"] is not None) == cuda
     assert rows["test/conv"]["versions"]["torch"] == importlib.metadata.version("torch")

@@ -57,7 +57,8 @@ def test_inference_over_http_returns_the_same_detections_as_the_same_request_ove
     status, over_http = post_json(port, "/v1/infer", request("over-http", MODEL, images))
 
     assert status == 200, over_http
-    assert over_http["type"] == "inference_completed" and over_http["job_id"] == "over-http"
+    assert over_http["type"] == "inference_completed"
+    assert over_http["job_id"] == "over-http"
     assert over_http["model_path"] == MODEL
     assert [r["image"] for r in over_http["results"]] == ["images/three.png", "1"]
     assert sum(len(r["detections"]) for r in over_http["results"]) > 0, over_http
@@ -87,9 +88,12 @@ def test_http_and_amqp_inference_requests_arriving_together_are_predicted_in_one
         sender.start()
         amqp_answer = answers(be, [f"amqp-{round_}"])[f"amqp-{round_}"].body
         sender.join(120)
-        assert got and got[0][0] == 200, got
-        assert got[0][1]["job_id"] == f"http-{round_}" and len(got[0][1]["results"]) == 3
-        assert amqp_answer["type"] == "inference_completed" and len(amqp_answer["results"]) == 2
+        assert got, got
+        assert got[0][0] == 200, got
+        assert got[0][1]["job_id"] == f"http-{round_}"
+        assert len(got[0][1]["results"]) == 3
+        assert amqp_answer["type"] == "inference_completed"
+        assert len(amqp_answer["results"]) == 2
         small_after, big_after = batch_buckets(port)
         if (big_after - big_before) - (small_after - small_before) >= 1:  # a call of 5..8 images
             together += 1
@@ -106,14 +110,16 @@ def test_invalid_json_and_invalid_fields_are_answered_400_naming_every_bad_field
 
     status, body = post_json(port, "/v1/infer", b"{not json")
     assert status == 400, body
-    assert body["type"] == "inference_failed" and body["error_code"] == "invalid_request"
+    assert body["type"] == "inference_failed"
+    assert body["error_code"] == "invalid_request"
     assert "not valid JSON" in body["error_message"]
 
     bad = {"job_id": "bad-fields", "model": {"path": "../etc/passwd"}, "images": [],
            "params": {"conf": 7, "imgsz": -3}}
     status, body = post_json(port, "/v1/infer", bad)
     assert status == 400, body
-    assert body["job_id"] == "bad-fields" and body["error_code"] == "invalid_request"
+    assert body["job_id"] == "bad-fields"
+    assert body["error_code"] == "invalid_request"
     for field in ("model.path", "images", "params.conf", "params.imgsz"):
         assert field in body["error_message"], (field, body["error_message"])
     # the consumer says the same about the same message
@@ -125,7 +131,8 @@ def test_invalid_json_and_invalid_fields_are_answered_400_naming_every_bad_field
     assert (status, body["error_code"]) == (404, "model_not_found"), body
 
     status, body = post_json(port, "/v1/infer", request("too-big", MODEL, [{"data": "A" * 300000}]))
-    assert status == 413 and body["type"] == "inference_failed", body
+    assert status == 413, body
+    assert body["type"] == "inference_failed", body
     assert "200000" in body["error_message"]
     assert http_get(port, "/healthz") == (200, "ok\n"), "the worker goes on"
 
@@ -144,9 +151,11 @@ def test_with_http_token_set_v1_needs_the_bearer_token_health_never_does_and_the
         assert status == 401, (token, answer)
     status, headers, _ = call(port, "POST", "/v1/infer", json.dumps(body).encode(),
                               {"Authorization": f"Basic {TOKEN}"})
-    assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+    assert status == 401
+    assert headers["www-authenticate"].startswith("Bearer")
     status, answer = post_json(port, "/v1/infer", body, token=TOKEN)
-    assert status == 200 and answer["type"] == "inference_completed", answer
+    assert status == 200, answer
+    assert answer["type"] == "inference_completed", answer
     for path in ("/healthz", "/readyz", "/metrics"):
         assert http_get(port, path)[0] == 200, path
     # the metrics port serves health and metrics, never /v1 (even with the token)

@@ -36,18 +36,22 @@ def test_a_training_job_posted_over_http_is_taken_through_the_queue_and_its_stre
 
     # The same messages (same message_ids) went to the BE's queues: one machinery.
     result = be.terminal(be.settings.train_result_queue, "via-http", timeout=60)
-    assert result.type == "training_completed" and result.properties.message_id == seen[-1].id
+    assert result.type == "training_completed"
+    assert result.properties.message_id == seen[-1].id
 
     # Any worker knows the job from its record; a stream opened after the end replays the terminal message.
     job = httpx.get(f"{other}/v1/jobs/via-http", headers=auth, timeout=10).json()
-    assert job["op"] == "train" and job["state"] == "completed" and job["terminal"] == seen[-1].data
+    assert job["op"] == "train"
+    assert job["state"] == "completed"
+    assert job["terminal"] == seen[-1].data
     late = list(events(f"{other}/v1/jobs/via-http/events", headers=auth))
     assert [(e.id, e.type) for e in late] == [(seen[-1].id, "training_completed")]
 
     taken = httpx.post(f"{other}/v1/train", json=train_request("via-http"), headers=auth, timeout=30)
     assert taken.status_code == 409, taken.text
     bad = httpx.post(f"{base}/v1/train", json=train_request("bad-http", imgsz=8), headers=auth, timeout=30)
-    assert bad.status_code == 400 and "hyperparams.imgsz" in bad.json()["error_message"]
+    assert bad.status_code == 400
+    assert "hyperparams.imgsz" in bad.json()["error_message"]
     assert httpx.get(f"{base}/v1/jobs/never-sent", headers=auth, timeout=10).status_code == 404
 
 
@@ -65,6 +69,7 @@ def test_a_job_posted_over_http_with_rabbitmq_on_is_cancelled_over_http(
         seen.append(event)
         if event.type == "epoch_update" and event.data["current_epoch"] == 1:
             assert httpx.post(f"{base}/v1/jobs/cancel-http/cancel", timeout=10).status_code == 202
-    assert seen[-1].type == "training_cancelled" and sum(e.type in TERMINAL for e in seen) == 1
+    assert seen[-1].type == "training_cancelled"
+    assert sum(e.type in TERMINAL for e in seen) == 1
     assert seen[-1].data["current_epoch"] < 300
     assert httpx.get(f"{base}/v1/jobs/cancel-http", timeout=10).json()["state"] == "cancelled"

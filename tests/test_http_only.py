@@ -40,12 +40,16 @@ def test_an_http_only_worker_trains_a_posted_job_and_streams_every_message_then_
     seen = list(events(base + answer.json()["events"]))
     assert [e.type for e in seen] == ["training_started", "epoch_update", "epoch_update", "training_completed"]
     assert [e.data["current_epoch"] for e in seen if e.type == "epoch_update"] == [1, 2]
-    assert len({e.id for e in seen}) == 4 and all(e.data["job_id"] == "http-only-1" for e in seen)
+    assert len({e.id for e in seen}) == 4
+    assert all(e.data["job_id"] == "http-only-1" for e in seen)
     assert (Path(worker_env["STORAGE_DIR"]) / seen[-1].data["model_path"]).is_file()
 
     job = httpx.get(f"{base}/v1/jobs/http-only-1", timeout=10).json()
-    assert job["op"] == "train" and job["state"] == "completed" and job["progress"] == 100.0
-    assert job["terminal"] == seen[-1].data and job["last_update"] == seen[2].data
+    assert job["op"] == "train"
+    assert job["state"] == "completed"
+    assert job["progress"] == 100.0
+    assert job["terminal"] == seen[-1].data
+    assert job["last_update"] == seen[2].data
 
     # The same bodies and message_ids as the queues would carry, in the event log on disk.
     log_file = Path(worker_env["WORK_DIR"]) / "events" / "train" / "http-only-1.jsonl"
@@ -65,9 +69,11 @@ def test_an_http_only_worker_answers_400_404_429_and_cancels_a_running_job(
     answer = httpx.post(f"{base}/v1/train", json=bad, timeout=30)
     assert answer.status_code == 400, answer.text
     body = answer.json()
-    assert body["type"] == "training_failed" and body["job_id"] == "http-bad"
+    assert body["type"] == "training_failed"
+    assert body["job_id"] == "http-bad"
     assert body["error_code"] == "invalid_request"
-    assert "hyperparams.epochs" in body["error_message"] and "hyperparams.imgsz" in body["error_message"]
+    assert "hyperparams.epochs" in body["error_message"]
+    assert "hyperparams.imgsz" in body["error_message"]
     assert httpx.get(f"{base}/v1/jobs/http-bad", timeout=10).status_code == 404
     assert httpx.get(f"{base}/v1/jobs/nobody/events", timeout=10).status_code == 404
 
@@ -83,7 +89,8 @@ def test_an_http_only_worker_answers_400_404_429_and_cancels_a_running_job(
         seen.append(event)
         if event.type == "epoch_update":
             running = httpx.get(f"{base}/v1/jobs/http-long", timeout=10).json()
-            assert running["state"] == "running" and running["terminal"] is None
+            assert running["state"] == "running"
+            assert running["terminal"] is None
             assert httpx.post(f"{base}/v1/jobs/http-long/cancel", timeout=10).status_code == 202
     assert seen[-1].type == "training_cancelled", [e.type for e in seen]
     assert sum(e.type in TERMINAL for e in seen) == 1
@@ -117,9 +124,11 @@ def test_an_http_only_job_killed_mid_training_resumes_on_restart_and_its_stream_
     seen = before + after
     assert len({e.id for e in seen}) == len(seen), "a message came twice"
     assert [e.data["current_epoch"] for e in seen if e.type == "epoch_update"] == list(range(1, epochs + 1))
-    assert [e.type for e in seen if e.type in TERMINAL] == ["training_completed"] and seen[-1].type in TERMINAL
+    assert [e.type for e in seen if e.type in TERMINAL] == ["training_completed"]
+    assert seen[-1].type in TERMINAL
     starts = [e.data for e in seen if e.type == "training_started"]
-    assert starts[0]["resumed_from_epoch"] == 0 and starts[-1]["resumed_from_epoch"] >= 1
+    assert starts[0]["resumed_from_epoch"] == 0
+    assert starts[-1]["resumed_from_epoch"] >= 1
     # The whole stream, read again from the start, is the same messages.
     assert [e.id for e in events(url)] == [e.id for e in seen]
 
@@ -143,13 +152,16 @@ def test_submit_and_demo_with_http_follow_an_http_only_worker_with_the_bearer_to
     train = ("submit", "train", "--http", base, "--dataset", "datasets/shapes/", "--epochs", "2", "--imgsz", "64",
              "--batch", "8")
     refused = cli(*train, "--job-id", "cli-refused", "--follow", HTTP_TOKEN="wrong")
-    assert refused.returncode == 2 and "HTTP 401" in refused.stderr, refused.stderr
+    assert refused.returncode == 2, refused.stderr
+    assert "HTTP 401" in refused.stderr, refused.stderr
     done = cli(*train, "--job-id", "cli-http", "--follow")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["type"] == "training_completed"
-    assert "training started on test/http-only (2 epochs)" in done.stderr and "epoch 2/2" in done.stderr
+    assert "training started on test/http-only (2 epochs)" in done.stderr
+    assert "epoch 2/2" in done.stderr
     again = cli(*train, "--job-id", "cli-http")
-    assert again.returncode == 2 and "HTTP 409" in again.stderr, again.stderr
+    assert again.returncode == 2, again.stderr
+    assert "HTTP 409" in again.stderr, again.stderr
 
     demo = cli("demo", "--http", base, "--epochs", "1", "--imgsz", "64", "--images", "16", "--job-id", "demo-http")
     assert demo.returncode == 0, demo.stderr
@@ -169,8 +181,11 @@ def test_an_event_log_keeps_each_message_once_in_order_and_reloads_from_disk(tmp
     log.append("result", "training_failed", {"type": "training_failed"}, "m4")
     assert [e.id for e in log.entries] == ["m1", "m2", "m3"]
     again = EventLog(path)
-    assert [e.id for e in again.entries] == ["m1", "m2", "m3"] and again.terminal is not None
-    assert again.index_after("m2") == 2 and again.index_after("unknown") == 0 and again.progress == 100.0
+    assert [e.id for e in again.entries] == ["m1", "m2", "m3"]
+    assert again.terminal is not None
+    assert again.index_after("m2") == 2
+    assert again.index_after("unknown") == 0
+    assert again.progress == 100.0
     with open(path, "ab") as torn:
         torn.write(b'{"id": "m5", "kind"')  # a line cut by a crash is skipped
     assert [e.id for e in EventLog(path).entries] == ["m1", "m2", "m3"]

@@ -49,16 +49,21 @@ def test_an_http_only_conversion_worker_converts_a_posted_job_and_streams_its_me
     seen = list(events(base + answer.json()["events"], timeout=300))
     assert [e.type for e in seen] == ["conversion_started", "conversion_update", "conversion_completed"], \
         [(e.type, e.data) for e in seen]
-    assert all(e.data["job_id"] == "http-conv" for e in seen) and len({e.id for e in seen}) == 3
+    assert all(e.data["job_id"] == "http-conv" for e in seen)
+    assert len({e.id for e in seen}) == 3
     assert seen[0].data["formats"] == ["onnx"]
     done = seen[-1].data
-    assert done["status"] == "completed" and done["progress"] == 100.0, done
+    assert done["status"] == "completed", done
+    assert done["progress"] == 100.0, done
     (artifact,) = done["artifacts"]
-    assert artifact["format"] == "onnx" and artifact["path"] == "models/exports/shapes.onnx"
+    assert artifact["format"] == "onnx"
+    assert artifact["path"] == "models/exports/shapes.onnx"
     assert artifact["verified"] is True, artifact
-    assert seen[1].data["current_format"] == "onnx" and seen[1].data["artifact"] == artifact
+    assert seen[1].data["current_format"] == "onnx"
+    assert seen[1].data["artifact"] == artifact
     exported = Path(worker_env["STORAGE_DIR"]) / artifact["path"]
-    assert exported.is_file() and hashlib.sha256(exported.read_bytes()).hexdigest() == artifact["sha256"]
+    assert exported.is_file()
+    assert hashlib.sha256(exported.read_bytes()).hexdigest() == artifact["sha256"]
 
     # Provenance: the record inference checks before it loads the artifact.
     record = json.loads(storage.read_bytes(f"jobs/artifacts/{artifact['sha256']}.json"))
@@ -66,7 +71,9 @@ def test_an_http_only_conversion_worker_converts_a_posted_job_and_streams_its_me
         "onnx", artifact["path"], MODEL, "http-conv")
 
     job = httpx.get(f"{base}/v1/jobs/http-conv", timeout=10).json()
-    assert job["op"] == "convert" and job["state"] == "completed" and job["terminal"] == done
+    assert job["op"] == "convert"
+    assert job["state"] == "completed"
+    assert job["terminal"] == done
     log_file = Path(worker_env["WORK_DIR"]) / "events" / "convert" / "http-conv.jsonl"
     assert [json.loads(line)["id"] for line in log_file.read_text().splitlines()] == [e.id for e in seen]
     assert "RabbitMQ consumer started" not in worker.log()
@@ -84,13 +91,15 @@ def test_an_http_only_inference_worker_answers_a_posted_request_with_detections(
     answer = httpx.post(f"{base}/v1/infer", json=body, timeout=120)
     assert answer.status_code == 200, answer.text
     done = answer.json()
-    assert done["type"] == "inference_completed" and done["job_id"] == "http-only-infer", done
+    assert done["type"] == "inference_completed", done
+    assert done["job_id"] == "http-only-infer", done
     assert done["model_path"] == MODEL
     assert [r["image"] for r in done["results"]] == ["images/three.png", "1"]
     assert sum(len(r["detections"]) for r in done["results"]) > 0, done
     for result in done["results"]:
         for det in result["detections"]:
-            assert det["class_name"] in ("circle", "square") and 0 < det["confidence"] <= 1, det
+            assert det["class_name"] in ("circle", "square"), det
+            assert 0 < det["confidence"] <= 1, det
 
     missing = httpx.post(f"{base}/v1/infer", json=request("http-only-404", "models/nope.pt", body["images"]),
                          timeout=60)
@@ -134,7 +143,8 @@ def test_supervisord_with_rabbitmq_disabled_keeps_every_program_running_and_each
     for process, port in http_ports.items():
         wait_http(f"http://127.0.0.1:{port}", timeout=240)
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
-        assert ready.status_code == 200 and "HTTP-only" in ready.text, (process, ready.text)
+        assert ready.status_code == 200, (process, ready.text)
+        assert "HTTP-only" in ready.text, (process, ready.text)
     # They stay up: same processes, still RUNNING, a while after all of them serve.
     time.sleep(6)
     states = supervisor.status()
@@ -142,7 +152,8 @@ def test_supervisord_with_rabbitmq_disabled_keeps_every_program_running_and_each
     for process in http_ports:
         log = (supervisor.root / "logs" / f"{process}.log").read_text()
         op = process.split("-")[0]
-        assert f"HTTP-only {op} worker on" in log and "has nothing to do" not in log, log
+        assert f"HTTP-only {op} worker on" in log, log
+        assert "has nothing to do" not in log, log
     # The job routes are there (a bad request is answered 400 by the worker, not 404).
     bad = httpx.post(f"http://127.0.0.1:{http_ports['convert-cpu0']}/v1/convert", json={"job_id": "x"}, timeout=30)
     assert bad.status_code == 400, bad.text

@@ -125,13 +125,16 @@ def test_http_port_and_the_metrics_port_alias_both_serve_health_and_metrics_from
     for port in (http_port, metrics_port):
         assert http_get(port, "/healthz") == (200, "ok\n")
         status, text = http_get(port, "/metrics")
-        assert status == 200 and "ai_consumer_state" in text
+        assert status == 200
+        assert "ai_consumer_state" in text
         assert call(port, "GET", "/readyz")[0] == 200
     status, headers, raw = call(http_port, "GET", "/openapi.json")
-    assert status == 200 and headers["content-type"].startswith("application/json")
+    assert status == 200
+    assert headers["content-type"].startswith("application/json")
     assert json.loads(raw)["info"]["title"] == "ai-service worker HTTP API"
     log = worker.log()
-    assert f"http://127.0.0.1:{http_port}" in log and f"also on :{metrics_port}" in log, log[-2000:]
+    assert f"http://127.0.0.1:{http_port}" in log, log[-2000:]
+    assert f"also on :{metrics_port}" in log, log[-2000:]
 
 
 # --- the server's own guards, in this process --------------------------------------------

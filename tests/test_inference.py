@@ -99,7 +99,8 @@ def assert_finds_shapes(done: dict[str, Any], truths: list[list[Box]], names: di
     against the model's own answers instead: the service must return exactly what a
     direct predict call returns (``reference``), names included.
     """
-    assert done["type"] == "inference_completed" and done["status"] == "completed", done
+    assert done["type"] == "inference_completed", done
+    assert done["status"] == "completed", done
     assert len(done["results"]) == len(truths)
     boxed = total = 0
     for result, truth in zip(done["results"], truths, strict=True):
@@ -107,9 +108,11 @@ def assert_finds_shapes(done: dict[str, Any], truths: list[list[Box]], names: di
         dets = result["detections"]
         for det in dets:
             assert set(det) == {"class_id", "class_name", "confidence", "box"}
-            assert names[det["class_id"]] == det["class_name"] and 0 < det["confidence"] <= 1
+            assert names[det["class_id"]] == det["class_name"]
+            assert 0 < det["confidence"] <= 1
             x1, y1, x2, y2 = _xyxy(det)
-            assert 0 <= x1 < x2 <= IMGSZ and 0 <= y1 < y2 <= IMGSZ
+            assert 0 <= x1 < x2 <= IMGSZ
+            assert 0 <= y1 < y2 <= IMGSZ
             if det["confidence"] >= 0.5:
                 assert any(iou(box, (x1, y1, x2, y2)) >= 0.5 for _, box in truth), ("nothing there", det, truth)
         for _, box in truth:
@@ -242,14 +245,16 @@ def decode(raw: bytes, **limits: int) -> tuple[Any, int, int]:
                         pixels_left=limits.get("pixels_left", 10**8))
 
 
-@pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("JPEG", "RGB"), ("WEBP", "RGB"), ("TIFF", "RGB"),
+@pytest.mark.parametrize(("fmt", "mode"), [("PNG", "RGB"), ("JPEG", "RGB"), ("WEBP", "RGB"), ("TIFF", "RGB"),
                                       ("BMP", "RGB"), ("GIF", "P"), ("PNG", "L"), ("PNG", "RGBA"),
                                       ("PNG", "I;16")])
 def test_images_of_every_supported_format_and_mode_decode_to_bgr(fmt: str, mode: str) -> None:
     image = Image.new("RGB", (40, 30), (200, 100, 50))
     image = image.convert(mode) if mode != "I;16" else Image.new("I;16", (40, 30), 40000)
     array, width, height = decode(encode(image, fmt))
-    assert (width, height) == (40, 30) and array.shape == (30, 40, 3) and str(array.dtype) == "uint8"
+    assert (width, height) == (40, 30)
+    assert array.shape == (30, 40, 3)
+    assert str(array.dtype) == "uint8"
     if mode == "RGB" and fmt in ("PNG", "TIFF", "BMP"):
         assert tuple(array[0, 0]) == (50, 100, 200)  # BGR, as Ultralytics expects from numpy
 
@@ -261,10 +266,11 @@ def test_the_exif_orientation_is_applied_and_reported() -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", exif=exif)
     array, width, height = decode(buffer.getvalue())
-    assert (width, height) == (30, 40) and array.shape == (40, 30, 3)
+    assert (width, height) == (30, 40)
+    assert array.shape == (40, 30, 3)
 
 
-@pytest.mark.parametrize("raw,limits,words", [
+@pytest.mark.parametrize(("raw", "limits", "words"), [
     (b"not an image" * 20, {}, "not an image in a supported format"),
     (b"%!PS-Adobe-3.0 EPSF-3.0\n", {}, "not an image in a supported format"),  # Ghostscript never runs
     (png_claiming(30000, 30000), {}, "900000000 pixels"),
@@ -400,7 +406,8 @@ def test_the_batcher_waits_only_for_requests_being_prepared() -> None:
     first = engine.submit(fake_job(model, [2]))
     time.sleep(0.2)  # the second handler is still decoding
     second = engine.submit(fake_job(model, [3]))
-    assert first.result(5).batch_requests == 2 and second.result(5).batch_requests == 2
+    assert first.result(5).batch_requests == 2
+    assert second.result(5).batch_requests == 2
     engine.enter()
     engine.enter()
     lone = engine.submit(fake_job(model, [4]))
@@ -459,7 +466,8 @@ def test_the_model_cache_is_lru_by_count_and_memory_and_reloads_changed_objects(
     gate.set()
     for t in threads:
         t.join(5)
-    assert loads == [("models/a.pt", "model.pt")] and cache.downloads == 1
+    assert loads == [("models/a.pt", "model.pt")]
+    assert cache.downloads == 1
     first = cache.get("models/a.pt", 640, log)
     cache.get("models/b.pt", 640, log)
     assert cache.get("models/a.pt", 640, log) is first  # a is now the most recently used
@@ -470,7 +478,8 @@ def test_the_model_cache_is_lru_by_count_and_memory_and_reloads_changed_objects(
     assert cache.downloads == 4
     time.sleep(0.01)
     storage.write_bytes("models/a.pt", b"y" * 100)  # a new version
-    assert cache.get("models/a.pt", 640, log) is not first and cache.downloads == 5
+    assert cache.get("models/a.pt", 640, log) is not first
+    assert cache.downloads == 5
     counted = {r: metrics.registry.get_sample_value("ai_model_cache_total", {"result": r}) for r in ("hit", "miss")}
     assert counted == {"hit": 5.0, "miss": 5.0}  # 3 waiting handlers and 2 gets found it cached
     assert len(list((tmp_path / "models").iterdir())) == 2, "evicted models leave no files"
@@ -480,7 +489,8 @@ def test_the_model_cache_is_lru_by_count_and_memory_and_reloads_changed_objects(
         small.get(f"models/{name}.pt", 640, log)
     assert len(small._entries) == 2
     small.get("models/c.pt", 640, log)
-    assert len(small._entries) == 2 and small.nbytes <= 1000
+    assert len(small._entries) == 2
+    assert small.nbytes <= 1000
     # failures are not cached and leave no files
     storage.write_bytes("models/c.pt", b"bad")
     with pytest.raises(RuntimeError):
@@ -525,7 +535,8 @@ def test_from_s3_every_format_finds_the_shapes_and_models_are_cached(
         expected = {"type": "inference_completed", "status": "completed", "results": done["results"],
                     "inference_time_ms": done["inference_time_ms"], "job_id": f"shapes-{fmt}", "model_path": key,
                     "timestamp": done["timestamp"]}
-        assert done == expected and done["inference_time_ms"] > 0
+        assert done == expected
+        assert done["inference_time_ms"] > 0
         assert [r["image"] for r in done["results"]] == [key or str(i) for i, (key, _, _) in enumerate(samples)]
         # exactly what the model says when called directly
         same_detections(done, {"results": [{**r, "detections": ref} for r, ref
@@ -533,7 +544,9 @@ def test_from_s3_every_format_finds_the_shapes_and_models_are_cached(
         assert msg.routing_key == f"infer.result.shapes-{fmt}"
         props = msg.properties
         assert (props.correlation_id, props.type) == (f"shapes-{fmt}", "inference_completed")
-        assert props.app_id == "ai-service" and props.delivery_mode == 2 and props.message_id
+        assert props.app_id == "ai-service"
+        assert props.delivery_mode == 2
+        assert props.message_id
         assert props.content_type == "application/json"
     downloads = worker.log().count("Downloading model")
     assert downloads == len(formats)
@@ -569,11 +582,14 @@ def test_an_answer_over_max_message_bytes_becomes_a_small_failed_and_the_next_an
         be.send(be.settings.infer_request_queue, request(f"after{i}", "models/shapes.pt", many[:1]))
     got = answers(be, ["huge", "after0", "after1", "after2"])
     huge = got["huge"].body
-    assert huge["type"] == "inference_failed" and huge["error_code"] == "inference_error", huge
-    assert "20,000-byte limit" in huge["error_message"] and "max_det" in huge["error_message"]
+    assert huge["type"] == "inference_failed", huge
+    assert huge["error_code"] == "inference_error", huge
+    assert "20,000-byte limit" in huge["error_message"]
+    assert "max_det" in huge["error_message"]
     assert len(json.dumps(huge)) < 2000
     assert [got[f"after{i}"].body["type"] for i in range(3)] == ["inference_completed"] * 3
-    assert worker.alive and "refused" in worker.log().lower()
+    assert worker.alive
+    assert "refused" in worker.log().lower()
 
 
 def test_exported_models_load_only_with_the_services_own_provenance_record(
@@ -596,11 +612,14 @@ def test_exported_models_load_only_with_the_services_own_provenance_record(
     got = answers(be, ["foreign", "oursonnx", "tampered"])
     for refused in ("foreign", "tampered"):
         body = got[refused].body
-        assert body["type"] == "inference_failed" and body["error_code"] == "invalid_request", body
-        assert "TRUST_EXTERNAL_MODELS" in body["error_message"] and "provenance" in body["error_message"]
+        assert body["type"] == "inference_failed", body
+        assert body["error_code"] == "invalid_request", body
+        assert "TRUST_EXTERNAL_MODELS" in body["error_message"]
+        assert "provenance" in body["error_message"]
     assert got["oursonnx"].body["type"] == "inference_completed", got["oursonnx"].body
     log = worker.log()
-    assert "Model models/ours.onnx loaded" in log and "Model models/foreign.torchscript loaded" not in log
+    assert "Model models/ours.onnx loaded" in log
+    assert "Model models/foreign.torchscript loaded" not in log
     worker.stop()
 
     trusting = start_worker("infer", env={**BASE_ENV, "TRUST_EXTERNAL_MODELS": "true"})
@@ -678,7 +697,8 @@ def test_rpc_50_concurrent_requests_are_each_answered_once_to_their_caller(
         assert len(client.got) == 10, "each request answered exactly once"
         assert sorted(c or "" for c, _ in client.got) == sorted(client.sent), "to the caller that sent it"
         for correlation_id, body in client.got:
-            assert correlation_id is not None and body["job_id"] == client.sent[correlation_id]
+            assert correlation_id is not None
+            assert body["job_id"] == client.sent[correlation_id]
             assert body["type"] == "inference_completed"
             index = int(body["job_id"].rsplit("-", 1)[1])
             if index in by_image:  # the same image gives the same answer whoever asks
@@ -764,20 +784,27 @@ def test_each_bad_input_fails_alone_and_the_worker_stays_small(
             for result in body["results"]:
                 assert result["detections"] == warm["results"][0]["detections"]
         else:
-            assert body["type"] == "inference_failed" and body["status"] == "failed", body
+            assert body["type"] == "inference_failed", body
+            assert body["status"] == "failed", body
             assert body["error_code"] == code, body
-            assert body["error_message"] and "Traceback" not in body["error_message"]
+            assert body["error_message"]
+            assert "Traceback" not in body["error_message"]
     messages = {job_id: got[job_id].body.get("error_message", "") for job_id, _, _ in cases}
-    assert "images[1]" in messages["garbage"] and "truncated" in messages["truncated"]
+    assert "images[1]" in messages["garbage"]
+    assert "truncated" in messages["truncated"]
     for bomb in ("bombhdr", "bomb"):
-        assert "900000000 pixels" in messages[bomb] and "MAX_IMAGE_PIXELS" in messages[bomb]
-    assert "MAX_IMAGES_PER_REQUEST" in messages["toomany"] and "MAX_INLINE_IMAGE_BYTES" in messages["toobig"]
-    assert "images/absent.png" in messages["noimage"] and "models/absent.pt" in messages["nomodel"]
+        assert "900000000 pixels" in messages[bomb]
+        assert "MAX_IMAGE_PIXELS" in messages[bomb]
+    assert "MAX_IMAGES_PER_REQUEST" in messages["toomany"]
+    assert "MAX_INLINE_IMAGE_BYTES" in messages["toobig"]
+    assert "images/absent.png" in messages["noimage"]
+    assert "models/absent.pt" in messages["nomodel"]
     assert not marker.exists(), "the malicious pickle ran"
     assert worker.alive
     assert worker.proc is not None
     rss = worker_pid_rss_mb(worker.proc.pid)
-    assert rss < 2500 and rss < rss_before + 600, (rss_before, rss)
+    assert rss < 2500, (rss_before, rss)
+    assert rss < rss_before + 600, (rss_before, rss)
     # Invalid requests are dead-lettered; the worker goes on.
     assert be.wait_count(f"{be.settings.infer_request_queue}.dlq", 1) >= 1
     be.send(be.settings.infer_request_queue, request("after", "models/shapes.pt", [image]))
@@ -810,9 +837,11 @@ def test_the_http_route_finds_the_inference_state_by_its_type_and_is_not_ready_b
     status, answer = endpoint.run(body)
     assert (status, answer["type"]) == (503, "inference_failed")  # NotReady: no state yet
     resources.state = ConversionState(formats={})  # another operation's state answers nothing
-    assert endpoint.run(body)[0] == 503 and resources.answerer() is None
+    assert endpoint.run(body)[0] == 503
+    assert resources.answerer() is None
     service = Service()
     resources.state = InferenceState(service)  # type: ignore[arg-type]
     status, answer = endpoint.run(body)
     assert (status, answer["type"], service.seen) == (200, "inference_completed", ["typed-1"])
-    assert resources.state_as(InferenceState) is resources.state and resources.state_as(ConversionState) is None
+    assert resources.state_as(InferenceState) is resources.state
+    assert resources.state_as(ConversionState) is None

@@ -92,7 +92,9 @@ def test_taking_a_new_job_records_it_leases_it_and_acks_the_delivery(runtime: St
     reason, _ = run(runtime)
     assert reason == "ran"
     record = book(runtime).load("stubjob1")
-    assert record is not None and record.attempt == 1 and record.status == "completed"
+    assert record is not None
+    assert record.attempt == 1
+    assert record.status == "completed"
     assert runtime.acks == 1
     assert len(runtime.of("lease")) == 1
     assert [t.type for t in runtime.terminals()] == ["training_completed"]
@@ -103,19 +105,25 @@ def test_a_finished_job_asked_again_republishes_the_same_terminal_message(runtim
     reason, _ = run(runtime)
     assert reason == "finished"
     first, again = runtime.terminals()
-    assert first.message_id == again.message_id and first.payload == again.payload
+    assert first.message_id == again.message_id
+    assert first.payload == again.payload
 
 
 def test_a_job_handed_back_resumes_from_its_epoch_without_counting_an_attempt(runtime: StubRuntime) -> None:
     _, s = run(runtime, epochs_then(3, JobHandedBack("warm shutdown")))
-    assert s is not None and s.job is JobFate.HANDED_BACK
+    assert s is not None
+    assert s.job is JobFate.HANDED_BACK
     record = book(runtime).load("stubjob1")
-    assert record is not None and record.status == "handed_back" and record.last_epoch == 3
+    assert record is not None
+    assert record.status == "handed_back"
+    assert record.last_epoch == 3
     assert runtime.terminals() == []
     seen: list[int] = []
     run(runtime, lambda job, rec: seen.append(rec.last_epoch), ctx=runtime.redeliver("resubmit"))
     record = book(runtime).load("stubjob1")
-    assert seen == [3] and record is not None and record.attempt == 1
+    assert seen == [3]
+    assert record is not None
+    assert record.attempt == 1
     assert [t.type for t in runtime.terminals()] == ["training_completed"]
 
 
@@ -123,9 +131,13 @@ def test_a_retryable_failure_hands_the_job_back_with_a_backoff_and_it_resumes_fr
     runtime: StubRuntime,
 ) -> None:
     _, s = run(runtime, epochs_then(2, StorageError("S3 went away uploading epoch 3")))
-    assert s is not None and s.job is JobFate.RETRY and s.delay == 0.25
+    assert s is not None
+    assert s.job is JobFate.RETRY
+    assert s.delay == 0.25
     record = book(runtime).load("stubjob1")
-    assert record is not None and record.status == "retrying" and record.token is None
+    assert record is not None
+    assert record.status == "retrying"
+    assert record.token is None
     (retry,) = runtime.of("retry_later")
     assert retry.delay_ms == 250
     assert runtime.terminals() == [], "a retryable failure is not the end of the job"
@@ -146,11 +158,15 @@ def test_a_job_failing_retryably_every_time_ends_with_one_failed_at_the_attempt_
             ctx = runtime.redeliver("retry_later")
     assert delays == [0.25, 0.5, 0.0]
     (failed,) = runtime.terminals()
-    assert failed.type == "training_failed" and failed.payload is not None
-    assert failed.payload["error_code"] == "storage_error" and failed.payload["current_epoch"] == LIMIT
+    assert failed.type == "training_failed"
+    assert failed.payload is not None
+    assert failed.payload["error_code"] == "storage_error"
+    assert failed.payload["current_epoch"] == LIMIT
     assert len(runtime.of("dead_letter")) == 1
     record = book(runtime).load("stubjob1")
-    assert record is not None and record.status == "failed" and record.attempt == LIMIT
+    assert record is not None
+    assert record.status == "failed"
+    assert record.attempt == LIMIT
 
 
 def test_a_retry_the_storage_cannot_record_resumes_through_the_lease_once_it_expires(
@@ -161,10 +177,13 @@ def test_a_retry_the_storage_cannot_record_resumes_through_the_lease_once_it_exp
         raise StorageError("S3 went away")
 
     _, s = run(runtime, storage_away)
-    assert s is not None and s.job is JobFate.RETRY
-    assert runtime.of("retry_later") == [] and runtime.terminals() == []
+    assert s is not None
+    assert s.job is JobFate.RETRY
+    assert runtime.of("retry_later") == []
+    assert runtime.terminals() == []
     record = book(runtime).load("stubjob1")
-    assert record is not None and record.status == "running", "still ours: its lease message brings it back"
+    assert record is not None, "still ours: its lease message brings it back"
+    assert record.status == "running", "still ours: its lease message brings it back"
     record.lease_expires = 0.0
     book(runtime).save(record)
     reason, _ = run(runtime, ctx=runtime.redeliver("lease"))
@@ -174,7 +193,8 @@ def test_a_retry_the_storage_cannot_record_resumes_through_the_lease_once_it_exp
 
 def test_cancel_mid_job_ends_with_one_cancelled_and_a_cancel_before_start_too(runtime: StubRuntime) -> None:
     _, s = run(runtime, epochs_then(1, JobCancelled("cancelled")))
-    assert s is not None and s.job is JobFate.CANCELLED
+    assert s is not None
+    assert s.job is JobFate.CANCELLED
     assert [t.type for t in runtime.terminals()] == ["training_cancelled"]
     other = StubRuntime(runtime.settings, runtime.resources.storage)
     book(other).request_cancel("stubjob2")
@@ -185,8 +205,11 @@ def test_cancel_mid_job_ends_with_one_cancelled_and_a_cancel_before_start_too(ru
 
 def test_a_lost_lease_stops_the_job_without_a_word(runtime: StubRuntime) -> None:
     _, s = run(runtime, epochs_then(1, LeaseLost("taken over")))
-    assert s is not None and s.job is JobFate.ABANDONED
-    assert runtime.terminals() == [] and runtime.of("retry_later") == [] and runtime.of("resubmit") == []
+    assert s is not None
+    assert s.job is JobFate.ABANDONED
+    assert runtime.terminals() == []
+    assert runtime.of("retry_later") == []
+    assert runtime.of("resubmit") == []
 
 
 @pytest.mark.parametrize(("error", "code"), [(InvalidInput("bad"), "invalid_request"),
@@ -195,9 +218,11 @@ def test_invalid_input_and_bugs_end_with_one_failed_and_a_dead_letter(
     runtime: StubRuntime, error: BaseException, code: str,
 ) -> None:
     _, s = run(runtime, epochs_then(1, error))
-    assert s is not None and s.job is JobFate.FAILED
+    assert s is not None
+    assert s.job is JobFate.FAILED
     (failed,) = runtime.terminals()
-    assert failed.payload is not None and failed.payload["error_code"] == code
+    assert failed.payload is not None
+    assert failed.payload["error_code"] == code
     assert "secret-token" not in failed.payload["error_message"]
     assert len(runtime.of("dead_letter")) == 1
 

@@ -649,8 +649,10 @@ def test_the_contracts_inference_example_validates() -> None:
     request, _ = parse_request(InferenceRequest, body(INFERENCE_EXAMPLE), MAX)
 
     first, second = request.images
-    assert isinstance(first, ImagePath) and first.path == "images/street.jpg"
-    assert isinstance(second, ImageData) and second.decoded().startswith(b"\x89PNG")
+    assert isinstance(first, ImagePath)
+    assert first.path == "images/street.jpg"
+    assert isinstance(second, ImageData)
+    assert second.decoded().startswith(b"\x89PNG")
     assert request.params == InferenceParams()
 
 

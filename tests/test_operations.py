@@ -179,7 +179,8 @@ def test_supervisord_from_a_bare_shell_runs_every_program_pinned_to_its_gpu_and_
     supervisor.ctl("stop", "ai:infer-gpu0")
     assert supervisor.status()["ai:infer-gpu0"][0] == "STOPPED"
     log = (supervisor.root / "logs" / "infer-gpu0.log").read_text()
-    assert "warm shutdown" in log and "Worker stopped cleanly" in log
+    assert "warm shutdown" in log
+    assert "Worker stopped cleanly" in log
 
     # A worker killed with SIGKILL is restarted.
     os.kill(after["ai:train-gpu1"], signal.SIGKILL)
@@ -218,7 +219,9 @@ def test_when_supervisord_is_killed_its_workers_stop_warmly_and_a_new_supervisor
         op = name.split(":")[1].split("-")[0]
         (path,) = orphaned.glob(f"*_{name.split(':')[1]}.{op}.log")
         log = path.read_text()
-        assert "is gone" in log and "warm shutdown" in log and "Worker stopped cleanly" in log, log
+        assert "is gone" in log, log
+        assert "warm shutdown" in log, log
+        assert "Worker stopped cleanly" in log, log
 
     supervisor.start()
     again = supervisor.wait_running(names, timeout=300)
@@ -268,8 +271,11 @@ def test_a_worker_whose_supervisor_dies_mid_job_finishes_it_warmly_and_exits_on_
             time.sleep(0.1)
         assert not alive(worker_pid)
         log = (Path(worker_env["WORK_DIR"]) / "orphaned" / "test_orphan.train.log").read_text()
-        assert "is gone" in log and "warm shutdown" in log and "Worker stopped cleanly" in log, log
-        assert "Traceback" not in log and "BrokenPipeError" not in log, log
+        assert "is gone" in log, log
+        assert "warm shutdown" in log, log
+        assert "Worker stopped cleanly" in log, log
+        assert "Traceback" not in log, log
+        assert "BrokenPipeError" not in log, log
     finally:
         relay.kill()
         with contextlib.suppress(NameError, OSError):
@@ -282,7 +288,8 @@ def test_workers_of_different_operations_sharing_one_worker_name_and_work_dir_bo
     shared = {"WORKER_NAME": "test/shared"}
     train = start_worker(module=SLEEPY, env=shared, name="shared-train")
     infer = start_worker("infer", env=shared, name="shared-infer")
-    assert train.alive and infer.alive
+    assert train.alive
+    assert infer.alive
     spool = Path(worker_env["WORK_DIR"]) / "spool" / "test_shared"
     assert sorted(p.name for p in spool.iterdir() if p.is_dir()) == ["infer", "train"]
     # Two processes of one operation still may not share one.
@@ -304,7 +311,8 @@ def test_a_spool_left_in_the_old_layout_is_moved_into_its_operation_s_spool_once
     assert spool_dir(settings, "train") == old / "train"
     moved = Spool(spool_dir(settings, "train"), max_messages=10)
     left = moved.open()
-    assert [e.message_id for e in left] == ["m0", "m1", "m2"] and [e.body for e in left][2] == b'{"n": 2}'
+    assert [e.message_id for e in left] == ["m0", "m1", "m2"]
+    assert [e.body for e in left][2] == b'{"n": 2}'
     moved.close()
     assert list(old.glob("*.msg")) == []
     assert adopt_legacy_spool(settings, "convert") == 0  # nothing left for another operation
@@ -383,9 +391,11 @@ def test_json_logs_parse_line_by_line_with_job_worker_and_op_and_no_password(
     be.terminal(be.settings.train_result_queue, "jsonlog1")
     worker.stop()
     entries = [json.loads(line) for line in worker.log().splitlines() if line.strip()]
-    assert entries and all({"ts", "level", "message", "worker", "op", "job_id"} <= set(e) for e in entries)
+    assert entries
+    assert all({"ts", "level", "message", "worker", "op", "job_id"} <= set(e) for e in entries)
     job_lines = [e for e in entries if e["job_id"] == "jsonlog1"]
-    assert job_lines and all(e["message"].startswith("[Handler]") for e in job_lines)
+    assert job_lines
+    assert all(e["message"].startswith("[Handler]") for e in job_lines)
     assert {e["op"] for e in entries} == {"train"}
     assert all(e["worker"] == "test/train-0" for e in entries)
     assert all("guest" not in e["message"].replace("guest@", "") for e in entries)

@@ -78,14 +78,19 @@ def test_a_retry_backs_off_exponentially_up_to_the_cap(mode: SettleMode) -> None
 def test_the_last_allowed_attempt_of_a_retryable_failure_answers_once_instead(mode: SettleMode) -> None:
     below = settle(StorageError("x"), mode=mode, attempt=LIMIT - 1, limit=LIMIT)
     at = settle(StorageError("x"), mode=mode, attempt=LIMIT, limit=LIMIT)
-    assert below.job is JobFate.RETRY and below.report is None
-    assert at.job is JobFate.FAILED and at.report is not None and at.report.error_code == "storage_error"
+    assert below.job is JobFate.RETRY
+    assert below.report is None
+    assert at.job is JobFate.FAILED
+    assert at.report is not None
+    assert at.report.error_code == "storage_error"
 
 
 def test_a_bugs_report_never_carries_its_text() -> None:
     for mode in SettleMode:
         report = settle(ValueError("password=hunter2"), mode=mode, attempt=1, limit=LIMIT).report
-        assert report is not None and "hunter2" not in report.message and "ValueError" not in report.message
+        assert report is not None
+        assert "hunter2" not in report.message
+        assert "ValueError" not in report.message
 
 
 def test_a_settlement_is_frozen() -> None:

@@ -4,6 +4,7 @@ spool surviving a killed process."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -108,7 +109,9 @@ def test_a_published_message_is_confirmed_and_arrives_with_every_contract_proper
     publisher = make_publisher()
     before = int(time.time())
     receipt = publish_numbered(publisher, 1)
-    assert receipt.wait(10) and receipt.confirmed and not receipt.unroutable
+    assert receipt.wait(10)
+    assert receipt.confirmed
+    assert not receipt.unroutable
     other = publish_numbered(publisher, 2)
     assert other.wait(10)
     first, second = collect(be, be.settings.train_update_queue, 2, timeout=10)
@@ -117,13 +120,16 @@ def test_a_published_message_is_confirmed_and_arrives_with_every_contract_proper
     assert first.routing_key == "train.update.job-1"
     assert p.content_type == "application/json"
     assert p.delivery_mode == 2
-    assert p.message_id == receipt.message_id and len(p.message_id) >= 16
+    assert p.message_id == receipt.message_id
+    assert len(p.message_id) >= 16
     assert second.properties.message_id == other.message_id != p.message_id
     assert p.correlation_id == "job-1"
     assert p.type == "epoch_update"
-    assert isinstance(p.timestamp, int) and before - 1 <= p.timestamp <= time.time() + 1
+    assert isinstance(p.timestamp, int)
+    assert before - 1 <= p.timestamp <= time.time() + 1
     assert p.app_id == "ai-service"
-    assert publisher.pending == 0 and len(publisher.spool) == 0
+    assert publisher.pending == 0
+    assert len(publisher.spool) == 0
 
 
 def test_a_message_no_queue_is_bound_for_is_reported_unroutable_and_does_not_hold_up_the_next(
@@ -133,11 +139,15 @@ def test_a_message_no_queue_is_bound_for_is_reported_unroutable_and_does_not_hol
     publisher = make_publisher()
     lost = publisher.publish(publisher.settings.events_exchange, "nobody.listens.here", b"{}", message_type="x")
     after = publish_numbered(publisher, 1)
-    assert lost.wait(10) and lost.unroutable
-    assert after.wait(10) and not after.unroutable
+    assert lost.wait(10)
+    assert lost.unroutable
+    assert after.wait(10)
+    assert not after.unroutable
     assert [m.body["n"] for m in collect(be, be.settings.train_update_queue, 1, timeout=10)] == [1]
-    assert "unroutable" in caplog.text and lost.message_id in caplog.text
-    assert publisher.pending == 0 and len(publisher.spool) == 0
+    assert "unroutable" in caplog.text
+    assert lost.message_id in caplog.text
+    assert publisher.pending == 0
+    assert len(publisher.spool) == 0
 
 
 def test_two_hundred_messages_from_four_threads_all_arrive_in_per_thread_order_without_duplicates(
@@ -167,7 +177,7 @@ def test_two_hundred_messages_from_four_threads_all_arrive_in_per_thread_order_w
         assert [m.body["n"] for m in got if m.body["tag"] == tag] == list(range(50)), tag
     # The threads really interleaved (otherwise this test proves little).
     tags = [m.body["tag"] for m in got]
-    assert sum(a != b for a, b in zip(tags, tags[1:], strict=False)) > 3
+    assert sum(a != b for a, b in itertools.pairwise(tags)) > 3
 
 
 def test_messages_published_while_the_broker_is_unreachable_all_arrive_in_order_after_it_returns(
@@ -179,7 +189,8 @@ def test_messages_published_while_the_broker_is_unreachable_all_arrive_in_order_
     receipts = [publish_numbered(publisher, i, "cut") for i in range(50)]
     time.sleep(1.5)  # the publisher notices and retries against a refusing endpoint
     assert not any(r.confirmed for r in receipts)
-    assert publisher.pending == 50 and len(publisher.spool) == 50
+    assert publisher.pending == 50
+    assert len(publisher.spool) == 50
     proxy.restore()
     assert all(r.wait(20) for r in receipts), "not every message was confirmed after the broker returned"
     got = collect(be, be.settings.train_update_queue, 51, timeout=20)
@@ -187,7 +198,8 @@ def test_messages_published_while_the_broker_is_unreachable_all_arrive_in_order_
     assert [m.body["n"] for m in unique] == list(range(50))
     assert [m.properties.message_id for m in unique] == [r.message_id for r in receipts]
     assert publisher.reconnects >= 1
-    assert publisher.pending == 0 and len(publisher.spool) == 0
+    assert publisher.pending == 0
+    assert len(publisher.spool) == 0
 
 
 def test_a_connection_cut_in_the_middle_of_a_burst_loses_nothing_and_repeats_only_same_message_ids(
@@ -205,7 +217,8 @@ def test_a_connection_cut_in_the_middle_of_a_burst_loses_nothing_and_repeats_onl
     proxy.cut()
     time.sleep(0.5)  # the burst goes on into the spool while the broker is away
     in_flight = publisher.pending
-    assert 0 < in_flight and publisher.confirmed_count < count, "the cut did not land in the middle of the burst"
+    assert in_flight > 0, "the cut did not land in the middle of the burst"
+    assert publisher.confirmed_count < count, "the cut did not land in the middle of the burst"
     proxy.restore()
     burst.join(30)
     assert len(receipts) == count
@@ -242,7 +255,8 @@ def test_a_full_spool_refuses_non_blocking_publishes_loudly_and_blocking_ones_re
     assert waiter.is_alive(), "a blocking publish into a full spool returned while the broker was away"
     proxy.restore()
     waiter.join(20)
-    assert not waiter.is_alive() and blocked, "the blocking publish did not resume after the broker returned"
+    assert not waiter.is_alive(), "the blocking publish did not resume after the broker returned"
+    assert blocked, "the blocking publish did not resume after the broker returned"
     assert all(r.wait(20) for r in [*receipts, *blocked])
     got = first_occurrences(collect(be, be.settings.train_update_queue, 6, timeout=20))
     assert [m.body["n"] for m in got] == list(range(6))
@@ -299,9 +313,11 @@ def test_a_bug_on_the_publisher_thread_is_recorded_as_a_crash_said_loudly_and_th
         assert publisher._thread is not None
         publisher._thread.join(15)
     try:
-        assert isinstance(publisher.crashed, RuntimeError) and str(publisher.crashed) == "injected bug"
+        assert isinstance(publisher.crashed, RuntimeError)
+        assert str(publisher.crashed) == "injected bug"
         assert any("Publisher crashed on its thread" in r.getMessage() for r in caplog.records)
-        assert not receipt.confirmed and publisher.pending == 1
+        assert not receipt.confirmed
+        assert publisher.pending == 1
         assert [e.message_id for e in Spool.peek(publisher.spool.directory)] == [receipt.message_id]
     finally:
         publisher.stop(timeout=0)
@@ -392,7 +408,8 @@ def test_a_spool_left_by_a_killed_process_is_re_sent_in_order_with_the_same_mess
     spooler = scripts({**env, "RABBITMQ_PORT": str(closed_port())}, "spool", "spool", "30")
     spooler.wait_for("SPOOLED")
     spooled = json.loads(next(line for line in spooler.text().splitlines() if line.startswith("{")))
-    assert spooled["pending"] == 30 and len(set(spooled["spooled"])) == 30
+    assert spooled["pending"] == 30
+    assert len(set(spooled["spooled"])) == 30
     directory = spool_dir(Settings.from_env(env), "train")
     assert [e.message_id for e in Spool.peek(directory)] == spooled["spooled"]  # on disk before publish() returned
     spooler.kill()
@@ -407,7 +424,8 @@ def test_a_spool_left_by_a_killed_process_is_re_sent_in_order_with_the_same_mess
     assert [m.properties.correlation_id for m in got] == [f"spool-{i}" for i in range(30)]
     assert all(m.properties.type == "training_completed" and m.properties.app_id == "ai-service"
                and m.properties.delivery_mode == 2 for m in got)
-    assert Spool.peek(directory) == [] and list(directory.glob(f"*{Spool.SUFFIX}")) == []
+    assert Spool.peek(directory) == []
+    assert list(directory.glob(f"*{Spool.SUFFIX}")) == []
 
 
 def test_a_process_killed_with_messages_sent_but_unconfirmed_re_sends_them_all_after_a_restart(
@@ -451,7 +469,8 @@ def test_a_second_process_on_a_spool_in_use_fails_clearly_with_spool_locked(
 
     intruder = scripts(env, "intruder", "drain")
     assert intruder.wait(30) != 0
-    assert "SpoolLocked" in intruder.text() and "is in use by another process" in intruder.text()
+    assert "SpoolLocked" in intruder.text()
+    assert "is in use by another process" in intruder.text()
 
     # A real worker with the same WORK_DIR and WORKER_NAME exits with a configuration
     # error and one clear log line (not a traceback that a JSON log pipeline would mangle).
@@ -459,7 +478,9 @@ def test_a_second_process_on_a_spool_in_use_fails_clearly_with_spool_locked(
                           wait_started=False, name="intruder-worker")
     assert worker.wait(timeout=60) == EXIT_CONFIG
     lines = [line for line in worker.log().splitlines() if "is in use by another process" in line]
-    assert len(lines) == 1 and "[RMQ]" in lines[0] and "WORKER_NAME" in lines[0], worker.log()
+    assert len(lines) == 1, worker.log()
+    assert "[RMQ]" in lines[0], worker.log()
+    assert "WORKER_NAME" in lines[0], worker.log()
     assert "Traceback" not in worker.log()
 
     # The holder's messages are still safe on disk, and go out once it is gone.

@@ -129,7 +129,9 @@ def receive(be: BE, queue: str, count: int, timeout: float = WAIT) -> list[Recei
 
 def assert_spool_empty(publisher: Publisher) -> None:
     assert publisher.flush(WAIT), f"{publisher.pending} message(s) still unconfirmed"
-    assert publisher.pending == 0 and len(publisher.spool) == 0 and publisher.spool.bytes == 0
+    assert publisher.pending == 0
+    assert len(publisher.spool) == 0
+    assert publisher.spool.bytes == 0
     assert Spool.peek(publisher.spool.directory) == []
 
 
@@ -139,33 +141,45 @@ def check_oversized_answer_replaced(rig: Rig, publisher: Publisher, code: str, s
     first = answer(publisher, "n0")
     big = answer(publisher, "big", size=BROKER_LIMIT + 512 * 1024)
     if up_front:  # known at once, before any broker round trip
-        assert big.replaced and big.refused_reason is not None and size_text in big.refused_reason
-        assert rig.counted(code) == 1 and len(publisher.refused_log.entries()) == 1
+        assert big.replaced
+        assert big.refused_reason is not None
+        assert size_text in big.refused_reason
+        assert rig.counted(code) == 1
+        assert len(publisher.refused_log.entries()) == 1
     behind = [answer(publisher, f"n{i}") for i in range(1, 6)]
 
     assert all(r.wait(WAIT) for r in [first, *behind]), "the messages behind the oversized one did not go out"
-    assert big.wait(WAIT) and big.replaced and big.replacement_id == "big-inference_completed-refused"
+    assert big.wait(WAIT)
+    assert big.replaced
+    assert big.replacement_id == "big-inference_completed-refused"
     got = receive(rig.be, rig.be.settings.infer_result_queue, 7)
     assert [(m.body["job_id"], m.type) for m in got] == [
         ("n0", "inference_completed"), ("big", "inference_failed"),
         *[(f"n{i}", "inference_completed") for i in range(1, 6)],
     ]
     failed = got[1]
-    assert failed.body["status"] == "failed" and failed.body["error_code"] == "inference_error"
-    assert size_text in failed.body["error_message"] and "max_det" in failed.body["error_message"]
+    assert failed.body["status"] == "failed"
+    assert failed.body["error_code"] == "inference_error"
+    assert size_text in failed.body["error_message"]
+    assert "max_det" in failed.body["error_message"]
     assert failed.routing_key == "infer.result.big"
-    assert failed.properties.correlation_id == "big" and failed.properties.type == "inference_failed"
+    assert failed.properties.correlation_id == "big"
+    assert failed.properties.type == "inference_failed"
     assert failed.properties.message_id == "big-inference_completed-refused"
     assert len(json.dumps(failed.body)) < 2048
-    assert big.refused_reason is not None and size_text in big.refused_reason
+    assert big.refused_reason is not None
+    assert size_text in big.refused_reason
 
     entries = publisher.refused_log.entries()
     assert len(entries) == 1
-    assert entries[0]["code"] == code and entries[0]["routing_key"] == "infer.result.big"
+    assert entries[0]["code"] == code
+    assert entries[0]["routing_key"] == "infer.result.big"
     assert entries[0]["properties"]["message_id"] == "big-inference_completed"
-    assert entries[0]["body_bytes"] > BROKER_LIMIT and "body_base64" not in entries[0]
+    assert entries[0]["body_bytes"] > BROKER_LIMIT
+    assert "body_base64" not in entries[0]
     assert_spool_empty(publisher)
-    assert rig.counted(code) == 1 and [c for c, _, _ in rig.refusals] == [code]
+    assert rig.counted(code) == 1
+    assert [c for c, _, _ in rig.refusals] == [code]
 
 
 # --- the broker refuses: 406 PRECONDITION_FAILED ----------------------------------------
@@ -187,7 +201,8 @@ def test_a_refused_rpc_answer_is_replaced_on_the_same_reply_queue_with_its_corre
     rig.be.channel.queue_declare(reply_queue, exclusive=True)
     big = answer(publisher, "rpc1", size=BROKER_LIMIT + 1, exchange="", key=reply_queue)
     after = answer(publisher, "rpc2", exchange="", key=reply_queue)
-    assert big.wait(WAIT) and after.wait(WAIT)
+    assert big.wait(WAIT)
+    assert after.wait(WAIT)
     got = receive(rig.be, reply_queue, 2)
     assert [(m.body["job_id"], m.type) for m in got] == [("rpc1", "inference_failed"), ("rpc2", "inference_completed")]
     assert got[0].properties.correlation_id == "rpc1"
@@ -205,7 +220,8 @@ def test_a_replacement_the_broker_refuses_too_is_dropped_not_replaced_again(rig:
     publisher = rig.publisher(MAX_MESSAGE_BYTES=str(8 * BROKER_LIMIT), replace=huge_replacement)
     big = answer(publisher, "loop", size=BROKER_LIMIT + 1)
     behind = [answer(publisher, f"after{i}") for i in range(3)]
-    assert all(r.wait(WAIT) for r in behind) and big.wait(WAIT)
+    assert all(r.wait(WAIT) for r in behind)
+    assert big.wait(WAIT)
     got = receive(rig.be, settings.infer_result_queue, 3)
     assert [m.body["job_id"] for m in got] == ["after0", "after1", "after2"]
     assert [c for c, _, _ in rig.refusals] == ["too_large", "too_large"]
@@ -242,9 +258,12 @@ def test_an_update_nacked_three_times_in_a_row_is_dropped_and_the_messages_behin
     publisher = rig.publisher(op="train")
     stuck = answer(publisher, "stuck", kind="update", op="train")
     behind = [answer(publisher, f"go{i}", kind="update", op="train") for i in range(5)]
-    assert all(r.wait(WAIT) for r in behind) and stuck.wait(WAIT)
+    assert all(r.wait(WAIT) for r in behind)
+    assert stuck.wait(WAIT)
     # A refused progress message is dropped, not answered: the job ends with its own terminal.
-    assert not stuck.replaced and stuck.refused_reason and "nacked by the broker 3 times" in stuck.refused_reason
+    assert not stuck.replaced
+    assert stuck.refused_reason
+    assert "nacked by the broker 3 times" in stuck.refused_reason
 
     updates = [m for m in receive(rig.be, s.train_update_queue, 5) if m.body["job_id"] != "stuck"]
     assert [m.body["job_id"] for m in updates] == [f"go{i}" for i in range(5)]
@@ -279,9 +298,15 @@ def test_the_worker_replacer_routes_the_failed_like_the_job_and_leaves_requests_
     if expected_key is None:
         assert got is None
         return
-    assert got is not None and got.replacement and (got.exchange, got.routing_key) == (exchange, expected_key)
+    assert got is not None
+    assert got.replacement
+    assert (got.exchange, got.routing_key) == (exchange, expected_key)
     body = json.loads(got.body)
-    assert body["type"] == "inference_failed" and body["job_id"] == "j1"
-    assert "2,000,000 bytes" in body["error_message"] and "max_det" in body["error_message"]
-    assert got.properties["message_id"] == "m1-refused" and got.properties["correlation_id"] == "c1"
-    assert got.properties["type"] == "inference_failed" and "headers" not in got.properties
+    assert body["type"] == "inference_failed"
+    assert body["job_id"] == "j1"
+    assert "2,000,000 bytes" in body["error_message"]
+    assert "max_det" in body["error_message"]
+    assert got.properties["message_id"] == "m1-refused"
+    assert got.properties["correlation_id"] == "c1"
+    assert got.properties["type"] == "inference_failed"
+    assert "headers" not in got.properties

@@ -78,7 +78,8 @@ def test_the_http_job_routes_of_a_fake_recorded_operation_come_from_its_spec() -
     assert (api.request_model, api.failure_model, api.long_ops) == (EchoRequest, EchoFailed,
                                                                     ("train", "convert", "echo"))
     assert api._ops() == ("echo", "train", "convert")
-    assert ECHO.failure_model is EchoFailed and ECHO.terminal_types() == {"echo_completed", "echo_failed"}
+    assert ECHO.failure_model is EchoFailed
+    assert ECHO.terminal_types() == {"echo_completed", "echo_failed"}
     [router] = routers_for("echo", Settings(), None, operations=WITH_ECHO)
     assert "/echo" in {getattr(route, "path", "") for route in router.routes}
     assert routers_for("echo", Settings(), None) == []  # not in the default registry
@@ -218,7 +219,8 @@ def test_a_real_worker_process_serves_a_fake_operation_over_amqp_and_http_and_it
     assert httpx.get(f"{base}/v1/jobs/echo-2", timeout=10).json()["state"] == "completed"
     bad = httpx.post(f"{base}/v1/echo", json={"job_id": "echo-3"}, timeout=30)
     assert bad.status_code == 400, bad.text
-    assert bad.json()["type"] == "echo_failed" and "text" in bad.json()["error_message"]
+    assert bad.json()["type"] == "echo_failed"
+    assert "text" in bad.json()["error_message"]
     # The CLI follows it over HTTP to its own terminal message.
     capsys.readouterr()
     argv = ["submit", "echo", "--text", "via the cli", "--job-id", "echo-4", "--http", base, "--follow",

@@ -141,7 +141,8 @@ def test_a_worker_cut_off_from_the_broker_reconnects_and_keeps_consuming(
     for job_id, types in by_job.items():
         assert set(types) == {"training_completed"}, (job_id, types)
     for job_id in ("cut-1", "cut-2", "cut-4"):
-        assert len(by_job[job_id]) == 1 and runs_of(worker, job_id) == 1, job_id
+        assert len(by_job[job_id]) == 1, job_id
+        assert runs_of(worker, job_id) == 1, job_id
     # The cut mid-handler makes the broker redeliver cut-3 while its first run still
     # sleeps; that run answers, and the redelivery is only acknowledged: one run, one answer.
     runs, answers = runs_of(worker, "cut-3"), len(by_job["cut-3"])
@@ -179,7 +180,8 @@ def test_a_worker_rides_out_a_broker_restart_and_what_it_published_meanwhile_arr
     # The job ends while the broker is away: its result waits in the publisher's spool.
     worker.wait_log("[Handler] [rs-2] Done", timeout=15)
     spooled = list(spool_dir(settings, "train").glob("*.msg"))
-    assert len(spooled) == 1 and b'"rs-2"' in spooled[0].read_bytes()
+    assert len(spooled) == 1
+    assert b'"rs-2"' in spooled[0].read_bytes()
 
     private_broker.start()
     up = time.monotonic()
@@ -224,8 +226,10 @@ def test_a_request_queue_that_exists_with_other_arguments_gets_one_warning_and_i
         log = worker.log()
         warnings = [line for line in log.splitlines() if "already exists with other arguments" in line]
         assert len(warnings) == 1, log
-        assert repr(queue) in warnings[0] and "WARNING" in warnings[0]
-        assert "Connection lost" not in log and "Failed to connect" not in log
+        assert repr(queue) in warnings[0]
+        assert "WARNING" in warnings[0]
+        assert "Connection lost" not in log
+        assert "Failed to connect" not in log
         # The queue was used as it is, not replaced.
         probe = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
         try:
@@ -283,7 +287,8 @@ def test_a_job_redelivered_while_its_cut_off_first_run_still_ends_stays_tracked_
         deadline = time.monotonic() + 15
         while len(runs) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(runs) == 2 and runs[1].delivery.redelivered
+        assert len(runs) == 2
+        assert runs[1].delivery.redelivered
         time.sleep(1.0)  # the first run settles (on a channel that is gone)
         assert consumer.busy == 1, "the redelivered job is no longer tracked as in flight"
         be.cancel("twice")

@@ -40,7 +40,8 @@ def test_a_handler_sleeping_past_two_heartbeats_is_acked_and_the_connection_surv
     assert be.count(be.settings.train_request_queue) == 0
     assert be.count(be.settings.train_request_queue + ".dlq") == 0
     log = worker.log()
-    assert "Connection lost" not in log and "StreamLost" not in log, log
+    assert "Connection lost" not in log, log
+    assert "StreamLost" not in log, log
 
 
 def test_results_carry_the_contract_amqp_properties(be: BE, start_worker: WorkerFactory) -> None:
@@ -50,11 +51,13 @@ def test_results_carry_the_contract_amqp_properties(be: BE, start_worker: Worker
     p = msg.properties
     assert p.content_type == "application/json"
     assert p.delivery_mode == 2
-    assert p.message_id and len(p.message_id) >= 16
+    assert p.message_id
+    assert len(p.message_id) >= 16
     assert p.correlation_id == "props1"
     assert p.type == "training_completed"
     assert p.app_id == "ai-service"
-    assert isinstance(p.timestamp, int) and abs(p.timestamp - time.time()) < 120
+    assert isinstance(p.timestamp, int)
+    assert abs(p.timestamp - time.time()) < 120
     assert msg.routing_key == "train.result.props1"
 
 
@@ -95,7 +98,8 @@ def test_every_invalid_input_is_answered_dead_lettered_and_the_worker_goes_on(
             continue
         failed = answered.get(job_id)
         assert failed is not None, f"{label}: no answer"
-        assert failed["type"] == "training_failed" and failed["status"] == "failed"
+        assert failed["type"] == "training_failed"
+        assert failed["status"] == "failed"
         assert failed["error_code"] == "invalid_request", label
         assert field in failed["error_message"], (label, failed["error_message"])
         assert "Traceback" not in failed["error_message"]
@@ -138,7 +142,8 @@ def test_a_permanent_failure_is_answered_once_and_acked(be: BE, start_worker: Wo
     start_worker(module=SLEEPY)
     be.send_train(request("perm", mode="fail"))
     msg = be.terminal(be.settings.train_result_queue, "perm")
-    assert msg.body["error_code"] == "dataset_invalid" and msg.body["current_epoch"] == 0
+    assert msg.body["error_code"] == "dataset_invalid"
+    assert msg.body["current_epoch"] == 0
     time.sleep(1)
     assert be.drain(be.settings.train_result_queue) == []
     assert be.count(be.settings.train_request_queue + ".dlq") == 0

@@ -38,14 +38,16 @@ def test_dataset_has_the_ultralytics_layout_and_a_relative_data_yaml(tmp_path: P
     assert "train: images/train" in lines
     assert "val: images/val" in lines
     assert not any(line.startswith("path:") for line in lines)
-    assert "  0: circle" in lines and "  1: square" in lines
+    assert "  0: circle" in lines
+    assert "  1: square" in lines
 
 
 def test_data_yaml_parses_to_relative_paths_and_both_class_names(tmp_path: Path) -> None:
     import yaml
     data = yaml.safe_load(generate_shapes_dataset(tmp_path, n_train=1, n_val=1, size=32).read_text())
 
-    assert data["train"] == "images/train" and data["val"] == "images/val"
+    assert data["train"] == "images/train"
+    assert data["val"] == "images/val"
     assert data["names"] == CLASS_NAMES == {0: "circle", 1: "square"}
     assert "path" not in data
 
@@ -60,21 +62,26 @@ def test_every_label_line_is_a_normalised_box_matching_the_drawn_shapes(tmp_path
             assert len(row) == 5
             cls, cx, cy, w, h = int(row[0]), *map(float, row[1:])
             assert cls in (0, 1)
-            assert 0.2 - 0.02 <= w <= 0.5 + 0.02 and abs(w - h) < 1e-6  # squares and circles
-            assert 0.0 <= cx - w / 2 and cx + w / 2 <= 1.0
-            assert 0.0 <= cy - h / 2 and cy + h / 2 <= 1.0
+            assert 0.2 - 0.02 <= w <= 0.5 + 0.02
+            assert abs(w - h) < 1e-6
+            assert cx - w / 2 >= 0.0
+            assert cx + w / 2 <= 1.0
+            assert cy - h / 2 >= 0.0
+            assert cy + h / 2 <= 1.0
 
 
 def test_drawn_shapes_do_not_overlap_and_stand_out_from_the_background() -> None:
     for seed in range(40):
         image, truth = draw_shapes_image(128, seed)
-        assert image.size == (128, 128) and image.mode == "RGB"
+        assert image.size == (128, 128)
+        assert image.mode == "RGB"
         assert 1 <= len(truth) <= 3
         pixels = np.asarray(image, dtype=np.float32)
         corner = _patch(pixels, 1, 1)
         for i, (cls, (x1, y1, x2, y2)) in enumerate(truth):
             assert cls in (0, 1)
-            assert 0 <= x1 < x2 <= 128 and 0 <= y1 < y2 <= 128
+            assert 0 <= x1 < x2 <= 128
+            assert 0 <= y1 < y2 <= 128
             for _, (a1, b1, a2, b2) in truth[i + 1 :]:
                 assert x2 <= a1 or a2 <= x1 or y2 <= b1 or b2 <= y1, f"overlap at seed {seed}"
             centre = _patch(pixels, (x1 + x2) / 2, (y1 + y2) / 2)
@@ -106,7 +113,8 @@ def test_the_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path:
     assert _tree(tmp_path / "a") != _tree(tmp_path / "c")
     image1, truth1 = draw_shapes_image(64, 11)
     image2, truth2 = draw_shapes_image(64, 11)
-    assert truth1 == truth2 and image1.tobytes() == image2.tobytes()
+    assert truth1 == truth2
+    assert image1.tobytes() == image2.tobytes()
 
 
 def test_train_and_val_images_are_different_pictures(tmp_path: Path) -> None:
@@ -114,13 +122,15 @@ def test_train_and_val_images_are_different_pictures(tmp_path: Path) -> None:
 
     train = {p.read_bytes() for p in (tmp_path / "images" / "train").iterdir()}
     val = {p.read_bytes() for p in (tmp_path / "images" / "val").iterdir()}
-    assert len(train) == 6 and len(val) == 6 and not train & val
+    assert len(train) == 6
+    assert len(val) == 6
+    assert not train & val
 
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n_train and n_val must be at least 1"):
         generate_shapes_dataset(tmp_path, n_train=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="size must be at least 32 pixels, not 16"):
         draw_shapes_image(16, 0)
 
 

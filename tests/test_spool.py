@@ -239,14 +239,18 @@ def test_a_spool_with_few_messages_is_full_once_their_bytes_reach_the_byte_bound
     try:
         small, big, other = envelope(1), envelope(2, pad=9_000), envelope(3, pad=2_000)
         s.add(small)
-        assert not s.full and s.bytes == spooled_bytes(spool_dir) > 0
+        assert not s.full
+        assert s.bytes == spooled_bytes(spool_dir) > 0
         s.add(big)
         assert not s.full, "one message larger than the room left must still get in"
         s.add(other)
-        assert s.full and len(s) == 3 and s.bytes == spooled_bytes(spool_dir) >= 10_000
+        assert s.full
+        assert len(s) == 3
+        assert s.bytes == spooled_bytes(spool_dir) >= 10_000
         s.remove(big)
         s.flush()
-        assert not s.full and s.bytes == spooled_bytes(spool_dir)
+        assert not s.full
+        assert s.bytes == spooled_bytes(spool_dir)
         s.remove(big)  # twice: the bytes are not taken off again
         s.flush()
         assert s.bytes == spooled_bytes(spool_dir)
@@ -262,10 +266,13 @@ def test_leftover_bytes_count_towards_full_after_a_reopen(spool_dir: Path, spool
     again = Spool(spool_dir, max_messages=1000, max_bytes=12_000)
     left = again.open()
     try:
-        assert len(left) == 2 and again.full and again.bytes == spooled_bytes(spool_dir)
+        assert len(left) == 2
+        assert again.full
+        assert again.bytes == spooled_bytes(spool_dir)
         again.remove(left[0])
         again.flush()
-        assert not again.full and again.bytes == spooled_bytes(spool_dir)
+        assert not again.full
+        assert again.bytes == spooled_bytes(spool_dir)
     finally:
         again.close()
 
@@ -279,7 +286,8 @@ def test_a_swapped_in_replacement_takes_the_refused_messages_place_and_bytes(spo
 
     spool.swap(refused, replacement)
     spool.flush()
-    assert replacement.seq == refused.seq and len(spool) == 3
+    assert replacement.seq == refused.seq
+    assert len(spool) == 3
     assert spool.bytes == spooled_bytes(spool_dir) < 50_000
     spool.close()
 
@@ -311,7 +319,8 @@ def test_messages_added_while_a_sync_runs_share_the_next_single_sync(spool_dir: 
         assert not any(t.is_alive() for t in [first, *others])
         assert files.syncs - base == 2, "ten adds: one sync for the first, one for the nine behind it"
         on_disk = [e.message_id for e in Spool.peek(spool_dir)]
-        assert on_disk[0] == "m0" and sorted(on_disk[1:]) == sorted(f"m{n}" for n in range(1, 10))
+        assert on_disk[0] == "m0"
+        assert sorted(on_disk[1:]) == sorted(f"m{n}" for n in range(1, 10))
     finally:
         s.close()
 
@@ -327,7 +336,8 @@ def test_one_thread_adding_one_by_one_syncs_each_message_before_add_returns(spoo
             assert files.syncs - base == n + 1
             assert [e.message_id for e in Spool.peek(spool_dir)] == [f"m{i}" for i in range(n + 1)]
         s.remove(Spool.peek(spool_dir)[0])
-        assert s.flush() and files.syncs - base == 5, "a removal is written, never synced on its own"
+        assert s.flush(), "a removal is written, never synced on its own"
+        assert files.syncs - base == 5, "a removal is written, never synced on its own"
     finally:
         s.close()
 
@@ -376,7 +386,9 @@ def test_segments_whose_messages_all_left_are_deleted_and_a_closed_empty_spool_l
             s.remove(e)
         s.flush()
         assert len(list(spool_dir.glob(f"*{Spool.SUFFIX}"))) == 1, "only the segment being written stays"
-        assert Spool.peek(spool_dir) == [] and len(s) == 0 and s.bytes == 0
+        assert Spool.peek(spool_dir) == []
+        assert len(s) == 0
+        assert s.bytes == 0
     finally:
         s.close()
     assert list(spool_dir.glob(f"*{Spool.SUFFIX}")) == []
@@ -400,10 +412,13 @@ def test_the_refused_file_keeps_small_bodies_and_stays_within_its_byte_bound(tmp
     big = envelope(2, pad=5_000)
     refused.append(big, "too_large", "too large")
     first, second = refused.entries()
-    assert first["code"] == "nacked" and first["routing_key"] == "train.update.job1"
-    assert first["properties"]["message_id"] == "m1" and "time" in first
+    assert first["code"] == "nacked"
+    assert first["routing_key"] == "train.update.job1"
+    assert first["properties"]["message_id"] == "m1"
+    assert "time" in first
     assert base64.b64decode(first["body_base64"]) == envelope(1).body
-    assert second["body_bytes"] == len(big.body) and "body_base64" not in second
+    assert second["body_bytes"] == len(big.body)
+    assert "body_base64" not in second
 
     for n in range(300):
         refused.append(envelope(n, pad=500), "too_large", "x" * 200)

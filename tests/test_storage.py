@@ -40,7 +40,10 @@ def test_bytes_written_are_read_back_and_stat_reports_their_size(storage: Storag
     storage.write_bytes("models/m/best.pt", b"weights")
     assert storage.read_bytes("models/m/best.pt") == b"weights"
     info = storage.stat("models/m/best.pt")
-    assert info is not None and info.key == "models/m/best.pt" and info.size == 7 and info.etag
+    assert info is not None
+    assert info.key == "models/m/best.pt"
+    assert info.size == 7
+    assert info.etag
 
 
 def test_overwriting_an_object_changes_its_etag(storage: Storage) -> None:
@@ -48,15 +51,17 @@ def test_overwriting_an_object_changes_its_etag(storage: Storage) -> None:
     first = storage.stat("k/x.bin")
     storage.write_bytes("k/x.bin", b"bbbb")
     second = storage.stat("k/x.bin")
-    assert first is not None and second is not None
-    assert first.etag != second.etag and storage.read_bytes("k/x.bin") == b"bbbb"
+    assert first is not None
+    assert second is not None
+    assert first.etag != second.etag
+    assert storage.read_bytes("k/x.bin") == b"bbbb"
 
 
 def test_a_missing_key_stats_as_none_and_reading_it_is_object_not_found_naming_it(storage: Storage) -> None:
     assert storage.stat("nope/missing.pt") is None
-    with pytest.raises(ObjectNotFound, match="nope/missing.pt"):
+    with pytest.raises(ObjectNotFound, match=r"nope/missing\.pt"):
         storage.read_bytes("nope/missing.pt")
-    with pytest.raises(ObjectNotFound, match="nope/missing.pt"):
+    with pytest.raises(ObjectNotFound, match=r"nope/missing\.pt"):
         storage.download_file("nope/missing.pt", Path("/nonexistent-never-written"))
 
 
@@ -103,7 +108,7 @@ def test_fetch_file_of_a_missing_object_is_object_not_found_and_keeps_the_old_fi
 ) -> None:
     dest = tmp_path / "kept.bin"
     dest.write_bytes(b"old")
-    with pytest.raises(ObjectNotFound, match="ds/gone.bin"):
+    with pytest.raises(ObjectNotFound, match=r"ds/gone\.bin"):
         storage.fetch_file("ds/gone.bin", dest, bulk=True)
     assert dest.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["kept.bin"]
@@ -173,7 +178,8 @@ def test_a_12_mb_file_goes_up_in_parts_and_comes_back_intact(storage: Storage, t
 
 def test_open_storage_picks_the_backend_from_settings(s3_env: dict[str, str], s3_bucket: str, tmp_path: Path) -> None:
     local = open_storage(Settings(storage_backend="local", storage_dir=tmp_path / "data"))
-    assert isinstance(local, LocalStorage) and local.describe() == f"local:{tmp_path / 'data'}"
+    assert isinstance(local, LocalStorage)
+    assert local.describe() == f"local:{tmp_path / 'data'}"
     s3 = open_storage(Settings(storage_backend="s3", s3_bucket=s3_bucket))
     assert isinstance(s3, S3Storage)
     assert s3.describe() == f"s3://{s3_bucket} at {s3_env['AWS_ENDPOINT_URL']}"

@@ -65,7 +65,8 @@ def test_a_cached_file_lost_locally_is_fetched_again(storage: Storage, tmp_path:
     path = sync_prefix(storage, "datasets/d1", tmp_path / "cache")
     (path / "data.yaml").unlink()
     report = sync_prefix_report(storage, "datasets/d1", tmp_path / "cache")
-    assert report.downloaded == 1 and (path / "data.yaml").read_bytes() == b"names: [car]\n"
+    assert report.downloaded == 1
+    assert (path / "data.yaml").read_bytes() == b"names: [car]\n"
 
 
 def test_syncing_a_missing_prefix_is_dataset_not_found(storage: Storage, tmp_path: Path) -> None:
@@ -101,7 +102,8 @@ def test_the_cache_folder_is_a_hash_of_backend_and_prefix_with_the_manifest_besi
     store.write_bytes("ds/a.txt", b"a")
     path = sync_prefix(store, "ds", tmp_path / "cache")
     assert path.name == cache_dir_name(store, "ds/") == cache_dir_name(store, "ds")
-    assert len(path.name) == 64 and int(path.name, 16) >= 0
+    assert len(path.name) == 64
+    assert int(path.name, 16) >= 0
     assert (tmp_path / "cache" / f"{path.name}.manifest.json").is_file()
     assert cache_dir_name(LocalStorage(tmp_path / "other"), "ds") != path.name
 

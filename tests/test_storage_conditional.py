@@ -58,7 +58,8 @@ def test_both_backends_support_conditional_writes_and_the_probe_leaves_nothing_b
     with caplog.at_level(logging.INFO, logger="ai_service.storage"):
         assert storage.supports_conditional_writes()
         assert storage.supports_conditional_writes()  # detected once
-    assert caplog.text.count("conditional writes in") == 1 and "supported" in caplog.text
+    assert caplog.text.count("conditional writes in") == 1
+    assert "supported" in caplog.text
     assert storage.list("jobs/") == []
 
 
@@ -84,12 +85,14 @@ def test_of_threads_racing_to_create_one_key_exactly_one_wins(storage: Storage) 
 def test_replace_if_match_with_a_stale_etag_fails_and_leaves_the_bytes(storage: Storage) -> None:
     first = storage.create_exclusive(KEY, b"version 1")
     second = storage.replace_if_match(KEY, b"version 2", first.etag)
-    assert second == storage.stat(KEY) and second.etag != first.etag
+    assert second == storage.stat(KEY)
+    assert second.etag != first.etag
     with pytest.raises(PreconditionFailed):
         storage.replace_if_match(KEY, b"version 3 from a stale reader", first.etag)
     assert storage.read_bytes(KEY) == b"version 2"
     third = storage.replace_if_match(KEY, b"version 3", second.etag)
-    assert storage.read_bytes(KEY) == b"version 3" and third.etag not in (first.etag, second.etag)
+    assert storage.read_bytes(KEY) == b"version 3"
+    assert third.etag not in (first.etag, second.etag)
 
 
 def test_read_versioned_gives_the_bytes_with_the_etag_a_replace_needs(storage: Storage) -> None:
@@ -182,4 +185,5 @@ def test_a_store_that_ignores_the_conditions_is_detected_and_refuses_conditional
     with pytest.raises(PermanentError, match="does not support conditional writes") as caught:
         store.create_exclusive(KEY, b"x")
     assert caught.value.error_code == "storage_error"
-    assert store.stat(KEY) is None and store.list("jobs/") == []
+    assert store.stat(KEY) is None
+    assert store.list("jobs/") == []

@@ -43,7 +43,8 @@ def _closed_port() -> int:
 
 
 def _assert_clean(exc: BaseException, *secrets: str) -> None:
-    assert exc.__cause__ is None and exc.__suppress_context__
+    assert exc.__cause__ is None
+    assert exc.__suppress_context__
     for secret in secrets:
         assert secret not in str(exc)
 
@@ -66,9 +67,8 @@ def test_an_s3_server_that_stops_answering_is_a_storage_error(
 ) -> None:
     store = S3Storage(s3_bucket, client=make_s3_client(connect_timeout=1, read_timeout=1, max_attempts=1))
     store.write_bytes("x/y", b"1")
-    with s3_server.paused():
-        with pytest.raises(StorageError, match="did not answer") as caught:
-            store.read_bytes("x/y")
+    with s3_server.paused(), pytest.raises(StorageError, match="did not answer") as caught:
+        store.read_bytes("x/y")
     _assert_clean(caught.value, s3_server.secret_key)
     assert store.read_bytes("x/y") == b"1"  # and it recovers
 
@@ -150,10 +150,11 @@ def test_bulk_downloads_go_direct_and_a_missing_object_is_still_object_not_found
     store.write_bytes(odd, b"a" * 3000)
     store.write_bytes("ds/b.bin", b"b")
     store.fetch_file(odd, tmp_path / "a.bin", bulk=True)
-    with pytest.raises(ObjectNotFound, match="ds/gone.bin"):
+    with pytest.raises(ObjectNotFound, match=r"ds/gone\.bin"):
         store.fetch_file("ds/gone.bin", tmp_path / "gone.bin", bulk=True)
     store.fetch_file("ds/b.bin", tmp_path / "b.bin", bulk=True)  # a 404 does not turn it off
-    assert (tmp_path / "a.bin").read_bytes() == b"a" * 3000 and (tmp_path / "b.bin").read_bytes() == b"b"
+    assert (tmp_path / "a.bin").read_bytes() == b"a" * 3000
+    assert (tmp_path / "b.bin").read_bytes() == b"b"
     assert not (tmp_path / "gone.bin").exists()
     assert client.presigned == ["probe", odd, "ds/gone.bin", "ds/b.bin"]  # probe: is it SigV4?
     assert client.get_objects == 1  # only to say "no such key"
@@ -169,10 +170,12 @@ def test_a_failed_direct_get_falls_back_to_get_object_and_rests(
     with caplog.at_level(logging.WARNING, logger="ai_service.storage"):
         store.fetch_file("ds/a.bin", tmp_path / "a.bin", bulk=True)
         store.fetch_file("ds/b.bin", tmp_path / "b.bin", bulk=True)
-    assert (tmp_path / "a.bin").read_bytes() == b"a" and (tmp_path / "b.bin").read_bytes() == b"b"
+    assert (tmp_path / "a.bin").read_bytes() == b"a"
+    assert (tmp_path / "b.bin").read_bytes() == b"b"
     assert client.presigned == ["probe", "ds/a.bin"]  # the second download did not try again
     assert client.get_objects == 2
-    assert "direct GETs" in caplog.text and "rest" in caplog.text
+    assert "direct GETs" in caplog.text
+    assert "rest" in caplog.text
     assert "X-Amz-Signature" not in caplog.text
 
 

@@ -103,9 +103,12 @@ def test_an_8_gpu_split_gives_every_program_its_own_gpu_port_and_worker_name(tmp
         assert env["HTTP_PORT"] == str(ports[op] - 1000 + int(gpu)), name  # 81nn, 82nn, 83nn
         assert env["WORKER_NAME"] == "%(host_node_name)s/%(program_name)s"
         assert section["command"] == f"%(here)s/../.venv/bin/ai-service worker {op}"
-        assert section["process_name"] == "%(program_name)s" and section["numprocs"] == "1"
-        assert section["exitcodes"] == "0,2" and section["autorestart"] == "unexpected"
-        assert section["stopwaitsecs"] == stopwait[op] and section["stopsignal"] == "TERM"
+        assert section["process_name"] == "%(program_name)s"
+        assert section["numprocs"] == "1"
+        assert section["exitcodes"] == "0,2"
+        assert section["autorestart"] == "unexpected"
+        assert section["stopwaitsecs"] == stopwait[op]
+        assert section["stopsignal"] == "TERM"
         assert section["stdout_logfile"] == "%(here)s/../logs/%(program_name)s.log"
 
     # supervisord's own loader, from the repository's supervisord.conf beside the include:
@@ -123,7 +126,8 @@ def test_an_8_gpu_split_gives_every_program_its_own_gpu_port_and_worker_name(tmp
     loaded = {p.name: p for p in group.process_configs}
     assert set(loaded) == set(got)
     infer5 = loaded["infer-gpu5"]
-    assert infer5.environment["CUDA_VISIBLE_DEVICES"] == "5" and infer5.environment["METRICS_PORT"] == "9305"
+    assert infer5.environment["CUDA_VISIBLE_DEVICES"] == "5"
+    assert infer5.environment["METRICS_PORT"] == "9305"
     assert infer5.environment["WORKER_NAME"].endswith("/infer-gpu5")
     assert Path(infer5.command.split()[0]).resolve() == (deploy / ".venv" / "bin" / "ai-service").resolve()
     assert Path(infer5.stdout_logfile).resolve() == (deploy / "logs" / "infer-gpu5.log").resolve()
@@ -180,10 +184,12 @@ def test_bad_gpu_lists_and_a_directory_without_supervisord_conf_exit_2_with_the_
         (["--train-gpus", "none", "--convert-gpus", "none", "--infer-gpus", "none"], "nothing to run"),
     ):
         result = generate(tmp_path, *flags, "-o", "-")
-        assert result.returncode == 2 and reason in result.stderr, (flags, result.stderr)
+        assert result.returncode == 2, (flags, result.stderr)
+        assert reason in result.stderr, (flags, result.stderr)
         assert result.stdout == ""
     result = generate(tmp_path, "--train-gpus", "0")  # the default output, from a directory with no config
-    assert result.returncode == 2 and "no supervisord.conf here" in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "no supervisord.conf here" in result.stderr, result.stderr
     assert not (tmp_path / "supervisor.d").exists()
 
 
@@ -200,7 +206,8 @@ def test_supervisor_config_is_fast_and_imports_no_torch(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path,
                             env={**bare_env(tmp_path), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok"), result.stdout + result.stderr
     assert float(result.stdout.split()[1]) < 3.0, result.stdout
     assert "[program:train-gpu1]" in (tmp_path / "out.conf").read_text()
 
@@ -242,7 +249,8 @@ def test_the_parent_watch_fires_at_once_when_the_parent_died_before_it_was_armed
     alive.start(called.append)
     time.sleep(1.5)
     alive.stop()
-    assert called == [] and alive.gone() is None
+    assert called == []
+    assert alive.gone() is None
 
 
 def test_prctl_pdeathsig_is_set_for_the_process_that_arms_the_watch(tmp_path: Path) -> None:

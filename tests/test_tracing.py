@@ -62,7 +62,10 @@ def parse_traceparent(value: Any) -> tuple[str, str]:
     """(trace id, span id) of a ``traceparent`` header value."""
     text = value.decode() if isinstance(value, bytes) else str(value)
     version, trace_id, span_id, flags = text.split("-")
-    assert version == "00" and len(trace_id) == 32 and len(span_id) == 16 and len(flags) == 2, text
+    assert version == "00", text
+    assert len(trace_id) == 32, text
+    assert len(span_id) == 16, text
+    assert len(flags) == 2, text
     return trace_id, span_id
 
 
@@ -114,21 +117,26 @@ def test_a_requests_traceparent_parents_the_consume_span_and_the_published_messa
 ) -> None:
     publisher = run_one_delivery(tmp_path, {"traceparent": TRACEPARENT, "tracestate": "be=1"})
     consume = only([s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER], "consume")
-    assert consume.context is not None and consume.parent is not None
+    assert consume.context is not None
+    assert consume.parent is not None
     assert format(consume.context.trace_id, "032x") == TRACE_ID
-    assert format(consume.parent.span_id, "016x") == PARENT_ID and consume.parent.is_remote
+    assert format(consume.parent.span_id, "016x") == PARENT_ID
+    assert consume.parent.is_remote
     assert consume.attributes is not None
     assert consume.attributes["messaging.system"] == "rabbitmq"
-    assert consume.attributes["ai.job_id"] == "trace01" and consume.attributes["ai.outcome"] == "ack"
+    assert consume.attributes["ai.job_id"] == "trace01"
+    assert consume.attributes["ai.outcome"] == "ack"
 
     [envelope] = list(publisher._pending)
     headers = envelope.properties["headers"]
     trace_id, span_id = parse_traceparent(headers["traceparent"])
-    assert trace_id == TRACE_ID and headers["tracestate"] == "be=1"
+    assert trace_id == TRACE_ID
+    assert headers["tracestate"] == "be=1"
     # The header names the publish span, a PRODUCER child of the consume span; it ends on the confirm.
     publisher._receipts[envelope.seq]._set()  # the broker's confirm, simulated
     publish = only([s for s in spans.get_finished_spans() if s.kind is SpanKind.PRODUCER], "publish")
-    assert publish.context is not None and publish.parent is not None
+    assert publish.context is not None
+    assert publish.parent is not None
     assert format(publish.context.span_id, "016x") == span_id
     assert publish.parent.span_id == consume.context.span_id
     assert publish.attributes is not None
@@ -143,7 +151,8 @@ def test_a_request_without_traceparent_starts_a_trace_of_its_own_when_tracing_is
 ) -> None:
     publisher = run_one_delivery(tmp_path, {})
     consume = only([s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER], "consume")
-    assert consume.parent is None and consume.context is not None
+    assert consume.parent is None
+    assert consume.context is not None
     [envelope] = list(publisher._pending)
     trace_id, _ = parse_traceparent(envelope.properties["headers"]["traceparent"])
     assert trace_id == format(consume.context.trace_id, "032x")
@@ -202,14 +211,17 @@ def test_a_predict_batch_span_is_a_child_of_its_first_request_and_linked_to_ever
     by_name = {s.name: s for s in spans.get_finished_spans()}
     batch = by_name["predict batch"]
     request_ids = [by_name[f"request {n}"].context.span_id for n in range(3)]
-    assert batch.parent is not None and batch.parent.span_id == request_ids[0]
+    assert batch.parent is not None
+    assert batch.parent.span_id == request_ids[0]
     assert [link.context.span_id for link in batch.links] == request_ids
-    assert batch.attributes is not None and batch.attributes["ai.batch.requests"] == 3
+    assert batch.attributes is not None
+    assert batch.attributes["ai.batch.requests"] == 3
 
 
 def test_without_otel_variables_setup_installs_no_sdk_provider() -> None:
     assert tracing.setup("train", env={}) is False
-    assert not tracing.enabled() and tracing.current() is None
+    assert not tracing.enabled()
+    assert tracing.current() is None
     provider = trace.get_tracer_provider()
     assert isinstance(provider, trace.ProxyTracerProvider), provider  # the API's own, not the SDK's
     assert not any("OtelBatchSpanProcessor" in t.name for t in threading.enumerate())
@@ -236,7 +248,7 @@ class Collector:
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:  # http.server's name
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.path != "/v1/traces":
                     self.send_response(404)
@@ -351,8 +363,10 @@ def test_a_traced_training_request_gets_one_trace_of_job_epoch_dataset_upload_an
         return [s for s in found if s["name"] == name]
 
     [job] = named(f"process {request_queue}")
-    assert job["kind"] == SPAN_KIND_CONSUMER and job["parent"] == PARENT_ID
-    assert job["attributes"]["ai.job_id"] == "traced1" and job["attributes"]["ai.job.status"] == "completed"
+    assert job["kind"] == SPAN_KIND_CONSUMER
+    assert job["parent"] == PARENT_ID
+    assert job["attributes"]["ai.job_id"] == "traced1"
+    assert job["attributes"]["ai.job.status"] == "completed"
     assert job["resource"]["service.name"] == "ai-service-train"
     epochs = sorted(named("train epoch"), key=lambda s: s["attributes"]["ai.epoch"])
     assert [e["attributes"]["ai.epoch"] for e in epochs] == [1, 2]
@@ -360,21 +374,25 @@ def test_a_traced_training_request_gets_one_trace_of_job_epoch_dataset_upload_an
     assert all(e["attributes"]["ai.epoch.finished"] is True for e in epochs)
     [dataset] = named("dataset materialise")
     [sync] = named("dataset sync")
-    assert dataset["parent"] == job["span_id"] and sync["parent"] == dataset["span_id"]
+    assert dataset["parent"] == job["span_id"]
+    assert sync["parent"] == dataset["span_id"]
     uploads = named("checkpoint upload")
-    assert len(uploads) == 2 and {u["parent"] for u in uploads} == {e["span_id"] for e in epochs}
+    assert len(uploads) == 2
+    assert {u["parent"] for u in uploads} == {e["span_id"] for e in epochs}
     [model_upload] = named("model upload")
     assert model_upload["parent"] == job["span_id"]
 
     publishes = [s for s in found if s["kind"] == SPAN_KIND_PRODUCER]
     assert all(p["attributes"]["messaging.system"] == "rabbitmq" for p in publishes)
     types = [p["attributes"]["ai.message.type"] for p in publishes]
-    assert {"training_started", "epoch_update", "training_completed"} <= set(types) and types.count("epoch_update") == 2
+    assert {"training_started", "epoch_update", "training_completed"} <= set(types)
+    assert types.count("epoch_update") == 2
     # Each message's traceparent names its own publish span; an epoch's update is published inside its epoch.
     for message in [*epoch_updates, result]:
         _, span_id = parse_traceparent((message.properties.headers or {})["traceparent"])
         publish = by_id[span_id]
-        assert publish["kind"] == SPAN_KIND_PRODUCER and publish["attributes"]["ai.message.type"] == message.type
+        assert publish["kind"] == SPAN_KIND_PRODUCER
+        assert publish["attributes"]["ai.message.type"] == message.type
         assert publish["attributes"]["messaging.message.id"] == message.properties.message_id
     for message, epoch in zip(epoch_updates, epochs, strict=True):
         _, span_id = parse_traceparent((message.properties.headers or {})["traceparent"])

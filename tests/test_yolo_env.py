@@ -10,6 +10,7 @@ session) that also checks ``CUDA_VISIBLE_DEVICES`` and the network in a clean pr
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import pickle
@@ -50,7 +51,7 @@ def yolo_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-@pytest.fixture()
+@pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     """Fail and record any DNS lookup or socket connect made during the test."""
     calls: list[Any] = []
@@ -130,7 +131,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         timeout=300,
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert lines, out.stdout[-3000:] + out.stderr[-3000:]
     result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
     return result
 
@@ -153,7 +155,8 @@ def test_prepare_sets_the_offline_and_safe_load_switches_and_installs_fonts(yolo
     assert os.environ["MPLCONFIGDIR"] == str(yolo_work.resolve() / "mpl")
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):
         font = yolo_work / "ultralytics" / "Ultralytics" / name
-        assert font.is_file() and font.read_bytes()[:4] == b"\x00\x01\x00\x00"  # a TrueType file
+        assert font.is_file()
+        assert font.read_bytes()[:4] == b"\x00\x01\x00\x00"
 
 
 def test_prepare_is_idempotent(yolo_work: Path) -> None:
@@ -241,7 +244,8 @@ def test_a_real_checkpoint_loads_safely_and_predicts(yolo_work: Path, best_pt: P
 
     assert model.task == "detect"
     assert model.names == {0: "circle", 1: "square"}
-    assert len(results) == 1 and results[0].orig_shape == (64, 64)
+    assert len(results) == 1
+    assert results[0].orig_shape == (64, 64)
     assert results[0].boxes is not None
 
 
@@ -316,10 +320,9 @@ def test_a_crafted_pickle_is_refused_without_running_its_code(
 
     control = tmp_path / "control"
     write(payload_cls(control), evil)
-    try:
+    # A torch.load of a raw pickle fails (bad magic number) after running the payload.
+    with contextlib.suppress(RuntimeError, pickle.UnpicklingError, AttributeError, TypeError):
         torch.load(evil, map_location="cpu", weights_only=False)
-    except (RuntimeError, pickle.UnpicklingError, AttributeError, TypeError):
-        pass  # a torch.load of a raw pickle fails (bad magic number) after running the payload
     assert control.exists()
 
 
@@ -417,13 +420,15 @@ def test_out_of_memory_errors_are_recognised_and_others_are_not() -> None:
     cpu_oom = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate"
     assert is_out_of_memory(RuntimeError(cpu_oom))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
-    try:
+    def wrapped_memory_error() -> None:
         try:
             raise MemoryError()
         except MemoryError as inner:
             raise ValueError("wrapped") from inner
-    except ValueError as wrapped:
-        assert is_out_of_memory(wrapped)
+
+    with pytest.raises(ValueError, match="wrapped") as wrapped:
+        wrapped_memory_error()
+    assert is_out_of_memory(wrapped.value)
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of range"))
     assert not is_out_of_memory(KeyboardInterrupt())
@@ -433,7 +438,7 @@ def test_a_real_cpu_allocation_failure_is_recognised() -> None:
     import torch
 
     # 1 EiB: more than any x86_64/arm64 address space, so even overcommit refuses it.
-    with pytest.raises(Exception) as caught:  # noqa: B017 - whatever torch raises must be classified as OOM
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - which class torch raises is what is tested
         torch.empty(1 << 60, dtype=torch.uint8)
     assert is_out_of_memory(caught.value), repr(caught.value)
 

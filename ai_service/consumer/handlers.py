@@ -213,4 +213,4 @@ def _delivery_word(settlement: Settlement) -> str:
         return Outcome.REQUEUE.value
     if settlement.delivery is Outcome.NONE:
         return Outcome.ACK.value
-    return settlement.delivery.value
+    return str(settlement.delivery.value)

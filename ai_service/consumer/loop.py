@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -169,7 +170,7 @@ class Consumer(Handlers, Settling):
         """The I/O thread.  Whatever it did not expect ends it as a crash, never silently."""
         try:
             self._run_loop()
-        except BaseException as exc:  # noqa: BLE001 - recorded for the worker's exit code
+        except BaseException as exc:  # recorded for the worker's exit code
             self.crashed = exc
             log.critical("[RMQ] ❌ Consumer crashed on its I/O thread: %s; the worker stops",
                          describe_pika_error(exc), exc_info=exc)
@@ -192,7 +193,7 @@ class Consumer(Handlers, Settling):
                     if d.ctx is not None:
                         d.ctx.shutdown.set()
             self._pool.shutdown(wait=False, cancel_futures=True)
-        except BaseException:  # noqa: BLE001 - already crashing; the worker exits non-zero anyway
+        except BaseException:  # already crashing; the worker exits non-zero anyway
             log.exception("[RMQ] Cleaning up after the crash failed")
 
     def _run_loop(self) -> None:
@@ -312,10 +313,8 @@ class Consumer(Handlers, Settling):
     def _wake(self) -> None:
         connection = self._connection
         if connection is not None:
-            try:
+            with contextlib.suppress(Exception):  # connection already gone; the loop polls
                 connection.add_callback_threadsafe(lambda: None)
-            except Exception:  # noqa: BLE001 - connection already gone; the loop polls
-                pass
 
     def _call_on_io(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the I/O thread (the only thread that touches the channel)."""

@@ -66,7 +66,7 @@ class Feed:
                 delay = 1.0
             except BrokerError as exc:
                 log.warning("[RMQ] ❌ Dashboard feed lost RabbitMQ (%s); retrying in %.0f s", exc.message, delay)
-            except Exception:  # noqa: BLE001 - the feed must outlive anything one message does
+            except Exception:  # the feed must outlive anything one message does
                 log.exception("[RMQ] Dashboard feed failed; retrying in %.0f s", delay)
             self.state.set_connected(False)
             if not self._rebuilt:
@@ -98,7 +98,7 @@ class Feed:
         self._rebuilt = True
         try:
             self.rebuild()
-        except Exception:  # noqa: BLE001 - a storage outage must not keep the page empty of live jobs
+        except Exception:  # a storage outage must not keep the page empty of live jobs
             log.exception("[Dashboard] Rebuilding from the job records failed; showing live messages only")
 
 

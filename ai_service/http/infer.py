@@ -172,7 +172,7 @@ class InferEndpoint:
         except AIServiceError as exc:
             return status_of(exc), InferenceFailed(
                 job_id=job_id or "", error_code=exc.error_code, error_message=exc.message).to_json_dict()
-        except Exception:  # noqa: BLE001 - a bug answers 500, never kills the server
+        except Exception:  # a bug answers 500, never kills the server
             log.exception("[Handler] [%s] HTTP inference failed", job_id or "?")
             return 500, InferenceFailed(job_id=job_id or "", error_code="internal_error",
                                         error_message="internal error in the worker").to_json_dict()

@@ -276,7 +276,7 @@ class LocalJobs:
         try:
             ctx.log.info("Received %s request over HTTP", self.op)
             self.operation.handler(request, ctx)
-        except BaseException as exc:  # noqa: BLE001 - the job ends with a terminal message
+        except BaseException as exc:  # the job ends with a terminal message
             error = exc if isinstance(exc, AIServiceError) else AIServiceError(
                 f"internal error: {type(exc).__name__}", error_code="internal_error")
             log.warning("[Handler] [%s] %s: %s", ctx.job_id, error.error_code, error.message,

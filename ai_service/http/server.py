@@ -22,6 +22,7 @@ has its own SIGTERM handling and stops the server with :meth:`HttpServer.stop`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -146,7 +147,7 @@ class HttpServer:
         self.config = uvicorn.Config(
             app, http=_protocol(metrics, limit_concurrency, request_timeout), ws="none", lifespan="off",
             loop="asyncio", interface="asgi3", log_config=None, access_log=False, server_header=False,
-            date_header=True, backlog=backlog, timeout_keep_alive=max(1, int(round(timeout_keep_alive))),
+            date_header=True, backlog=backlog, timeout_keep_alive=max(1, round(timeout_keep_alive)),
             # uvicorn answers 503 past this many connections or tasks; the protocol's own cap
             # (connections closed at once) comes first.
             limit_concurrency=max(1, limit_concurrency) + 1,
@@ -168,14 +169,12 @@ class HttpServer:
     def _run(self) -> None:
         try:
             self.server.run(sockets=self._sockets)
-        except BaseException:  # noqa: BLE001 - the HTTP server must not take the worker down
+        except BaseException:  # the HTTP server must not take the worker down
             log.exception("[HTTP] The HTTP server stopped after an unexpected error")
         finally:
             for sock in self._sockets:
-                try:
+                with contextlib.suppress(OSError):
                     sock.close()
-                except OSError:
-                    pass
 
     def stop(self, timeout: float = 5.0) -> None:
         self.server.should_exit = True

@@ -13,6 +13,7 @@ behind it.  The publisher (:class:`Feed`) keeps the spool, receipts and refusals
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -101,10 +102,8 @@ class Pipeline:
             if self._wake_pending or self.connection is None:
                 return
             self._wake_pending = True
-        try:
+        with contextlib.suppress(Exception):  # the loop is gone: the next connection sends it
             self.connection.ioloop.add_callback_threadsafe(self._woken)
-        except Exception:  # noqa: BLE001 - the loop is gone: the next connection sends it
-            pass
 
     @property
     def in_flight(self) -> int:

@@ -318,10 +318,11 @@ class Storage(ABC):
         key = f"{folder}conditional-writes"
         try:
             self._create_exclusive(key, b"1")
-            for attempt, write in (
+            writes: tuple[tuple[str, Callable[[], object]], ...] = (
                 ("a second exclusive create", lambda: self._create_exclusive(key, b"2")),
                 ("a replace with a wrong etag", lambda: self._replace_if_match(key, b"3", "0" * 32)),
-            ):
+            )
+            for attempt, write in writes:
                 try:
                     write()
                 except PreconditionFailed:

@@ -75,7 +75,7 @@ class Digest:
         elif sha := headers.get("x-amz-checksum-sha256"):
             self.expected, self._hash = sha, hashlib.sha256()
         elif sha := headers.get("x-amz-checksum-sha1"):
-            self.expected, self._hash = sha, hashlib.sha1()  # noqa: S324 - S3's own checksum
+            self.expected, self._hash = sha, hashlib.sha1()  # S3's own checksum
 
     def update(self, data: bytes) -> None:
         if self._crc is not None:

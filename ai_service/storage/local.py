@@ -190,11 +190,10 @@ class LocalStorage(Storage):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         object_key(key)
-        with self._errors("write", key, missing=False), atomic_file(self._path(key)) as tmp:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+        with self._errors("write", key, missing=False), atomic_file(self._path(key)) as tmp, open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def _create_exclusive(self, key: str, data: bytes) -> ObjectInfo:
         """A complete temporary file, hard-linked to the key: ``link`` fails if it exists.
@@ -229,23 +228,22 @@ class LocalStorage(Storage):
         gone = PreconditionFailed(f"{show(key)} is gone from {self.describe()}")
         if not path.parent.is_dir():
             raise gone
-        with self._errors("replace", key, missing=False):
-            with exclusive_lock(temp_path(path, "lock"), "record"):
-                try:
-                    st = path.stat()
-                except FileNotFoundError:
-                    raise gone from None
-                if not _is_regular(st) or self._info(key, st).etag != etag:
-                    raise PreconditionFailed(
-                        f"{show(key)} in {self.describe()} is no longer version {etag!r}"
-                    )
-                tmp = temp_path(path)
-                try:
-                    new = _write_new(tmp, data, max(time.time_ns(), st.st_mtime_ns + 1))
-                    os.replace(tmp, path)
-                finally:
-                    with contextlib.suppress(OSError):
-                        tmp.unlink()
+        with self._errors("replace", key, missing=False), exclusive_lock(temp_path(path, "lock"), "record"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise gone from None
+            if not _is_regular(st) or self._info(key, st).etag != etag:
+                raise PreconditionFailed(
+                    f"{show(key)} in {self.describe()} is no longer version {etag!r}"
+                )
+            tmp = temp_path(path)
+            try:
+                new = _write_new(tmp, data, max(time.time_ns(), st.st_mtime_ns + 1))
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         return self._info(key, new)
 
     def _fetch(self, key: str, dest: Path, *, bulk: bool) -> None:
@@ -269,6 +267,5 @@ class LocalStorage(Storage):
 
     def delete_prefix(self, prefix: str) -> None:
         folder = as_folder(prefix, allow_empty=False)
-        with self._errors("delete", folder, missing=False):
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(self._path(folder))
+        with self._errors("delete", folder, missing=False), contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self._path(folder))

@@ -41,7 +41,8 @@ class Dashboard:
             wait_http(self.url, timeout=60)
             deadline = time.monotonic() + 30
             while "with '#'" not in self.log():
-                assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
+                assert self.proc.poll() is None, self.log()
+                assert time.monotonic() < deadline, self.log()
                 time.sleep(0.1)
         except BaseException:
             self.stop()

@@ -25,12 +25,11 @@ class WorkerProcess:
 
     def start(self, wait_started: bool = True, timeout: float = 120.0) -> "WorkerProcess":
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(
-            [sys.executable, *self.args], cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, *self.args], cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT
+            )
         if wait_started:
             self.wait_log(STARTED, timeout=timeout)
         return self

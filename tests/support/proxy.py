@@ -3,6 +3,7 @@ ones) and restore, to break the link to RabbitMQ without touching the broker."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -58,10 +59,8 @@ class CuttableProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()
 
     def cut(self) -> None:
@@ -71,10 +70,8 @@ class CuttableProxy:
         with self._lock:
             conns, self._conns = self._conns, []
         for s in conns:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def restore(self) -> None:

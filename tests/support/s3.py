@@ -179,7 +179,7 @@ class S3Server:
             f"-s3.localSocket={sockets / 's3.sock'}",
             f"-s3.config={config}",
         ]
-        self._log = open(data / "weed.out", "ab")  # closed in stop()
+        self._log = open(data / "weed.out", "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
             cmd,
             stdout=self._log,

@@ -207,7 +207,7 @@ class ConversionJob:
         started = time.monotonic()
         try:
             exported = Path(source.export(**args))
-        except BaseException as exc:  # noqa: BLE001 - one format's failure must not end the others
+        except BaseException as exc:  # one format's failure must not end the others
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             error = self._export_error(plan, exc)
@@ -223,7 +223,7 @@ class ConversionJob:
         tol = TOLERANCES[precision(opts)]
         try:
             verified, note, _ = verifier.verify(exported, tol)
-        except Exception as exc:  # noqa: BLE001 - an artifact that cannot be run is reported, not hidden
+        except Exception as exc:  # an artifact that cannot be run is reported, not hidden
             if yolo.is_out_of_memory(exc):
                 raise
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -152,7 +152,7 @@ class Engine:
                     _settle(task.future, task.fn)
                 else:
                     self._run_batch(self._gather(task))
-            except BaseException as exc:  # noqa: BLE001 - the engine thread must never die
+            except BaseException as exc:  # the engine thread must never die
                 log.exception("[Handler] Engine error")
                 if not task.future.done():
                     task.future.set_exception(_classify(exc))
