@@ -38,7 +38,8 @@ def test_the_cancel_stream_keeps_cancels_for_cancel_retention() -> None:
 def test_a_starting_reader_begins_cancel_retention_ago_and_a_reconnected_one_after_what_it_read() -> None:
     cancels = CancelStream(Settings(cancel_retention=600))
     start = cancels.start_offset()
-    assert isinstance(start, datetime) and abs(start - (datetime.now(UTC) - timedelta(seconds=600))).total_seconds() < 5
+    assert isinstance(start, datetime)
+    assert abs(start - (datetime.now(UTC) - timedelta(seconds=600))).total_seconds() < 5
 
     cancels.delivered({"x-stream-offset": 41})
     assert cancels.start_offset() == 42
@@ -66,7 +67,8 @@ def test_a_cancel_sent_while_no_worker_runs_ends_the_job_cancelled_once_a_worker
             return metric(text, "ai_control_messages_total", '{result="queued"}') >= FLOOD + 1
 
         assert poll(all_recorded, 60), http_get(port, "/metrics")[1]
-    assert done.type == "training_cancelled" and done.body["current_epoch"] == 0, done.body
+    assert done.type == "training_cancelled", done.body
+    assert done.body["current_epoch"] == 0, done.body
     assert "Nothing to run (cancelled before start)" in worker.log()  # not after a start
     assert metric(http_get(port, "/metrics")[1], "ai_control_messages_total", '{result="dropped"}') == 0
     wait_until(lambda: storage.stat(f"jobs/unknown-{FLOOD - 1}.cancel") is not None, 30, "not every cancel recorded")

@@ -38,7 +38,8 @@ def race(storage: LocalStorage, job_id: str, takers: int = 2) -> list[tuple[Ledg
 
     def take(i: int) -> None:
         record = records[i]
-        assert record is not None and not record.lease_live()
+        assert record is not None
+        assert not record.lease_live()
         barrier.wait()
         won[i] = ledgers[i].take(record)
 
@@ -60,7 +61,8 @@ def test_of_two_hosts_taking_one_expired_lease_at_once_exactly_one_wins(tmp_path
         winners = [(ledger, record) for ledger, record, ok in results if ok]
         assert len(winners) == 1, n
         stored = JobRecord.from_json(storage.read_bytes(record_key("train", f"job{n}")))
-        assert stored.token == winners[0][1].token and stored.owner == winners[0][0].worker
+        assert stored.token == winners[0][1].token
+        assert stored.owner == winners[0][0].worker
 
 
 def test_the_loser_of_a_takeover_cannot_renew_or_finish_over_the_winner(tmp_path: Path) -> None:
@@ -73,7 +75,8 @@ def test_the_loser_of_a_takeover_cannot_renew_or_finish_over_the_winner(tmp_path
     assert not loser[0].finish(loser[1], "failed", {"type": "training_failed"}, "m")
     assert winner[0].renew(winner[1])
     stored = JobRecord.from_json(storage.read_bytes(record_key("train", "j")))
-    assert stored.token == winner[1].token and stored.terminal is None
+    assert stored.token == winner[1].token
+    assert stored.terminal is None
 
 
 def test_a_store_without_conditional_writes_falls_back_to_reading_the_record_back(tmp_path: Path) -> None:
@@ -105,7 +108,8 @@ def test_two_workers_on_two_hosts_racing_for_one_expired_lease_train_the_job_onc
     trained = [name for name, w in workers.items() if "Training yolov8n" in w.log()]
     assert len(trained) == 1, {name: w.log()[-2000:] for name, w in workers.items()}
     record = JobRecord.from_json(storage.read_bytes(record_key("train", "contested")))
-    assert record.owner == f"test/{trained[0]}" and record.attempt == 2
+    assert record.owner == f"test/{trained[0]}"
+    assert record.attempt == 2
     loser = next(name for name in hosts if name not in trained)
     assert not list(hosts[loser].rglob("*.pt")), "the loser wrote checkpoints"
     assert {o.key.rsplit("/", 1)[1] for o in storage.list("jobs/train/contested/")} <= {"last.pt", "best.pt"}

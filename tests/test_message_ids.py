@@ -40,7 +40,8 @@ def test_ids_differ_by_epoch_format_type_job_and_operation() -> None:
         job_message_id("convert", "j1", "conversion_update", {"current_format": "onnx"}),
         job_message_id("convert", "j1", "conversion_update", {"current_format": "torchscript"}),
     }
-    assert base not in others and len(others) == 6
+    assert base not in others
+    assert len(others) == 6
 
 
 def test_a_terminal_has_one_id_per_job_whatever_it_reports() -> None:
@@ -73,7 +74,8 @@ def test_an_answer_sent_again_after_its_worker_died_before_acking_has_the_same_m
     be.send(be.settings.infer_request_queue, request("twice", "models/shapes.pt", [{"path": "images/one.png"}]))
 
     first = results_of(be, "twice", 1, timeout=120)
-    assert victim.wait(60) != 0 and len(first) == 1, "the worker did not die after answering"
+    assert victim.wait(60) != 0, "the worker did not die after answering"
+    assert len(first) == 1
     start_worker("infer", name="after")
     second = results_of(be, "twice", 1, timeout=120)
 

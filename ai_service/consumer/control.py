@@ -6,6 +6,7 @@ hook runs here (a flood of cancels is dropped past the bound, never turned into 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -99,10 +100,8 @@ class ControlExecutor:
     def stop(self, timeout: float = 1.0) -> None:
         """Stop after the hook call in progress; cancels still waiting are abandoned."""
         self._stopping.set()
-        try:
+        with contextlib.suppress(queue.Full):  # full: the thread sees _stopping after its next cancel
             self._queue.put_nowait(None)
-        except queue.Full:
-            pass
         if self._thread.is_alive():
             self._thread.join(timeout)
         left = self._queue.qsize()
@@ -112,7 +111,7 @@ class ControlExecutor:
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException as exc:  # noqa: BLE001 - e.g. a hook calling sys.exit()
+        except BaseException as exc:  # e.g. a hook calling sys.exit()
             self.crashed = exc
             log.critical("[RMQ] ❌ Control thread crashed: %r", exc, exc_info=exc)
 
@@ -127,7 +126,7 @@ class ControlExecutor:
                 return
             try:
                 self.hook(job_id, self.resources)
-            except Exception:  # noqa: BLE001 - a hook must not kill the worker
+            except Exception:  # a hook must not kill the worker
                 log.exception("[RMQ] Cancel hook failed for job %s", job_id)
             if self.on_room is not None:
                 self.on_room()

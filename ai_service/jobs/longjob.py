@@ -99,12 +99,8 @@ class LongJob:
             ctx.outbox.dead_letter().wait(30)
             self.finish(record, "failed", self.failed_message(record, error))
             return Begin(None, "retry bound")
-        if not ledger.take(record):  # a conditional write another worker's take beat
+        if not self._take(record):
             return Begin(None, "taken by another worker")
-        if not ledger.conditional:  # the fallback: did a second taker's write land after ours?
-            time.sleep(TAKE_SETTLE_SECONDS)
-            if not ledger.still_ours(record):
-                return Begin(None, "taken by another worker")
         if ctx.cancelled.is_set():  # its cancel came while we took it
             self.finish(record, "cancelled", self.cancelled_message(record))
             return Begin(None, "cancelled before start")
@@ -114,6 +110,16 @@ class LongJob:
         self.record = record
         self._start_renewing()
         return Begin(record, "taken")
+
+    def _take(self, record: JobRecord) -> bool:
+        """Take ``record``: one conditional write, or (the fallback) write, settle, read back."""
+        ledger = self.ledger
+        if not ledger.take(record):  # a conditional write another worker's take beat
+            return False
+        if ledger.conditional:
+            return True
+        time.sleep(TAKE_SETTLE_SECONDS)  # did a second taker's write land after ours?
+        return ledger.still_ours(record)
 
     # --- while it runs -----------------------------------------------------------------
 
@@ -234,7 +240,8 @@ class LongJob:
         return settlement
 
     def _republish_terminal(self, record: JobRecord) -> None:
-        assert record.terminal is not None and record.terminal_message_id is not None
+        assert record.terminal is not None
+        assert record.terminal_message_id is not None
         self.ctx.log.info("%s already ended (%s): re-publishing its terminal message", record.job_id, record.status)
         self.ctx.outbox.republish(
             "result", record.terminal, str(record.terminal.get("type", "")), record.terminal_message_id
