@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import itertools
 import json
 import random
 import shutil
@@ -316,7 +317,13 @@ class InferLoad:
 # --- 1. SIGKILL during training ----------------------------------------------------------------
 
 
+#: one SIGKILL: (worker name, its pid, wall-clock time, what it was doing)
+Kill = tuple[str, int, float, str]
+
+
 def kill_section(world: World) -> Part:
+    """Training jobs while workers are SIGKILLed and restarted: every job must still end exactly
+    once, with each epoch announced once and in order, whatever moment the kill hit."""
     cfg = world.cfg
     part = Part("kill", f"Training workers SIGKILLed at random moments ({cfg.kill_jobs} jobs × {cfg.kill_epochs} "
                         f"epochs, {cfg.kill_workers} worker(s), LEASE_SECONDS=4)")
@@ -330,26 +337,7 @@ def kill_section(world: World) -> Part:
         jobs = [f"kill-{i}" for i in range(cfg.kill_jobs)]
         for job in jobs:
             h.sender.send(h.settings.train_request_queue, world.train_request(job, cfg.kill_epochs))
-        deadline = time.monotonic() + cfg.kill_deadline
-        next_kill = time.monotonic() + world.rng.uniform(*cfg.kill_every)
-        kills: list[tuple[str, int, float, str]] = []
-        while time.monotonic() < deadline:
-            h.check()
-            for name in names:  # as supervisord would: a crashed worker comes back
-                if not h.procs[name].alive:
-                    h.restart(name)
-            done = terminals_by_job(h.messages())
-            if all(done.get(j) for j in jobs):
-                break
-            if time.monotonic() >= next_kill and len(kills) < cfg.kill_max:
-                victim = world.rng.choice(names)
-                proc = h.procs[victim]
-                phase = kill_phase(h, proc.pid, proc.text())
-                kills.append((victim, proc.pid, time.time(), phase))
-                h.kill(victim)
-                h.restart(victim)
-                next_kill = time.monotonic() + world.rng.uniform(*cfg.kill_every)
-            time.sleep(0.2)
+        kills = kill_until_done(world, h, names, jobs)
         time.sleep(1.5)  # a duplicate would arrive right behind the terminal message
         h.wait_delivered(30)
         messages = h.messages()
@@ -358,41 +346,83 @@ def kill_section(world: World) -> Part:
         part.add(f"SIGKILLs: {len(kills)} (" + ", ".join(f"{n} {p}" for p, n in phases.most_common()) + ")")
         if not kills:
             part.fail("no worker was killed: the jobs finished before the first kill (more epochs, or kill sooner)")
-        events = h.journal()
-        trained = Counter((e.get("job"), e.get("epoch")) for e in events
-                          if e.get("ev") == "train_epoch_end" and not e.get("final_eval"))
-        retrained = sum(n - 1 for n in trained.values())
-        part.add(f"epochs re-trained (an epoch's training pass finished more than once): {retrained} of "
-                 f"{cfg.kill_jobs * cfg.kill_epochs} epochs")
-        killed = {pid for _, pid, _, _ in kills}
-        begun = Counter((e.get("pid"), e.get("epoch")) for e in events if e.get("ev") == "train_epoch_start")
-        ended = Counter((e.get("pid"), e.get("epoch")) for e in events if e.get("ev") == "train_epoch_end")
-        partial = sum(1 for key in begun if key[0] in killed and key not in ended)
-        part.add(f"epochs cut short by a kill (their partial work is redone): {partial}")
-        starts = [m for m in messages if m.type == "training_started" and m.job_id in jobs]
-        resumed = [m for m in starts if int(m.body.get("resumed_from_epoch", 0)) > 0]
-        part.add(f"training_started messages: {len(starts)}, of which resumed from a checkpoint: {len(resumed)}")
-        back = []
-        for _, pid, t, _ in kills:
-            owned = [e for e in events if e.get("pid") == pid and e.get("ev") == "take"]
-            if not owned:
-                continue
-            owner = str(owned[-1].get("job"))
-            later = [m.t for m in starts if m.job_id == owner and m.t > t]
-            if later:
-                back.append(min(later) - t)
-        if back:
-            part.add(f"kill of a worker with a job → that job running again (training_started; includes the "
-                     f"worker's restart, the lease running out and waiting for a free worker): median "
-                     f"{statistics.median(back):.1f} s, max {max(back):.1f} s ({len(back)} kills)")
+        retrained, resumed = kill_redo_lines(part, cfg, h, jobs, messages, kills)
         epoch_lines(part, jobs, messages, cfg.kill_epochs)
         delivery_lines(part, h)
         crash_lines(part, h)
         stop_lines(part, h)
-        part.data.update({"kills": len(kills), "retrained": retrained, "resumed": len(resumed)})
+        part.data.update({"kills": len(kills), "retrained": retrained, "resumed": resumed})
     finally:
         h.close()
     return part
+
+
+def kill_until_done(world: World, h: Harness, names: list[str], jobs: list[str]) -> list[Kill]:
+    """SIGKILL a random worker every few seconds (at most ``kill_max`` times) and restart it at once,
+    as supervisord would, until every job has a terminal message or ``kill_deadline`` passes."""
+    cfg = world.cfg
+    deadline = time.monotonic() + cfg.kill_deadline
+    next_kill = time.monotonic() + world.rng.uniform(*cfg.kill_every)
+    kills: list[Kill] = []
+    while time.monotonic() < deadline:
+        h.check()
+        for name in names:  # as supervisord would: a crashed worker comes back
+            if not h.procs[name].alive:
+                h.restart(name)
+        done = terminals_by_job(h.messages())
+        if all(done.get(j) for j in jobs):
+            break
+        if time.monotonic() >= next_kill and len(kills) < cfg.kill_max:
+            victim = world.rng.choice(names)
+            proc = h.procs[victim]
+            phase = kill_phase(h, proc.pid, proc.text())
+            kills.append((victim, proc.pid, time.time(), phase))
+            h.kill(victim)
+            h.restart(victim)
+            next_kill = time.monotonic() + world.rng.uniform(*cfg.kill_every)
+        time.sleep(0.2)
+    return kills
+
+
+def kill_redo_lines(part: Part, cfg: Config, h: Harness, jobs: list[str], messages: list[Got],
+                    kills: list[Kill]) -> tuple[int, int]:
+    """What the kills cost: epochs trained twice, epochs cut short, resumes from a checkpoint and how
+    long a killed job took to run again.  Returns (epochs re-trained, resumed training_started)."""
+    events = h.journal()
+    trained = Counter((e.get("job"), e.get("epoch")) for e in events
+                      if e.get("ev") == "train_epoch_end" and not e.get("final_eval"))
+    retrained = sum(n - 1 for n in trained.values())
+    part.add(f"epochs re-trained (an epoch's training pass finished more than once): {retrained} of "
+             f"{cfg.kill_jobs * cfg.kill_epochs} epochs")
+    killed = {pid for _, pid, _, _ in kills}
+    begun = Counter((e.get("pid"), e.get("epoch")) for e in events if e.get("ev") == "train_epoch_start")
+    ended = Counter((e.get("pid"), e.get("epoch")) for e in events if e.get("ev") == "train_epoch_end")
+    partial = sum(1 for key in begun if key[0] in killed and key not in ended)
+    part.add(f"epochs cut short by a kill (their partial work is redone): {partial}")
+    starts = [m for m in messages if m.type == "training_started" and m.job_id in jobs]
+    resumed = [m for m in starts if int(m.body.get("resumed_from_epoch", 0)) > 0]
+    part.add(f"training_started messages: {len(starts)}, of which resumed from a checkpoint: {len(resumed)}")
+    back = back_after_kill(events, starts, kills)
+    if back:
+        part.add(f"kill of a worker with a job → that job running again (training_started; includes the "
+                 f"worker's restart, the lease running out and waiting for a free worker): median "
+                 f"{statistics.median(back):.1f} s, max {max(back):.1f} s ({len(back)} kills)")
+    return retrained, len(resumed)
+
+
+def back_after_kill(events: list[dict[str, Any]], starts: list[Got], kills: list[Kill]) -> list[float]:
+    """Seconds from each kill of a worker that had taken a job to that job's next training_started:
+    the recovery time a BE sees (kills of an idle worker have no job and are left out)."""
+    back = []
+    for _, pid, t, _ in kills:
+        owned = [e for e in events if e.get("pid") == pid and e.get("ev") == "take"]
+        if not owned:
+            continue
+        owner = str(owned[-1].get("job"))
+        later = [m.t for m in starts if m.job_id == owner and m.t > t]
+        if later:
+            back.append(min(later) - t)
+    return back
 
 
 def kill_phase(h: Harness, pid: int, log: str) -> str:
@@ -427,7 +457,7 @@ def epoch_lines(part: Part, jobs: list[str], messages: list[Got], epochs: int) -
         counts = Counter(epochs_seen)
         repeated += sum(n - 1 for n in counts.values())
         missing += len(set(range(1, epochs + 1)) - set(counts))
-        backwards += sum(1 for a, b in zip(epochs_seen, epochs_seen[1:], strict=False) if b < a)
+        backwards += sum(1 for a, b in itertools.pairwise(epochs_seen) if b < a)
     part.add(f"epoch_update messages: epochs never announced {missing}, announced twice {repeated}, "
              f"announced out of order {backwards}")
     if missing or repeated or backwards:
@@ -578,6 +608,8 @@ def last_time(records: Any, text: str) -> float:
 
 
 def corpus_section(world: World, h: Harness) -> Part:
+    """Send every hostile case of :mod:`soak.corpus`, wait until each is answered or dead-lettered
+    as the contract says, and check that none ran code, wrote service records or leaked a file."""
     part = Part("corpus", "Malformed and hostile messages to the three request queues")
     markers = world.root / "markers"
     markers.mkdir(exist_ok=True)
@@ -586,113 +618,191 @@ def corpus_section(world: World, h: Harness) -> Part:
     entries = corpus.build(refs)
     queues = {"train": h.settings.train_request_queue, "convert": h.settings.convert_request_queue,
               "infer": h.settings.infer_request_queue}
-    digest = {(e.op, hashlib.sha256(e.body).hexdigest()): e for e in entries}
+    send_corpus(h, entries, queues)
+    dlq = DeadLetters(h, queues, entries)
+    wait_settled(h, dlq, entries)
+    dlq.close()
+    terms = terminals_by_job(h.messages())
+    per_op = Counter(e.op for e in entries)
+    part.add(f"messages sent: {len(entries)} ({', '.join(f'{n} {op}' for op, n in per_op.items())}); distinct "
+             f"hostile cases: {len({e.name.split(':', 1)[1] for e in entries})}")
+    tally = Outcomes.count(entries, terms, dlq.dead)
+    tally.lines(part)
+    ran = payloads_ran(part, markers)
+    touched = records_touched(part, world, refs)
+    leaked = symlink_leaks(part, world)
+    crash_lines(part, h)
+    part.data.update({"entries": len(entries), "answered": tally.answered, "dead_lettered": tally.dead_lettered,
+                      "neither": tally.neither, "unaccounted": len(tally.unaccounted), "codes": dict(tally.codes),
+                      "payloads_ran": ran, "records_touched": touched, "symlink_leaks": len(leaked),
+                      "outcomes": tally.table})
+    return part
+
+
+def send_corpus(h: Harness, entries: list[corpus.Entry], queues: dict[str, str]) -> None:
+    """Publish each entry as it is, with its own properties: a missing or odd content_type is one of the cases."""
     for e in entries:
         props = dict(e.props)
         content_type = props.pop("content_type", "application/json")
         h.sender.send(queues[e.op], e.body, content_type=content_type, **props)
-    dead: dict[str, int] = Counter()
-    channel = h.sender.connection.channel() if h.sender.connection is not None else None
-    assert channel is not None
 
-    def drain_dlq() -> None:
-        for op, queue in queues.items():
+
+class DeadLetters:
+    """Counts what reached each ``<queue>.dlq``, per corpus entry: a dead-lettered body is matched
+    back to its entry by (op, sha256 of the body), since hostile messages need not carry a job_id."""
+
+    def __init__(self, h: Harness, queues: dict[str, str], entries: list[corpus.Entry]) -> None:
+        channel = h.sender.connection.channel() if h.sender.connection is not None else None
+        assert channel is not None
+        self.channel = channel
+        self.queues = queues
+        self.digest = {(e.op, hashlib.sha256(e.body).hexdigest()): e for e in entries}
+        self.dead: Counter[str] = Counter()
+
+    def drain(self) -> None:
+        """Take (and ack) everything in the DLQs now, so a later drain only sees new arrivals."""
+        for op, queue in self.queues.items():
             while True:
-                method, _, body = channel.basic_get(f"{queue}.dlq", auto_ack=True)
+                method, _, body = self.channel.basic_get(f"{queue}.dlq", auto_ack=True)
                 if method is None:
                     break
                 raw = body if isinstance(body, bytes) else str(body or "").encode()
-                entry = digest.get((op, hashlib.sha256(raw).hexdigest()))
-                dead[entry.name if entry else f"{op}:?"] += 1
+                entry = self.digest.get((op, hashlib.sha256(raw).hexdigest()))
+                self.dead[entry.name if entry else f"{op}:?"] += 1
 
-    def outcome(e: corpus.Entry, terms: dict[str, list[Got]]) -> tuple[bool, bool]:
-        return bool(e.job_id and terms.get(e.job_id)), dead.get(e.name, 0) > 0
+    def close(self) -> None:
+        self.channel.close()
 
-    def settled() -> bool:
-        terms = terminals_by_job(h.messages())
-        for e in entries:
-            answered, dlq = outcome(e, terms)
-            if ("answer" in e.expect or e.expect == "any-terminal") and not answered:
-                return False
-            if "dlq" in e.expect and not dlq:
-                return False
-        return True
 
+def outcome(e: corpus.Entry, terms: dict[str, list[Got]], dead: Counter[str]) -> tuple[bool, bool]:
+    """(answered, dead-lettered) for one entry."""
+    return bool(e.job_id and terms.get(e.job_id)), dead.get(e.name, 0) > 0
+
+
+def needs_answer(e: corpus.Entry) -> bool:
+    """The entry's ``expect`` asks for a terminal message for its job_id."""
+    return "answer" in e.expect or e.expect == "any-terminal"
+
+
+def settled(h: Harness, entries: list[corpus.Entry], dead: Counter[str]) -> bool:
+    """Every entry has what its ``expect`` asks for (an answer, a dead letter, or both)."""
+    terms = terminals_by_job(h.messages())
+    for e in entries:
+        answered, dlq = outcome(e, terms, dead)
+        if needs_answer(e) and not answered:
+            return False
+        if "dlq" in e.expect and not dlq:
+            return False
+    return True
+
+
+def wait_settled(h: Harness, dlq: DeadLetters, entries: list[corpus.Entry]) -> None:
+    """Until settled and 3 s quiet (a late duplicate would still show), or a minute with nothing new
+    (count what is missing), or 240 s in all: bounded whatever the workers do."""
     deadline = time.monotonic() + 240
     quiet_since = time.monotonic()
     last = (0, 0)
     while time.monotonic() < deadline:
         h.check()
-        drain_dlq()
-        now = (len(h.messages()), sum(dead.values()))
+        dlq.drain()
+        now = (len(h.messages()), sum(dlq.dead.values()))
         if now != last:
             last, quiet_since = now, time.monotonic()
-        if settled() and time.monotonic() - quiet_since > 3:
+        if settled(h, entries, dlq.dead) and time.monotonic() - quiet_since > 3:
             break
         if time.monotonic() - quiet_since > 60:
             break  # nothing moved for a minute: count what is missing
         time.sleep(0.5)
-    channel.close()
-    terms = terminals_by_job(h.messages())
-    per_op = Counter(e.op for e in entries)
-    part.add(f"messages sent: {len(entries)} ({', '.join(f'{n} {op}' for op, n in per_op.items())}); distinct "
-             f"hostile cases: {len({e.name.split(':', 1)[1] for e in entries})}")
-    answered = dlqd = both = neither = 0
-    unaccounted, differs = [], []
-    codes: Counter[str] = Counter()
-    table: dict[str, Any] = {}
-    for e in entries:
-        a, d = outcome(e, terms)
-        first = terms[e.job_id][0].body if a and e.job_id else {}
-        table[e.name] = {"answered": a, "dead_lettered": d, "expect": e.expect,
-                         "answer": first.get("error_code") or first.get("type"),
-                         "message": str(first.get("error_message", ""))[:200]}
-        answered += a
-        dlqd += d
-        both += a and d
-        neither += not a and not d
-        if a:
-            codes[str(terms[e.job_id or ""][0].body.get("error_code", terms[e.job_id or ""][0].type))] += 1
-        need_answer = "answer" in e.expect or e.expect == "any-terminal"
+
+
+@dataclass
+class Outcomes:
+    """What happened to the corpus entries, against what the contract asks of each."""
+
+    answered: int = 0
+    dead_lettered: int = 0
+    both: int = 0
+    neither: int = 0
+    unaccounted: list[str] = field(default_factory=list)
+    differs: list[str] = field(default_factory=list)
+    codes: Counter[str] = field(default_factory=Counter)
+    table: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def count(cls, entries: list[corpus.Entry], terms: dict[str, list[Got]], dead: Counter[str]) -> Outcomes:
+        out = cls()
+        for e in entries:
+            a, d = outcome(e, terms, dead)
+            out.add(e, a, d, terms[e.job_id][0] if a and e.job_id else None)
+        return out
+
+    def add(self, e: corpus.Entry, a: bool, d: bool, first: Got | None) -> None:
+        """One entry: ``first`` is its first terminal message when answered."""
+        body = first.body if first is not None else {}
+        self.table[e.name] = {"answered": a, "dead_lettered": d, "expect": e.expect,
+                              "answer": body.get("error_code") or body.get("type"),
+                              "message": str(body.get("error_message", ""))[:200]}
+        self.answered += a
+        self.dead_lettered += d
+        self.both += a and d
+        self.neither += not a and not d
+        if first is not None:
+            self.codes[str(first.body.get("error_code", first.type))] += 1
+        need_answer = needs_answer(e)
         need_dlq = "dlq" in e.expect
-        if (need_answer and not a) and (need_dlq and not d) or (not a and not d and e.expect != "silent_ok"):
-            unaccounted.append(e.name)
+        if ((need_answer and not a) and (need_dlq and not d)) or (not a and not d and e.expect != "silent_ok"):
+            self.unaccounted.append(e.name)
         elif (need_answer and not a) or (need_dlq and not d):
-            differs.append(f"{e.name} (answered {a}, dead-lettered {d})")
-    part.add(f"answered (a *_failed/terminal message for its job_id): {answered}")
-    part.add(f"dead-lettered (in <queue>.dlq): {dlqd}; both answered and dead-lettered: {both}")
-    part.add(f"neither (dropped on purpose: answers addressed to a reply_to queue that does not exist): {neither}")
-    part.add("answers by error_code: " + ", ".join(f"{c} {n}" for c, n in codes.most_common()))
-    part.add(f"messages neither answered nor dead-lettered where the contract asks for one: {len(unaccounted)}")
-    if unaccounted:
-        part.fail(f"{len(unaccounted)} hostile message(s) vanished: {unaccounted[:8]}")
-        part.lost += len(unaccounted)
-    if differs:
-        part.fail(f"{len(differs)} outcome(s) differ from the contract: {differs[:8]}")
-    if codes.get("internal_error"):
-        part.findings.append(f"{codes['internal_error']} answer(s) with internal_error (an unexpected exception in "
-                             "a worker)")
+            self.differs.append(f"{e.name} (answered {a}, dead-lettered {d})")
+
+    def lines(self, part: Part) -> None:
+        part.add(f"answered (a *_failed/terminal message for its job_id): {self.answered}")
+        part.add(f"dead-lettered (in <queue>.dlq): {self.dead_lettered}; both answered and dead-lettered: "
+                 f"{self.both}")
+        part.add("neither (dropped on purpose: answers addressed to a reply_to queue that does not exist): "
+                 f"{self.neither}")
+        part.add("answers by error_code: " + ", ".join(f"{c} {n}" for c, n in self.codes.most_common()))
+        part.add("messages neither answered nor dead-lettered where the contract asks for one: "
+                 f"{len(self.unaccounted)}")
+        if self.unaccounted:
+            part.fail(f"{len(self.unaccounted)} hostile message(s) vanished: {self.unaccounted[:8]}")
+            part.lost += len(self.unaccounted)
+        if self.differs:
+            part.fail(f"{len(self.differs)} outcome(s) differ from the contract: {self.differs[:8]}")
+        if self.codes.get("internal_error"):
+            part.findings.append(f"{self.codes['internal_error']} answer(s) with internal_error (an unexpected "
+                                 "exception in a worker)")
+
+
+def payloads_ran(part: Part, markers: Path) -> list[str]:
+    """The corpus payloads each mkdir a marker when unpickled/executed: any marker is code that ran."""
     ran = sorted(p.name for p in markers.iterdir())
     part.add(f"payloads that ran code (pickle .pt, torch zip, pickled label caches inside and outside the dataset, "
              f"list-file escapes, download scripts, YAML tag, EPS): {len(ran)}")
     if ran:
         part.fail(f"a hostile payload ran code in a worker: {ran}")
+    return ran
+
+
+def records_touched(part: Part, world: World, refs: dict[str, str]) -> int:
+    """Requests naming reserved keys (JOBS_PREFIX) must not change the service's own records."""
     touched = 0 if corpus.victim_untouched(world.storage, refs) else 1
     part.add(f"service records touched by reserved-key requests: {touched}")
     if touched:
         part.fail("a request wrote into the service's own storage area (JOBS_PREFIX)")
+    return touched
+
+
+def symlink_leaks(part: Part, world: World) -> list[str]:
+    """A dataset symlink points at a SOAK-SECRET file outside STORAGE_DIR: a copy of its content
+    anywhere under the temp root means a worker followed the link."""
     leaked = [str(p) for p in world.root.rglob("*")
               if p.is_file() and not p.is_symlink() and "soak-secret" not in p.name
               and p.stat().st_size < 10**6 and b"SOAK-SECRET" in p.read_bytes()]
     part.add(f"copies of a file outside STORAGE_DIR that a dataset symlink pointed at: {len(leaked)}")
     if leaked:
         part.fail(f"a symlink was followed out of STORAGE_DIR: {leaked[:3]}")
-    crash_lines(part, h)
-    part.data.update({"entries": len(entries), "answered": answered, "dead_lettered": dlqd, "neither": neither,
-                      "unaccounted": len(unaccounted), "codes": dict(codes), "payloads_ran": ran,
-                      "records_touched": touched, "symlink_leaks": len(leaked),
-                      "outcomes": table})
-    return part
+    return leaked
 
 
 def sustained_section(world: World, h: Harness) -> Part:
@@ -717,7 +827,7 @@ def sustained_section(world: World, h: Harness) -> Part:
         part.add(f"latency (publish → answer): p50 {percentile(latencies, 50):.0f} ms, p99 "
                  f"{percentile(latencies, 99):.0f} ms, max {max(latencies):.0f} ms")
     part.add(f"inference worker RSS: {rss_start:.0f} MiB at the start, {rss_end:.0f} MiB at the end, max "
-             f"{max(samples + [rss_end]):.0f} MiB")
+             f"{max([*samples, rss_end]):.0f} MiB")
     crash_lines(part, h)
     part.data.update({"sent": len(load.sent), "p99_ms": percentile(latencies, 99) if latencies else None,
                       "rss_start": rss_start, "rss_end": rss_end})
@@ -967,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             world = World(root, cfg)
-        except Exception:  # noqa: BLE001 - could not even set up
+        except Exception:  # noqa: BLE001, RUF100 - could not even set up
             traceback.print_exc()
             return 2
         for name in chosen:
@@ -975,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"soak: {name} ...", file=sys.stderr, flush=True)
             try:
                 done = SECTIONS[name](world)
-            except Exception as exc:  # noqa: BLE001 - report and go on with the next section
+            except Exception as exc:  # noqa: BLE001, RUF100 - report and go on with the next section
                 traceback.print_exc()
                 broken = Part(name, name)
                 broken.fail(f"the section itself failed: {type(exc).__name__}: {exc}")
