@@ -39,7 +39,7 @@ def main() -> None:
 
     yolo.prepare_ultralytics(work)
     import torch
-    from ultralytics import YOLO
+    from ultralytics.models import YOLO
 
     imported = time.perf_counter()
     model = YOLO("yolov8n.yaml")

@@ -92,7 +92,7 @@ def raw_run(bench: Bench, data_yaml: Path, threads: int, label: str) -> tuple[fl
 def wait_terminal(bench: Bench, job_id: str, timeout: float = 900.0) -> Got:
     if not bench.listener.wait(lambda ms: any(m.job_id == job_id and is_terminal(m) for m in ms), timeout):
         raise RuntimeError(f"no terminal message for {job_id} within {timeout:.0f} s")
-    done = [m for m in bench.listener.of(job_id) if is_terminal(m)][0]
+    done = next(m for m in bench.listener.of(job_id) if is_terminal(m))
     if done.type != "training_completed":
         raise RuntimeError(f"{job_id} ended with {done.body}")
     return done

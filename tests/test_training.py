@@ -42,17 +42,21 @@ def follow(be: BE, job_id: str, timeout: float = 240) -> tuple[list[Received], R
 def assert_progress(updates: list[Received], epochs: int) -> None:
     assert updates[0].type == "training_started"
     started = updates[0].body
-    assert started["total_epochs"] == epochs and started["resumed_from_epoch"] == 0 and started["worker"]
+    assert started["total_epochs"] == epochs
+    assert started["resumed_from_epoch"] == 0
+    assert started["worker"]
     epoch_updates = [u.body for u in updates if u.type == "epoch_update"]
     assert [u["current_epoch"] for u in epoch_updates] == list(range(1, epochs + 1))
     progress = [u["progress"] for u in epoch_updates]
-    assert progress == sorted(set(progress)) and progress[-1] == 100.0
+    assert progress == sorted(set(progress))
+    assert progress[-1] == 100.0
     for u in epoch_updates:
-        assert EPOCH_FIELDS <= set(u), u
-        assert METRIC_FIELDS <= set(u["metrics"]), u
+        assert set(u) >= EPOCH_FIELDS, u
+        assert set(u["metrics"]) >= METRIC_FIELDS, u
         m = u["metrics"]
         assert m["train_loss"] == pytest.approx(m["box_loss"] + m["cls_loss"] + m["dfl_loss"], abs=1e-4)
-        assert u["status"] == "running" and u["total_epochs"] == epochs
+        assert u["status"] == "running"
+        assert u["total_epochs"] == epochs
         assert u["timestamp"].endswith("+00:00")
 
 
@@ -78,10 +82,13 @@ def test_a_spec_format_request_trains_end_to_end_from_s3(
     updates, result = follow(be, "s3job1")
     assert_progress(updates, 3)
     done = result.body
-    assert done["type"] == "training_completed" and done["status"] == "completed" and done["progress"] == 100.0
+    assert done["type"] == "training_completed"
+    assert done["status"] == "completed"
+    assert done["progress"] == 100.0
     assert done["model_path"] == "models/yolov8n/s3job1.pt"
     assert {"final_mAP50", "final_loss", "training_epochs"} <= set(done["final_metrics"])
-    assert done["final_metrics"]["training_epochs"] == 3 and done["training_time"] > 0
+    assert done["final_metrics"]["training_epochs"] == 3
+    assert done["training_time"] > 0
     local = tmp_path / "downloaded" / "model.pt"
     s3_storage.download_file(done["model_path"], local)
     assert load_model(local, tmp_path / "yolo").names == {0: "circle", 1: "square"}
@@ -161,7 +168,8 @@ def test_failures_each_end_with_one_training_failed_and_the_worker_goes_on(
         failed = be.terminal(be.settings.train_result_queue, job_id, timeout=180).body
         assert failed["type"] == "training_failed", failed
         assert failed["error_code"] == code, (job_id, failed)
-        assert failed["error_message"] and "Traceback" not in failed["error_message"]
+        assert failed["error_message"]
+        assert "Traceback" not in failed["error_message"]
     oom = [m for m in be.drain(be.settings.train_result_queue)]
     assert oom == [], "one terminal message per job"
     assert not marker.exists(), "the malicious pickle ran"
@@ -177,7 +185,8 @@ def test_the_oom_failure_carries_the_last_finished_epoch_and_its_metrics(
     start_worker(module=TRAIN_WORKER, env={"TEST_FAULT": "oom@3"})
     be.send_train(train_request("oom2", epochs=4))
     failed = be.terminal(be.settings.train_result_queue, "oom2", timeout=180).body
-    assert failed["error_code"] == "out_of_memory" and failed["current_epoch"] == 2
+    assert failed["error_code"] == "out_of_memory"
+    assert failed["current_epoch"] == 2
     assert set(failed["partial_metrics"]) == {"last_loss", "last_mAP50"}
     assert "batch" in failed["error_message"]
 
@@ -206,7 +215,8 @@ def test_s3_paused_for_30_s_mid_training_resumes_from_its_checkpoint_and_complet
     log = worker.log()
     assert "Retryable failure" in log, "the pause never reached the job"
     starts = [u.body for u in updates if u.type == "training_started"]
-    assert len(starts) >= 2 and starts[-1]["resumed_from_epoch"] >= 1, starts
+    assert len(starts) >= 2, starts
+    assert starts[-1]["resumed_from_epoch"] >= 1, starts
     assert {u.body["current_epoch"] for u in updates if u.type == "epoch_update"} == {1, 2, 3}
     be.connection.sleep(2)  # a second terminal message would be right behind the first
     assert be.drain(be.settings.train_result_queue) == [], "exactly one terminal message, no training_failed"
@@ -294,7 +304,9 @@ def test_a_stored_checkpoint_tells_how_far_training_got_and_each_epochs_metrics(
     model = SimpleNamespace(ckpt={"epoch": 1, "train_args": {"epochs": 2}, "train_results": table})
     finished, total, rows = checkpoint_progress(model)
     assert (finished, total) == (2, 2)
-    assert rows[2]["train_loss"] == 3.75 and rows[2]["mAP50"] == 0.25 and rows[2]["val_box_loss"] == 1.5
+    assert rows[2]["train_loss"] == 3.75
+    assert rows[2]["mAP50"] == 0.25
+    assert rows[2]["val_box_loss"] == 1.5
     assert rows[1]["mAP50"] == 0.1
     assert checkpoint_progress(SimpleNamespace(ckpt=None)) == (0, 0, {})
 
@@ -318,12 +330,14 @@ def test_staging_a_checkpoint_copies_nothing_and_puts_last_pt_back_once_uploaded
     uploads.submit(last, best=True)
     uploads.flush()
     assert seen == {"last": (inode, b"epoch 1"), "best": (inode, b"epoch 1")}, "staged by rename and hard link"
-    assert last.read_bytes() == b"epoch 1" and last.stat().st_ino == inode, "last.pt is back for NaN recovery"
+    assert last.read_bytes() == b"epoch 1", "last.pt is back for NaN recovery"
+    assert last.stat().st_ino == inode, "last.pt is back for NaN recovery"
     assert os.listdir(tmp_path / "staging") == []
     last.write_bytes(b"epoch 2")  # the next save (in place) ...
     uploads.submit(last)
     uploads.flush()
-    assert seen["last"][1] == b"epoch 2" and last.read_bytes() == b"epoch 2"
+    assert seen["last"][1] == b"epoch 2"
+    assert last.read_bytes() == b"epoch 2"
 
 
 def test_the_checkpoint_upload_runs_nicer_than_training(tmp_path: Path) -> None:
@@ -361,4 +375,5 @@ def test_without_hard_links_the_checkpoint_is_staged_as_a_copy(tmp_path: Path, m
     uploads.submit(last, best=True)
     uploads.flush()
     assert seen == {"last": b"epoch 1", "best": b"epoch 1"}
-    assert last.read_bytes() == b"epoch 1" and os.listdir(tmp_path / "staging") == []
+    assert last.read_bytes() == b"epoch 1"
+    assert os.listdir(tmp_path / "staging") == []
