@@ -22,8 +22,9 @@ The modules, along the seams:
 * :mod:`~ai_service.storage.base` -- :class:`ObjectInfo`, the :class:`Storage`
   interface and the transfer helpers both backends share;
 * :mod:`~ai_service.storage.local` -- :class:`LocalStorage` and its symlink rule;
-* :mod:`~ai_service.storage.s3` -- :class:`S3Storage`, client construction, error
-  mapping;
+* :mod:`~ai_service.storage.s3` -- :class:`S3Storage`;
+* :mod:`~ai_service.storage.s3_client` -- S3 client construction and the reasons
+  botocore failures are reported with;
 * :mod:`~ai_service.storage.direct` -- the fast path of S3 bulk downloads (presigned
   GETs over keep-alive connections, GetObject as the fallback);
 * :mod:`~ai_service.storage.cache` -- the dataset cache (:func:`sync_prefix`).

@@ -9,7 +9,8 @@ what MinIO/SeaweedFS-style servers need, so nothing here overrides it.
 botocore exceptions never leak out: a missing object or bucket is
 :class:`ObjectNotFound`, anything else is the retryable :class:`StorageError`, and the
 messages carry no secrets.  boto3 is imported on first use only, so importing the
-storage package stays cheap for the CLI.
+storage package stays cheap for the CLI.  Building the client and mapping botocore
+failures to reasons live in :mod:`~ai_service.storage.s3_client`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,12 @@ import io
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 from ai_service.config import ConfigError
 from ai_service.errors import ObjectNotFound, PermanentError, PreconditionFailed, StorageError, UnsafeKey
 from ai_service.storage.base import (
-    MULTIPART_CHUNKSIZE,
     MULTIPART_THRESHOLD,
     TRANSFER_WORKERS,
     ObjectInfo,
@@ -37,13 +35,21 @@ from ai_service.storage.base import (
 )
 from ai_service.storage.keys import folder as as_folder
 from ai_service.storage.keys import object_key, show
+from ai_service.storage.s3_client import (
+    client_error,
+    endpoint_label,
+    explain,
+    make_s3_client,
+    plain_etag,
+    transfer_config,
+)
 
 if TYPE_CHECKING:
-    from boto3.s3.transfer import TransferConfig
-    from botocore.config import _RetryDict
     from mypy_boto3_s3.client import S3Client
 
     from ai_service.storage.direct import DirectGets
+
+__all__ = ["S3Storage", "make_s3_client"]
 
 log = logging.getLogger("ai_service.storage")
 
@@ -53,142 +59,6 @@ _DELETE_BATCH = 1000
 _LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
 #: Bytes read from a GetObject body per write to the local file.
 _CHUNK = 1024 * 1024
-
-
-# --- the client ------------------------------------------------------------------------
-
-
-def make_s3_client(
-    *,
-    connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
-    max_attempts: int | None = None,
-    max_pool_connections: int = TRANSFER_WORKERS,
-) -> S3Client:
-    """Build an S3 client from boto3's standard configuration sources only.
-
-    Endpoint, credentials and region come from the environment / shared config / instance
-    role exactly as the AWS CLI would read them; the region defaults to us-east-1 (what
-    S3-compatible servers expect).  Retries use botocore's "standard" mode unless the
-    environment or profile chose a mode; ``max_attempts`` (total tries) overrides
-    ``AWS_MAX_ATTEMPTS`` -- tests use 1 to fail fast.  ``max_pool_connections`` should
-    match the storage's transfer workers: one connection per concurrent transfer.
-    """
-    import boto3
-    import botocore.session
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError
-
-    try:
-        core = botocore.session.get_session()
-        core.get_component("response_parser_factory").set_parser_defaults(
-            timestamp_parser=_parse_timestamp
-        )
-        session = boto3.session.Session(botocore_session=core)
-        region = session.region_name or "us-east-1"
-        retries: dict[str, Any] = {
-            "mode": core.get_config_variable("retry_mode") or "standard"
-        }
-        if max_attempts is not None:
-            retries["total_max_attempts"] = max_attempts
-        config = Config(
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            retries=cast("_RetryDict", retries),
-            max_pool_connections=max_pool_connections,
-            # SigV4 is what requests are signed with anyway; saying so makes presigned
-            # URLs SigV4 too (botocore's default for them is still SigV2).
-            signature_version="s3v4",
-        )
-        return session.client("s3", region_name=region, config=config)
-    except BotoCoreError as exc:  # bad profile, unknown retry mode, ...
-        raise StorageError(f"cannot configure the S3 client: {exc}") from None
-
-
-def _parse_timestamp(value: str) -> datetime:
-    """botocore's timestamp parser, minus dateutil for the ISO 8601 times of listings.
-
-    botocore parses every ``LastModified`` of a listing with dateutil, which is most of
-    the CPU a 1,000-object listing costs; ``fromisoformat`` reads the same strings.
-    Anything else (HTTP dates in headers, epochs) goes to botocore's own parser.
-    """
-    from botocore.utils import parse_timestamp
-
-    try:
-        return datetime.fromisoformat(value)
-    except (TypeError, ValueError):
-        return parse_timestamp(value)
-
-
-def _endpoint_label(client: Any) -> str | None:
-    """``scheme://host[:port]`` of a non-AWS endpoint (credentials in the URL dropped)."""
-    url = getattr(getattr(client, "meta", None), "endpoint_url", None)
-    if not isinstance(url, str):
-        return None
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws")):
-        return None
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}"
-
-
-def _transfer_config(*, use_threads: bool) -> TransferConfig:
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(
-        multipart_threshold=MULTIPART_THRESHOLD,
-        multipart_chunksize=MULTIPART_CHUNKSIZE,
-        max_concurrency=TRANSFER_WORKERS,
-        use_threads=use_threads,
-    )
-
-
-# --- error mapping ---------------------------------------------------------------------
-
-
-def _explain(exc: BaseException) -> str:
-    """A short, secret-free reason for a botocore/boto3 failure."""
-    from botocore.exceptions import (
-        ClientError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        PartialCredentialsError,
-        ReadTimeoutError,
-    )
-
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = error.get("Code") or "?"
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
-        return f"{code} (HTTP {status})"
-    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
-        return "cannot connect to the S3 endpoint"
-    if isinstance(exc, ReadTimeoutError):
-        return "the S3 endpoint did not answer in time"
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return (
-            "no usable S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE, or use an instance role)"
-        )
-    return type(exc).__name__
-
-
-def _client_error(exc: BaseException) -> BaseException:
-    """The ClientError behind a boto3 transfer error, if there is one."""
-    from botocore.exceptions import ClientError
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ClientError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return exc
-
-
-def _etag(raw: object) -> str:
-    return str(raw or "").strip('"')
 
 
 # --- the backend -----------------------------------------------------------------------
@@ -216,17 +86,17 @@ class S3Storage(Storage):
         self._client = (
             client if client is not None else make_s3_client(max_pool_connections=workers)
         )
-        self._transfer = _transfer_config(use_threads=True)
+        self._transfer = transfer_config(use_threads=True)
         # Prefix transfers already run ``workers`` objects at once; nesting a thread pool
         # per object would multiply threads and connections.
-        self._bulk_transfer = _transfer_config(use_threads=False)
+        self._bulk_transfer = transfer_config(use_threads=False)
         # The fast path for bulk downloads, set up on the first one (None: not usable).
         self._direct: DirectGets | None = None
         self._direct_checked = False
         self._direct_lock = threading.Lock()
 
     def describe(self) -> str:
-        endpoint = _endpoint_label(self._client)
+        endpoint = endpoint_label(self._client)
         where = f"s3://{self.bucket}"
         return f"{where} at {endpoint}" if endpoint else where
 
@@ -242,7 +112,7 @@ class S3Storage(Storage):
         try:
             yield
         except (ClientError, BotoCoreError, Boto3Error) as raw:
-            exc = _client_error(raw)
+            exc = client_error(raw)
             if isinstance(exc, ClientError):
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -253,7 +123,7 @@ class S3Storage(Storage):
                 if code in ("404", "NoSuchKey", "NotFound") or status == 404:
                     raise ObjectNotFound(f"no object {show(key)} in {self.describe()}") from None
             raise StorageError(
-                f"S3 {action} of {show(key)} in {self.describe()} failed: {_explain(exc)}"
+                f"S3 {action} of {show(key)} in {self.describe()} failed: {explain(exc)}"
             ) from None
         except OSError as exc:  # the local side of a transfer
             raise StorageError(
@@ -267,7 +137,7 @@ class S3Storage(Storage):
                 head = self._client.head_object(Bucket=self.bucket, Key=key)
         except ObjectNotFound:
             return None
-        return ObjectInfo(key, int(head.get("ContentLength", 0)), _etag(head.get("ETag")))
+        return ObjectInfo(key, int(head.get("ContentLength", 0)), plain_etag(head.get("ETag")))
 
     def _iter_raw(self, folder: str) -> Iterator[dict[str, Any]]:
         """Every listed object dict under ``folder``, unfiltered."""
@@ -289,7 +159,7 @@ class S3Storage(Storage):
             except UnsafeKey as exc:
                 log.warning("skipping listed S3 object in %s: %s", self.describe(), exc.message)
                 continue
-            out.append(ObjectInfo(key, int(obj.get("Size", 0)), _etag(obj.get("ETag"))))
+            out.append(ObjectInfo(key, int(obj.get("Size", 0)), plain_etag(obj.get("ETag"))))
         out.sort(key=lambda info: info.key)
         return out
 
@@ -304,7 +174,7 @@ class S3Storage(Storage):
         with self._errors("read", key):
             response = self._client.get_object(Bucket=self.bucket, Key=key)
             data = response["Body"].read()
-        return data, ObjectInfo(key, len(data), _etag(response.get("ETag")))
+        return data, ObjectInfo(key, len(data), plain_etag(response.get("ETag")))
 
     def write_bytes(self, key: str, data: bytes) -> None:
         object_key(key)
@@ -350,7 +220,7 @@ class S3Storage(Storage):
                         error_code="storage_error",
                     ) from None
                 raise
-        return ObjectInfo(key, len(data), _etag(response.get("ETag")))
+        return ObjectInfo(key, len(data), plain_etag(response.get("ETag")))
 
     def _fetch(self, key: str, dest: Path, *, bulk: bool) -> None:
         if bulk:
