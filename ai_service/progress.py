@@ -19,7 +19,7 @@ BAR_WIDTH = 20
 def format_duration(seconds: float | None) -> str:
     if seconds is None or seconds < 0:
         return "--:--"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
@@ -37,7 +37,7 @@ def format_size(size: Any) -> str:
 
 
 def bar(progress: float, width: int = BAR_WIDTH) -> str:
-    filled = max(0, min(width, int(round(progress / 100.0 * width))))
+    filled = max(0, min(width, round(progress / 100.0 * width)))
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 

@@ -79,7 +79,8 @@ def assert_epochs_not_retrained(journal: Journal, job_id: str, epochs: int) -> d
     progress = [u["progress"] for u in updates]
     assert progress == sorted(progress)
     starts = journal.of(job_id, "training_started")
-    assert len(starts) >= 2 and starts[0]["resumed_from_epoch"] == 0
+    assert len(starts) >= 2
+    assert starts[0]["resumed_from_epoch"] == 0
     return starts[-1]
 
 
@@ -93,7 +94,8 @@ def test_a_worker_killed_after_epoch_3_of_8_resumes_on_restart_and_finishes_once
     worker.kill()
     start_worker("train", env=long_env(), name="restarted")
     done = journal.wait_terminal("kill9")
-    assert done["type"] == "training_completed" and done["final_metrics"]["training_epochs"] == 8
+    assert done["type"] == "training_completed"
+    assert done["final_metrics"]["training_epochs"] == 8
     resumed = assert_epochs_not_retrained(journal, "kill9", 8)
     assert resumed["resumed_from_epoch"] >= 3
     assert dataset.stat(done["model_path"]) is not None
@@ -134,7 +136,8 @@ def test_a_dead_workers_job_is_taken_over_by_another_worker_within_a_lease_perio
     done = journal.wait_terminal("takeover")
     assert done["type"] == "training_completed"
     resumed = assert_epochs_not_retrained(journal, "takeover", 6)
-    assert resumed["worker"].endswith("second") and resumed["resumed_from_epoch"] >= 2
+    assert resumed["worker"].endswith("second")
+    assert resumed["resumed_from_epoch"] >= 2
 
 
 def test_the_same_request_published_twice_trains_once_and_answers_once(
@@ -151,10 +154,11 @@ def test_the_same_request_published_twice_trains_once_and_answers_once(
     assert len(journal.of("twice", "training_started")) == 1
     assert [u["current_epoch"] for u in journal.of("twice", "epoch_update")] == [1, 2, 3]
     # Sent again after it finished: the stored terminal message, identical (same message_id).
-    first_id = [m for m in journal.messages if m.type == "training_completed"][0].properties.message_id
+    first_id = next(m for m in journal.messages if m.type == "training_completed").properties.message_id
     be.send_train(body)
     again = be.wait_for(be.settings.train_result_queue, timeout=30)
-    assert again.body == done and again.properties.message_id == first_id
+    assert again.body == done
+    assert again.properties.message_id == first_id
 
 
 def test_a_request_with_a_forged_lease_header_is_answered_invalid_and_dead_lettered(
@@ -163,7 +167,8 @@ def test_a_request_with_a_forged_lease_header_is_answered_invalid_and_dead_lette
     start_worker("train", env=long_env())
     be.send(be.settings.train_request_queue, train_request("forged", epochs=1), headers={"x-ai-lease": "guess"})
     failed = be.terminal(be.settings.train_result_queue, "forged", timeout=60)
-    assert failed.type == "training_failed" and failed.body["error_code"] == "invalid_request"
+    assert failed.type == "training_failed"
+    assert failed.body["error_code"] == "invalid_request"
     assert "x-ai-lease" in failed.body["error_message"]
     deadline = time.monotonic() + 10
     while be.count(be.settings.train_request_queue + ".dlq") == 0 and time.monotonic() < deadline:
@@ -181,15 +186,18 @@ def test_cancel_mid_training_ends_with_one_training_cancelled_and_a_checkpoint(
     journal.wait_epoch("cancelme", 2)
     be.cancel("cancelme")
     done = journal.wait_terminal("cancelme", timeout=60)
-    assert done["type"] == "training_cancelled" and done["status"] == "cancelled"
-    assert done["current_epoch"] >= 2 and done["checkpoint_path"]
+    assert done["type"] == "training_cancelled"
+    assert done["status"] == "cancelled"
+    assert done["current_epoch"] >= 2
+    assert done["checkpoint_path"]
     assert dataset.stat(done["checkpoint_path"]) is not None
     # Cancelled before any worker took it: answered as soon as one does.
     be.cancel("early")
     time.sleep(1.0)
     be.send_train(train_request("early", epochs=2))
     early = journal.wait_terminal("early", timeout=60)
-    assert early["type"] == "training_cancelled" and early["checkpoint_path"] is None
+    assert early["type"] == "training_cancelled"
+    assert early["checkpoint_path"] is None
     assert journal.of("early", "training_started") == []
     # The worker takes the next job.
     be.send_train(train_request("next", epochs=1))
@@ -228,7 +236,8 @@ def test_a_job_that_loses_its_worker_more_often_than_the_limit_fails_and_is_dead
         worker.kill()
     start_worker("train", env=env, name="doomed-last")
     done = journal.wait_terminal("doomed", timeout=60)
-    assert done["type"] == "training_failed" and "RABBITMQ_DELIVERY_LIMIT" in done["error_message"]
+    assert done["type"] == "training_failed"
+    assert "RABBITMQ_DELIVERY_LIMIT" in done["error_message"]
     dlq = be.dlq_bodies(be.settings.train_request_queue)
     assert [json.loads(b)["job_id"] for b in dlq] == ["doomed"]
 
@@ -253,7 +262,9 @@ def test_a_job_longer_than_the_consumer_timeout_completes_once_without_a_406(
         assert done["type"] == "training_cancelled"
         assert len(journal.of("marathon", "training_started")) == 1
         epochs = [u["current_epoch"] for u in journal.of("marathon", "epoch_update")]
-        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2
+        assert epochs == list(range(1, len(epochs) + 1))
+        assert len(epochs) >= 2
         log = worker.log()
-        assert "PRECONDITION_FAILED" not in log and "Connection lost" not in log, log[-3000:]
+        assert "PRECONDITION_FAILED" not in log, log[-3000:]
+        assert "Connection lost" not in log, log[-3000:]
         client.close()
