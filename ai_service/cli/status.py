@@ -45,6 +45,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> ExitCode:
     except (ValueError, TypeError) as exc:
         raise CommandError(ExitCode.STORAGE, f"the job record of {job_id} is unreadable ({exc})") from None
     data = asdict(record)
+    data.pop("etag", None)  # the version this process read, not part of the record
     data["cancel_requested"] = cancel_requested
     data["lease_expires_at"] = iso(record.lease_expires)
     data["updated_at"] = iso(record.updated)
