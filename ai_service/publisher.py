@@ -20,20 +20,19 @@ published, e.g. larger than the broker's ``max_message_size``, or nacked
 spool's :class:`~ai_service.spool.RefusedLog`, logged once, reported to ``on_refused``,
 and the small message the ``replace`` hook makes of it (a ``*_failed`` for that job, see
 :func:`failure_replacer`) is published in its place.  A replacement is never replaced.
+That refusal path lives in :mod:`ai_service.publishing.refusals` (mixed into
+:class:`Publisher`); this module keeps the public API and the publisher thread.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pika.exceptions
 
 from ai_service import tracing
 from ai_service.broker import NodeRing, Topology, connected_node, connection_parameters, describe_endpoint, session
@@ -43,6 +42,9 @@ from ai_service.messages import new_message_id
 from ai_service.publishing.pipeline import Pipeline
 from ai_service.publishing.receipts import Backoff as Backoff
 from ai_service.publishing.receipts import Receipt as Receipt
+from ai_service.publishing.refusals import NACK_LIMIT as NACK_LIMIT
+from ai_service.publishing.refusals import Refusals
+from ai_service.publishing.refusals import RefusedHook as RefusedHook
 from ai_service.publishing.replacements import ERROR_CODES as ERROR_CODES
 from ai_service.publishing.replacements import HINTS as HINTS
 from ai_service.publishing.replacements import Replacer as Replacer
@@ -54,20 +56,13 @@ log = logging.getLogger("ai_service.publisher")
 
 APP_ID = "ai-service"
 
-#: A message nacked this many times in a row is refused for good.
-NACK_LIMIT = 3
-
 #: Name of the refused-messages file inside the spool directory (the spool reads its segments only).
 REFUSED_FILE = "refused.jsonl"
 
-#: ``on_refused(code, envelope, reason)`` with code ``too_large``, ``precondition_failed`` or ``nacked``.
-RefusedHook = Callable[[str, Envelope, str], None]
 Ephemeral = tuple[Envelope, Receipt]
 
-_BROKER_SIZE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
-
-class Publisher:
+class Publisher(Refusals):
     """Thread-safe, confirmed, spooled publishing on a connection of its own."""
 
     def __init__(
@@ -366,91 +361,6 @@ class Publisher:
         receipt = self._receipts.get(envelope.seq)
         if receipt is not None:
             receipt.unroutable = True
-
-    def on_nacked(self, envelope: Envelope) -> float | None:
-        """Seconds to wait before sending it again, or None when it is refused for good."""
-        count = self._nacks.get(envelope.seq, 0) + 1
-        self._nacks[envelope.seq] = count
-        if count < NACK_LIMIT:
-            log.warning("[RMQ] Broker nacked message %s (%d of %d); will retry", envelope.message_id, count, NACK_LIMIT)
-            return 0.5 * count
-        self._nacks.pop(envelope.seq, None)  # a replacement takes the same seq: its nacks count afresh
-        self._refuse(envelope, "nacked", (
-            f"message of {len(envelope.body):,} bytes was nacked by the broker {NACK_LIMIT} times in a row "
-            "(a queue at its x-max-length with overflow reject-publish, or a broker alarm)"))
-        return None
-
-    def on_broker_refusal(self, envelope: Envelope, exc: pika.exceptions.ChannelClosedByBroker) -> None:
-        self._refuse(envelope, *self._broker_refusal(envelope, exc))
-
-    @staticmethod
-    def _broker_refusal(envelope: Envelope, exc: pika.exceptions.ChannelClosedByBroker) -> tuple[str, str]:
-        text = str(exc.reply_text)[:300]
-        m = _BROKER_SIZE.search(text)
-        if m:
-            return "too_large", (f"message of {int(m.group(1)):,} bytes is larger than the broker's "
-                                 f"{int(m.group(2)):,}-byte max_message_size (set MAX_MESSAGE_BYTES to it)")
-        return "precondition_failed", (f"message of {len(envelope.body):,} bytes was refused by the broker "
-                                       f"({exc.reply_code} {text})")
-
-    def _refuse(self, envelope: Envelope, code: str, reason: str) -> None:
-        """Take a refused message out of the spool, its replacement (if any) in its place."""
-        with self._cond:
-            receipt = self._receipts.get(envelope.seq)
-        replacement = self._refused(envelope, code, reason, receipt)
-        with self._cond:
-            self._receipts.pop(envelope.seq, None)
-            at = next((i for i, e in enumerate(self._pending) if e is envelope), None)
-            if replacement is not None:
-                self.spool.swap(envelope, replacement)  # one record: never both, never neither
-                if at is not None:
-                    self._pending[at] = replacement
-                if receipt is not None:
-                    self._receipts[replacement.seq] = receipt
-            else:
-                self.spool.remove(envelope)
-                if at is not None:
-                    del self._pending[at]
-            self._cond.notify_all()
-        if replacement is None and receipt is not None:
-            receipt._set()
-
-    def _refused(self, envelope: Envelope, code: str, reason: str, receipt: Receipt | None) -> Envelope | None:
-        """Record a refusal (log, refused file, hook) and return the replacement to publish, if any."""
-        with self._cond:
-            self.refused_count += 1
-        replacement: Envelope | None = None
-        if not envelope.replacement and self._replace is not None:
-            try:
-                replacement = self._replace(envelope, reason)
-            except Exception:  # a broken hook must not stop publishing
-                log.exception("[RMQ] Could not build a replacement for refused message %s", envelope.message_id)
-            if replacement is not None:
-                replacement.replacement = True
-                if len(replacement.body) > self.settings.max_message_bytes:
-                    log.error("[RMQ] The replacement for message %s is itself too large (%d bytes); dropping it",
-                              envelope.message_id, len(replacement.body))
-                    replacement = None
-        log.error(
-            "[RMQ] ❌ Message %s (%s) to %r/%r refused for good: %s; %s",
-            envelope.message_id, envelope.properties.get("type"), envelope.exchange, envelope.routing_key, reason,
-            f"publishing {replacement.message_id} ({replacement.properties.get('type')}) in its place"
-            if replacement is not None else "dropped (kept in the refused file)",
-        )
-        try:
-            self.refused_log.append(envelope, code, reason)
-        except OSError as exc:
-            log.error("[RMQ] Could not write %s: %s", self.refused_log.path, exc)
-        if self._on_refused is not None:
-            try:
-                self._on_refused(code, envelope, reason)
-            except Exception:  # metrics must not stop publishing
-                log.exception("[RMQ] on_refused hook failed")
-        if receipt is not None and receipt.refused_reason is None:
-            receipt.refused_reason = reason
-            receipt.replaced = replacement is not None
-            receipt.replacement_id = replacement.message_id if replacement is not None else None
-        return replacement
 
     def _done(self, envelope: Envelope) -> None:
         with self._cond:
