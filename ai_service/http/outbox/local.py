@@ -1,156 +1,31 @@
-"""HTTP-only mode (``ENABLE_RABBITMQ=false``): the worker runs the jobs it is given over
-HTTP itself, through the operation's own handler, with an outbox that writes to disk.
+"""HTTP-only jobs: the outbox that writes to a job's log and the runner of the jobs.
 
-Event log: every message a job sends goes, instead of to ``EVENTS_EXCHANGE``, to
-``WORK_DIR/events/<op>/<job_id>.jsonl``, one JSON line per message,
-``{"id": <message_id>, "kind": "update"|"result", "type": ..., "data": <the message>}``
-(the same bodies and message_ids the queues would have carried), flushed and fsynced
-before the handler goes on.  The request itself is kept beside it
-(``<job_id>.request.json``) so that a restarted worker can run it again.
-
-* A log is append-only and idempotent: a message_id already in it, a second
-  ``epoch_update`` for an epoch it has, or anything after the terminal message is not
-  appended again.  So a job resumed after a crash, whose handler announces an epoch or
-  republishes its stored terminal message a second time, leaves no repeat in the log.
-* ``lease`` / ``resubmit`` / ``dead_letter`` have no queue to go to: no-ops.  Job
-  records, leases, checkpoints and cancel markers in storage work as with RabbitMQ.
-* On start (:meth:`LocalJobs.resume_unfinished`) the worker looks for logs without a
-  terminal message; for each, once the job record's lease has expired (at once when
-  the job was handed back by a warm stop), it runs the stored request again: the
-  handler resumes from the last checkpoint (or re-sends the stored terminal message).
+:class:`LocalOutbox` is the :class:`ai_service.operation.Outbox` of a job run over HTTP
+(messages go to its :class:`~ai_service.http.outbox.eventlog.EventLog`; queue-only
+actions are no-ops); :class:`LocalJobs` runs the jobs on threads, one at a time per the
+operation's prefetch, and after a restart runs the unfinished ones again.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ai_service.config import Settings
 from ai_service.errors import AIServiceError
+from ai_service.http.outbox.eventlog import EventLog
 from ai_service.jobs import Ledger
 from ai_service.jobs import ledger as jobs_ledger
 from ai_service.message_ids import job_message_id
 from ai_service.messages import _Message, new_message_id
 from ai_service.operation import DeliveryInfo, JobContext, Operation, Resources
 from ai_service.publisher import Receipt
-from ai_service.registry import OPERATIONS, Registry
 
 log = logging.getLogger("ai_service.http")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One message of a job, as the events stream serves it."""
-
-    id: str
-    kind: str
-    type: str
-    data: dict[str, Any]
-
-    @property
-    def terminal(self) -> bool:
-        """A result: every operation's terminal messages, and only they, are ``<op>.result.<job_id>``."""
-        return self.kind == "result"
-
-
-class EventLog:
-    """The messages of one job, in order; in memory, and on disk when ``path`` is set.
-
-    ``max_entries`` bounds a memory-only log (the RabbitMQ-on follower): past it further
-    progress messages are dropped (the terminal message never is).
-    """
-
-    def __init__(self, path: Path | None = None, *, max_entries: int = 100_000) -> None:
-        self.path = path
-        self.max_entries = max_entries
-        self.entries: list[Entry] = []
-        self.dropped = 0
-        self._ids: set[str] = set()
-        self._epochs: set[tuple[str, Any]] = set()
-        self._lock = threading.Lock()
-        if path is not None and path.exists():
-            self._load(path)
-
-    def _load(self, path: Path) -> None:
-        for line in path.read_bytes().splitlines():
-            try:
-                raw = json.loads(line)
-                entry = Entry(str(raw["id"]), str(raw["kind"]), str(raw["type"]), dict(raw["data"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a crash mid-write: the handler sends it again
-            self._remember(entry)
-
-    def _remember(self, entry: Entry) -> bool:
-        if entry.id in self._ids or self.terminal is not None:
-            return False
-        step = _step(entry)
-        if step is not None and step in self._epochs:
-            return False
-        self._ids.add(entry.id)
-        if step is not None:
-            self._epochs.add(step)
-        self.entries.append(entry)
-        return True
-
-    @property
-    def terminal(self) -> Entry | None:
-        return self.entries[-1] if self.entries and self.entries[-1].terminal else None
-
-    def append(self, kind: str, message_type: str, data: dict[str, Any], message_id: str | None = None) -> Entry:
-        """Append one message (durably when on disk); returns the entry (the stored one for a repeat)."""
-        entry = Entry(message_id or new_message_id(), kind, message_type, data)
-        with self._lock:
-            if self.path is None and len(self.entries) >= self.max_entries and not entry.terminal:
-                self.dropped += 1
-                return entry
-            if not self._remember(entry):
-                return entry
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                line = json.dumps({"id": entry.id, "kind": kind, "type": message_type, "data": data},
-                                  separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                try:
-                    os.write(fd, line)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        return entry
-
-    def index_after(self, last_id: str | None) -> int:
-        """Where a stream resuming after ``last_id`` starts (0 when None or unknown)."""
-        if last_id:
-            for i, entry in enumerate(self.entries):
-                if entry.id == last_id:
-                    return i + 1
-        return 0
-
-    @property
-    def last_update(self) -> Entry | None:
-        for entry in reversed(self.entries):
-            if entry.kind == "update":
-                return entry
-        return None
-
-    @property
-    def progress(self) -> float:
-        values = [float(e.data["progress"]) for e in self.entries if isinstance(e.data.get("progress"), (int, float))]
-        return max(values, default=0.0)
-
-
-def _step(entry: Entry) -> tuple[str, Any] | None:
-    """What makes a progress message one of a kind: its epoch or its format."""
-    if entry.type == "epoch_update":
-        return entry.type, entry.data.get("current_epoch")
-    if entry.type == "conversion_update":
-        return entry.type, entry.data.get("current_format")
-    return None
 
 
 def settled(message_id: str) -> Receipt:
@@ -359,67 +234,3 @@ class LocalJobs:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-
-
-
-# --- the HTTP-only worker -------------------------------------------------------------
-
-
-def serve_http_only(settings: Settings, op: str, load: Any, *, operations: Registry = OPERATIONS) -> int:
-    """``ENABLE_RABBITMQ=false`` with ``HTTP_PORT`` set: serve the API and run its jobs here.
-
-    The first SIGTERM/SIGINT stops warmly (a running job hands itself back and is
-    resumed on the next start), a second one exits 1 at once.
-    """
-    import signal
-
-    from ai_service.http.app import create_app, routers_for
-    from ai_service.http.server import HttpServer
-    from ai_service.storage import open_storage
-
-    operation = load(settings)
-    resources = Resources(settings=settings, storage=open_storage(settings))
-    if operation.setup is not None:
-        operation.setup(resources)
-    local = LocalJobs(settings, operation, resources) if operations[op].recorded else None
-    routers = routers_for(op, settings, resources, local=local, operations=operations)
-
-    def ready() -> tuple[bool, str]:
-        if local is not None and local.busy:
-            return True, "HTTP-only (ENABLE_RABBITMQ=false): running a job"
-        return True, "HTTP-only (ENABLE_RABBITMQ=false): idle"
-
-    metrics = resources.metrics
-    app = create_app(settings, metrics=metrics, ready=ready, routers=routers)
-    assert settings.http_port is not None
-    server = HttpServer(app, settings.http_host, settings.http_port, limit_concurrency=settings.metrics_max_connections,
-                        timeout_keep_alive=settings.metrics_request_timeout,
-                        request_timeout=settings.metrics_request_timeout, metrics=metrics)
-    stop = threading.Event()
-    count = [0]
-
-    def handle(signum: int, frame: Any) -> None:
-        count[0] += 1
-        if count[0] > 1:
-            log.warning("[HTTP] %s received again: forced exit", signal.Signals(signum).name)
-            logging.shutdown()
-            os._exit(1)
-        log.warning("[HTTP] %s received: warm shutdown (the running job hands itself back)",
-                    signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
-    server.start()
-    log.warning("[HTTP] Messaging is disabled (ENABLE_RABBITMQ=false): HTTP-only %s worker on http://%s:%d; "
-                "jobs' messages go to %s", operation.name, settings.http_host, server.port,
-                local.root if local is not None else "the HTTP answers")
-    if local is not None:
-        local.resume_unfinished()
-    while not stop.wait(0.5):
-        pass
-    if local is not None:
-        local.stop()
-    server.stop()
-    log.info("[HTTP] Worker stopped cleanly")
-    return 0
