@@ -6,6 +6,7 @@
 * :mod:`.control` -- the cancel hook's one thread and its bounded queue.
 * :mod:`.handlers` -- one delivery on a pool thread, from parse to settlement.
 * :mod:`.settling` -- ack / reject / requeue on the I/O thread.
+* :mod:`.cancelling` -- cancels from the fanout and the cancel stream, on the I/O thread.
 * :mod:`.loop` -- :class:`Consumer`: the I/O thread, reconnects, warm and forced stops.
 * :mod:`.outbox` -- :class:`DeliveryOutbox`: what a handler publishes for its delivery.
 """

@@ -8,6 +8,9 @@
   a second request (hand unfinished deliveries back to the queue).
 * Anything the I/O thread did not expect ends it as a *crash* (:attr:`Consumer.crashed`),
   which the worker turns into a non-zero exit for its supervisor.
+
+What it does with a delivery is in :mod:`.handlers` and :mod:`.settling`, with a cancel in
+:mod:`.cancelling` (mixins); this module keeps the connection, the channels and stopping.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import pika
 import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
-from pydantic import ValidationError
 
 from ai_service.broker import (
     NodeRing,
@@ -39,6 +41,7 @@ from ai_service.broker import (
 )
 from ai_service.cancels import CancelStream
 from ai_service.config import Settings
+from ai_service.consumer.cancelling import Cancelling
 from ai_service.consumer.control import ControlExecutor
 from ai_service.consumer.handlers import Delivery, Handlers
 from ai_service.consumer.settling import Settling
@@ -46,7 +49,6 @@ from ai_service.consumer.tracker import RequestTracker, came_back_from, count_de
 from ai_service.errors import AuthenticationFailed, BrokerError
 from ai_service.jobs.ledger import announce_lease_protocol
 from ai_service.limits import Limits
-from ai_service.messages import Cancel
 from ai_service.metrics import CONNECTED, CONSUMING, DISCONNECTED
 from ai_service.operation import DeliveryInfo, Operation, Resources
 from ai_service.publisher import Backoff, Publisher
@@ -54,7 +56,7 @@ from ai_service.publisher import Backoff, Publisher
 log = logging.getLogger("ai_service.consumer")
 
 
-class Consumer(Handlers, Settling):
+class Consumer(Cancelling, Handlers, Settling):
     """Consumes one operation's request queue and the control exchange."""
 
     def __init__(
@@ -328,93 +330,6 @@ class Consumer(Handlers, Settling):
             except queue.Empty:
                 return
             fn()
-
-    def _on_control(
-        self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
-    ) -> None:
-        """A cancel on the fanout: a lookup on the I/O thread; past the control queue's bound
-        it is dropped (the cancel stream brings it again, at the control thread's pace)."""
-        job_id = self._parse_cancel(body)
-        if job_id is not None:
-            self._cancel(job_id, drop=True)
-
-    def _on_stream_cancel(
-        self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
-    ) -> None:
-        """A cancel read from the cancel stream (also one sent before this worker started):
-        acked once handed on, so that a flood waits in the broker."""
-        assert self.cancels is not None
-        offset = self.cancels.delivered(props.headers)
-        tag = method.delivery_tag or 0
-        job_id = None if self.cancels.is_sync(props.headers) else self._parse_cancel(body)
-        if job_id is None:
-            channel.basic_ack(tag)
-            return
-        self._stop_here(job_id)
-        if not self.cancels.pending and self._hand_on(job_id, drop=False):
-            channel.basic_ack(tag)
-        else:
-            self.cancels.pending.append((tag, job_id, offset))  # in order, behind those waiting
-
-    def _room_for_cancels(self) -> None:
-        """(control thread) Wake the I/O thread when stream cancels wait for the hook."""
-        if self.cancels is not None and self.cancels.pending:
-            self._wake()
-
-    def _hand_on_stream_cancels(self) -> None:
-        """Stream cancels that waited for room in the control queue, in order."""
-        cancels, channel = self.cancels, self._stream_channel
-        if cancels is None or channel is None or not channel.is_open:
-            return
-        while cancels.pending:
-            tag, job_id, _ = cancels.pending[0]
-            if not self._hand_on(job_id, drop=False):
-                return
-            cancels.pending.popleft()
-            channel.basic_ack(tag)
-
-    def _parse_cancel(self, body: bytes) -> str | None:
-        try:
-            return Cancel.model_validate_json(body).job_id
-        except ValidationError:
-            self.metrics.control_messages.labels("malformed").inc()
-            log.debug("[RMQ] Ignoring a malformed control message")
-            return None
-
-    def _cancel(self, job_id: str, *, drop: bool) -> bool:
-        """Stop ``job_id`` if it runs here and give it to the cancel hook once (a cancel comes
-        on both the fanout and the stream); False when the hook's queue has no room."""
-        self._stop_here(job_id)
-        return self._hand_on(job_id, drop=drop)
-
-    def _stop_here(self, job_id: str) -> None:
-        matched = False
-        with self._inflight_lock:
-            for d in self._inflight.values():
-                if d.ctx is not None and d.ctx.job_id == job_id:
-                    d.ctx.cancelled.set()
-                    matched = True
-        if matched:
-            log.info("[RMQ] Cancel requested for job %s (running here)", job_id)
-        else:
-            log.debug("[RMQ] Cancel requested for job %s (not running here)", job_id)
-        if self.cancels is not None:
-            self.cancels.read(job_id)
-
-    def _hand_on(self, job_id: str, *, drop: bool) -> bool:
-        if self.control is None:
-            self.metrics.control_messages.labels("no_hook").inc()
-            return True
-        cancels = self.cancels
-        if cancels is not None and cancels.handed(job_id):
-            self.metrics.control_messages.labels("duplicate").inc()
-            return True
-        result = self.control.submit(job_id, drop=drop)
-        if result == "full":
-            return False
-        if result != "dropped" and cancels is not None:
-            cancels.hand(job_id)
-        return True
 
     def _on_message(
         self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
