@@ -561,7 +561,7 @@ def test_timestamps_are_iso_8601_utc_with_offset(message: _Message, keys: set[st
 
 
 def test_timestamps_keep_microseconds_even_when_they_are_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ai_service.messages as messages
+    import ai_service.messages.base as messages  # where utc_now reads the clock
 
     class FixedClock(datetime):
         @classmethod
