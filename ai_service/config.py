@@ -15,14 +15,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ai_service.errors import ConfigError as ConfigError  # defined in errors.py, importable from here as before
+
 log = logging.getLogger("ai_service.config")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-class ConfigError(ValueError):
-    """An environment variable has a value the service cannot use."""
 
 
 def _bool(name: str, raw: str) -> bool:

@@ -173,3 +173,79 @@ class JobHandedBack(JobInterrupted):
 
 class LeaseLost(JobInterrupted):
     """Another worker took the job over (our lease had expired); stop without a result."""
+
+
+# --- errors of one job's domain (raised by the workers) ----------------------------------
+
+
+class DatasetError(PermanentError):
+    """A dataset that cannot be used as it is (layout, list files, images, escapes)."""
+
+    error_code: ErrorCode = "dataset_invalid"
+
+
+class ImageNotFound(PermanentError):
+    """A request naming an image key that does not exist: answered, not dead-lettered
+    (the key may simply not be uploaded yet)."""
+
+    error_code: ErrorCode = "invalid_request"
+
+
+class InferenceError(PermanentError):
+    """Predicting failed for a reason of the model or the images, not of the world."""
+
+    error_code: ErrorCode = "inference_error"
+
+
+class UnsupportedFormat(PermanentError):
+    """A model file whose format this worker cannot load."""
+
+    error_code: ErrorCode = "unsupported_format"
+
+
+# --- errors of the tools around jobs (configuration, commands, clients) ------------------
+# They never end a job; they end a command or a worker's start with a clear message.
+
+
+class ToolError(AIServiceError):
+    """Root of the errors of configuration, commands and clients."""
+
+
+class ConfigError(ToolError, ValueError):
+    """An environment variable has a value the service cannot use."""
+
+
+class GpuListError(ToolError, ValueError):
+    """A --*-gpus value that is not a GPU list."""
+
+
+class UnknownOperation(ToolError, ValueError):
+    """A name no spec has (``ValueError`` as ``queue_names`` always raised)."""
+
+
+class CommandError(ToolError):
+    """Ends a command with ``code`` (its exit code) after printing ``message`` on stderr."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class HttpFailure(ToolError):
+    """An HTTP call of the CLI that did not get the answer it needs."""
+
+    def __init__(self, message: str, status: int | None = None, body: object = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class DirectGetFailed(ToolError):
+    """A direct GET did not deliver the object; fetch it through ``get_object`` instead.
+
+    ``status``: the HTTP status when the server answered, else None.
+    """
+
+    def __init__(self, reason: str, *, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status

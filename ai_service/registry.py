@@ -24,6 +24,9 @@ from ai_service import forms
 from ai_service import messages as m
 from ai_service.config import Settings
 from ai_service.errors import ErrorCode
+from ai_service.errors import (
+    UnknownOperation as UnknownOperation,  # defined in errors.py, importable from here as before
+)
 
 
 @dataclass(frozen=True)
@@ -135,10 +138,6 @@ class OperationSpec:
     def terminal_types(self) -> frozenset[str]:
         """The ``type`` of every terminal message (``<name>.result.<job_id>``)."""
         return frozenset(str(doc.model.model_fields["type"].default) for doc in self.results)
-
-
-class UnknownOperation(ValueError):
-    """A name no spec has (``ValueError`` as ``queue_names`` always raised)."""
 
 
 class Registry:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ai_service.errors import GpuListError as GpuListError  # defined in errors.py, importable from here as before
 from ai_service.registry import OPERATIONS
 
 OPS = OPERATIONS.names()
@@ -39,10 +40,6 @@ STOPWAITSECS = {spec.name: spec.supervision.stop_wait_seconds for spec in OPERAT
 STOP_NOTES = {spec.name: spec.supervision.stop_note for spec in OPERATIONS}
 DEFAULT_OUTPUT = Path("supervisor.d") / "workers.conf"
 NVIDIA_SMI_TIMEOUT = 15.0
-
-
-class GpuListError(ValueError):
-    """A --*-gpus value that is not a GPU list."""
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from ai_service import tracing
-from ai_service.errors import PermanentError
+from ai_service.errors import DatasetError as DatasetError  # defined in errors.py, importable from here as before
 from ai_service.storage import Storage, forget_prefix, sync_prefix_report
 
 log = logging.getLogger("workers.datasets")
@@ -50,10 +50,6 @@ MAX_LABEL_BYTES = 1024 * 1024
 MAX_CLASSES = 10000
 SPLITS = ("train", "val")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
-
-
-class DatasetError(PermanentError):
-    error_code = "dataset_invalid"
 
 
 @dataclass(frozen=True)

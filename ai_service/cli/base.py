@@ -15,6 +15,7 @@ from typing import Any
 
 from ai_service.config import ConfigError, Settings
 from ai_service.errors import AuthenticationFailed, BrokerError, StorageError
+from ai_service.errors import CommandError as CommandError  # defined in errors.py, importable from here as before
 from ai_service.messages import JOB_ID_RE
 
 
@@ -46,15 +47,6 @@ exit codes (stable, for scripts):
   8    no worker consumes the train request queue (demo --no-wait)
   130  interrupted (Ctrl-C); a job already submitted goes on
 """
-
-class CommandError(Exception):
-    """Ends a command with ``code`` after printing ``message`` on stderr."""
-
-    def __init__(self, code: ExitCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
 
 def err(text: str) -> None:
     """Print a line for the human on stderr (stdout carries the results)."""

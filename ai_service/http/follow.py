@@ -16,19 +16,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ai_service.errors import HttpFailure as HttpFailure  # defined in errors.py, importable from here as before
+
 #: How long a stream may stay silent before it counts as dead and is reopened (the server
 #: sends a keepalive comment every 15 s; a timed-out socket cannot be read again).
 READ_TIMEOUT = 40.0
 #: How long to keep reopening a stream that dropped before the terminal message.
 RECONNECT_FOR = 120.0
-
-
-class HttpFailure(Exception):
-    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.body = body
 
 
 @dataclass

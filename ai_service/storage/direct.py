@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ai_service.errors import DirectGetFailed as DirectGetFailed  # defined in errors.py, importable from here as before
 from ai_service.storage.keys import show
 
 #: Bytes read per write to the local file.
@@ -46,17 +47,6 @@ log = logging.getLogger("ai_service.storage")
 Connection = http.client.HTTPConnection
 #: What a keep-alive connection the server has closed meanwhile fails with.
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-
-
-class DirectGetFailed(Exception):
-    """A direct GET did not deliver the object; fetch it through ``get_object`` instead.
-
-    ``status``: the HTTP status when the server answered, else None.
-    """
-
-    def __init__(self, reason: str, *, status: int | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
 
 
 class Digest:

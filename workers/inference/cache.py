@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ai_service.errors import AIServiceError, InvalidInput, ObjectNotFound, PermanentError
+from ai_service.errors import (
+    UnsupportedFormat as UnsupportedFormat,  # defined in errors.py, importable from here as before
+)
 from ai_service.metrics import Metrics
 from ai_service.provenance import Provenance
 from ai_service.storage import ObjectInfo, Storage
@@ -44,10 +47,6 @@ MEMORY_FACTOR = {"pt": 4, "torchscript": 3, "onnx": 2, "openvino": 2}
 #: Formats torch itself runs; the others bring their own runtime and threads.
 TORCH_FORMATS = frozenset({"pt", "torchscript"})
 SUPPORTED = ".pt, .onnx, .torchscript files and OpenVINO folders (a prefix ending in '/')"
-
-
-class UnsupportedFormat(PermanentError):
-    error_code = "unsupported_format"
 
 
 # --- models ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 
 from ai_service import tracing
 from ai_service.errors import AIServiceError, PermanentError
+from ai_service.errors import InferenceError as InferenceError  # defined in errors.py, importable from here as before
 from ai_service.messages import Box, Detection, InferenceParams
 from ai_service.metrics import Metrics
 from workers import yolo
@@ -32,10 +33,6 @@ _T = TypeVar("_T")
 ENGINE_TIMEOUT_S = 300.0
 #: Formats torch itself runs; the others bring their own runtime and threads.
 TORCH_FORMATS = frozenset({"pt", "torchscript"})
-
-
-class InferenceError(PermanentError):
-    error_code = "inference_error"
 
 
 @dataclass(frozen=True)

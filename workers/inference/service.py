@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from ai_service import tracing
 from ai_service.config import Settings
-from ai_service.errors import InvalidInput, ObjectNotFound, PermanentError
+from ai_service.errors import ImageNotFound as ImageNotFound  # defined in errors.py, importable from here as before
+from ai_service.errors import InvalidInput, ObjectNotFound
 from ai_service.messages import ImageData, ImagePath, ImageResult, InferenceCompleted, InferenceRequest
 from ai_service.metrics import Metrics
 from ai_service.operation import JobContext
@@ -23,13 +24,6 @@ from workers.inference.images import DecodedImage, decode_image, inline_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-
-class ImageNotFound(PermanentError):
-    """A request naming an image key that does not exist: answered, not dead-lettered
-    (the key may simply not be uploaded yet)."""
-
-    error_code = "invalid_request"
 
 
 class InferenceService:
