@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from ai_service.asyncapi import render
+from ai_service.cancels import cancel_stream_name
 from ai_service.storage import LocalStorage
 from tests.conftest import WorkerFactory
 from tests.support.amqp import BE
@@ -320,11 +321,28 @@ def test_cancel_publishes_the_contract_message_and_record_leaves_a_marker(
     msg = be.wait_for(listener, timeout=10)
     assert msg.body == {"type": "cancel", "job_id": "job-42"}
     be.channel.queue_delete(listener)
-    # nobody listening now: still 0, with a hint; --record writes the marker every worker honours
+    # nobody listening now: still 0, and the cancel stream keeps it for a worker that starts later;
+    # --record also writes the marker every worker honours
     result = cli("cancel", "job-43", "--record")
     assert result.returncode == 0, output(result)
-    assert "no worker listens" in result.stderr
+    assert "CANCEL_RETENTION" in result.stderr
     assert (Path(worker_env["STORAGE_DIR"]) / "jobs" / "job-43.cancel").is_file()
+    assert "job-43" in _cancels_kept(be)
+
+
+def _cancels_kept(be: BE) -> list[str]:
+    """The job ids of the cancels in the cancel stream, read from its start (non-destructively)."""
+    channel = be.connection.channel()
+    channel.basic_qos(prefetch_count=100)
+    seen: list[str] = []
+    for method, _, body in channel.consume(cancel_stream_name(be.settings), arguments={"x-stream-offset": "first"},
+                                           inactivity_timeout=2):
+        if method is None:
+            break
+        seen.append(json.loads(body).get("job_id", ""))
+        channel.basic_ack(method.delivery_tag)
+    channel.close()
+    return seen
 
 
 def _dead_letter_by_reject(be: BE, body: bytes) -> None:

@@ -101,7 +101,8 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> ExitCode:
     with connect(settings, "cancel") as client:
         delivered = client.cancel(job_id)
     if delivered:
-        err(f"cancel requested for job {job_id}")
+        err(f"cancel requested for job {job_id} (running workers stop it now; the cancel stream keeps it for "
+            f"CANCEL_RETENTION={settings.cancel_retention} s, so that a worker started later honours it too)")
     else:
         err(f"cancel for job {job_id} published, but no worker listens on {settings.control_exchange!r} right now"
             + ("; the marker in storage cancels it when a worker takes it" if args.record
