@@ -27,6 +27,7 @@ from tests.support.amqp import BE, BrokerNames
 from tests.support.procs import REPO, STARTED
 from tests.support.proxy import CuttableProxy
 from tests.test_runtime import SLEEPY, request
+from tests.test_spool import legacy_file
 from tests.test_supervisor import TWO_GPUS, fake_nvidia_smi
 
 BIN = Path(sys.executable).parent
@@ -301,11 +302,8 @@ def test_workers_of_different_operations_sharing_one_worker_name_and_work_dir_bo
 def test_a_spool_left_in_the_old_layout_is_moved_into_its_operation_s_spool_once(tmp_path: Path) -> None:
     settings = Settings.from_env({"WORK_DIR": str(tmp_path / "work"), "WORKER_NAME": "gpu-01/train-gpu0"})
     old = tmp_path / "work" / "spool" / "gpu-01_train-gpu0"  # before the operation was part of the path
-    spool = Spool(old, max_messages=10)
-    spool.open()
-    for n in range(3):
-        spool.add(Envelope("ex", f"train.result.{n}", b'{"n": %d}' % n, {"message_id": f"m{n}"}))
-    spool.close()
+    for n in range(3):  # as that older version spooled them: one <seq>.msg file each
+        legacy_file(old, n + 1, Envelope("ex", f"train.result.{n}", b'{"n": %d}' % n, {"message_id": f"m{n}"}))
 
     assert adopt_legacy_spool(settings, "train") == 3
     assert spool_dir(settings, "train") == old / "train"
