@@ -209,7 +209,7 @@ class Settings:
     max_images_per_request: int = 256
     max_inline_image_bytes: int = 8 * 1024 * 1024
     model_cache_size: int = 4
-    # inference worker (ours, documented in workers/inference.py)
+    # inference worker (ours, documented in workers/inference/)
     infer_prefetch: int = 16  # deliveries in flight = handler threads feeding the batcher
     infer_threads: int = 0  # torch CPU threads for .pt/.torchscript; 0 = every core the process may use
     model_cache_max_mb: int = 2048  # estimated memory of the cached models
