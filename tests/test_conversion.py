@@ -217,6 +217,10 @@ def test_torchscript_onnx_and_openvino_from_s3_are_verified_and_load_and_engine_
     assert be.drain(be.settings.convert_result_queue) == [], "one terminal message per job"
     assert_no_network_and_no_pip(audit)
     work_runs = Path(worker.env["WORK_DIR"]) / "runs"
+    # The folder goes right after the terminal message is handed to the publisher: allow it a moment.
+    deadline = time.monotonic() + 15
+    while work_runs.exists() and list(work_runs.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not work_runs.exists() or list(work_runs.iterdir()) == [], "per-job export folders are cleaned up"
     assert s3_server.secret_key not in worker.log()
 
