@@ -131,7 +131,7 @@ def operation(settings: Settings, *, on_format_done: FormatHook | None = None) -
         ConversionJob(request, ctx, on_format_done).run()
 
     return Operation(
-        name="convert",
+        name=CONVERT.name,  # the registry's spec is the one description of the operation
         request_model=ConversionRequest,
         handler=handler,
         failure=failure_message,

@@ -53,7 +53,7 @@ def operation(settings: Settings, *, callbacks: Callbacks | None = None) -> Oper
         TrainingJob(request, ctx, extra).run()
 
     return Operation(
-        name="train",
+        name=TRAIN.name,  # the registry's spec is the one description of the operation
         request_model=TrainingRequest,
         handler=handler,
         failure=failure_message,
