@@ -172,7 +172,7 @@ def test_the_page_shows_a_training_job_live_and_a_dashboard_started_mid_job_canc
     again = be.terminal(results, "bad1", timeout=60)
     assert again.type == "training_failed"
     assert again.body["error_code"] == "invalid_request"
-    assert "Replayed 1 dead letter(s)" in first.log()
+    first.wait_for_log("Replayed 1 dead letter(s)")  # logged once the replay's connection closes
 
     be.send_train(train("dash1", 3))
     page.wait_for_selector('tr[data-job="train/dash1"]', timeout=60_000)
@@ -206,7 +206,7 @@ def test_the_page_shows_a_training_job_live_and_a_dashboard_started_mid_job_canc
     page.wait_for_selector('tr[data-job="train/dash2"][data-state="cancelled"]', timeout=30_000)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page2.screenshot(path=str(ARTIFACTS / "dashboard-cancelled.png"), full_page=True)
-    assert "Cancel sent for dash2" in late.log()
+    late.wait_for_log("Cancel sent for dash2")
     queues = httpx.get(late.url + "/v1/dashboard/state", timeout=10).json()["queues"]
     request_q = next(q for q in queues if q["queue"] == be.settings.train_request_queue)
     assert request_q["messages"] == 0

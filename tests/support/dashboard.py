@@ -51,6 +51,14 @@ class Dashboard:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, timeout: float = 15.0) -> str:
+        """The log once it holds ``text``: a line logged after an action's effect may come after that effect."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()):
+            assert time.monotonic() < deadline, f"{text!r} not logged in {timeout} s:\n{log}"
+            time.sleep(0.1)
+        return log
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
