@@ -38,6 +38,20 @@ def test_an_unexpected_exception_on_the_consumer_io_thread_makes_the_worker_exit
     assert be.wait_count(be.settings.train_request_queue, 1) == 1
 
 
+def test_a_bug_on_the_publisher_thread_makes_the_worker_exit_with_the_crash_code_and_nothing_is_consumed(
+    be: BE, start_worker: WorkerFactory
+) -> None:
+    worker = start_worker(module="tests.support.publisher_bug_worker", wait_started=False)
+    code = worker.wait(timeout=60)
+    assert code == EXIT_CRASHED, worker.log()[-3000:]
+    log = worker.log()
+    assert '[RMQ] ❌ Publisher crashed on its thread: RuntimeError("injected bug' in log
+    assert "the publisher thread crashed" in log
+    assert f"exiting with code {EXIT_CRASHED}" in log
+    be.send_train(request("after-crash"))  # no consumer of the crashed worker took it: it waits on the queue
+    assert be.wait_count(be.settings.train_request_queue, 1) == 1
+
+
 def test_a_sigterm_to_an_idle_worker_exits_zero(start_worker: WorkerFactory) -> None:
     worker = start_worker(module=SLEEPY)
     worker.signal(signal.SIGTERM)

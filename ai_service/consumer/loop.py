@@ -277,6 +277,8 @@ class Consumer(Cancelling, Handlers, Settling):
             self._pump_once(connection, channel)
             if self.control is not None and self.control.crashed is not None:
                 raise RuntimeError("the control thread crashed") from self.control.crashed
+            if self.publisher.crashed is not None:  # nothing would be answered: let supervisord restart us
+                raise RuntimeError("the publisher thread crashed") from self.publisher.crashed
         # Warm stop: stop taking messages, keep pumping until handlers are done.
         self._cancel_consumer()
         self.consuming.clear()

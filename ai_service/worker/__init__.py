@@ -82,11 +82,12 @@ def make_resources(settings: Settings) -> Resources:
 
 
 def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation], *, supervised: bool = False,
-               operations: Registry = OPERATIONS) -> int:
+               operations: Registry = OPERATIONS, topology: Topology | None = None) -> int:
     """Run one operation's worker until stopped; returns the process exit code.
 
     ``load`` builds the operation (importing its heavy libraries) only when messaging
     is enabled, so a disabled worker exits at once and supervisord leaves it be.
+    ``topology`` replaces the declarations built from ``operations`` (a test's stub worker).
     """
     if not settings.enable_rabbitmq and settings.http_port is not None:
         from ai_service.http.outbox import serve_http_only  # HTTP-only mode (README "HTTP-only mode")
@@ -117,7 +118,7 @@ def run_worker(settings: Settings, op: str, load: Callable[[Settings], Operation
              resources.storage.describe() if resources.storage is not None else "-")
     if operation.setup is not None:
         operation.setup(resources)
-    topology = Topology(settings, operations=operations)
+    topology = topology or Topology(settings, operations=operations)
     publisher = make_publisher(settings, operation, resources.metrics, topology)
     try:
         start_publisher(publisher, SPOOL_LOCK_WAIT_SECONDS if parent is not None else 0.0)
