@@ -75,6 +75,7 @@ class Publisher(Refusals):
         on_state: Callable[[str], None] | None = None,
         replace: Replacer | None = None,
         on_refused: RefusedHook | None = None,
+        on_node: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.topology = topology
@@ -98,6 +99,7 @@ class Publisher(Refusals):
         self._ever_connected = False
         self._full_warned = False
         self._on_state = on_state or (lambda state: None)
+        self._on_node = on_node or (lambda node: None)
         self.reconnects = 0
         self.confirmed_count = 0
         #: Messages sent but unconfirmed when a connection was lost (each may arrive twice), summed.
@@ -339,9 +341,13 @@ class Publisher(Refusals):
 
     def on_ready(self, pipeline: Pipeline) -> None:
         reconnected = self._ever_connected
+        node = f"{pipeline.parameters.host}:{pipeline.parameters.port}"
         if reconnected:
-            log.info("[RMQ] Publisher reconnected to %s", describe_endpoint(self.settings))
+            log.info("[RMQ] Publisher reconnected to %s (node %s)", describe_endpoint(self.settings), node)
             self.reconnects += 1
+        else:
+            log.info("[RMQ] Publisher connected to node %s", node)
+        self._on_node(node)
         self._backoff.reset()
         self._ever_connected = True
         self._connected.set()

@@ -138,7 +138,8 @@ def make_publisher(settings: Settings, operation: Operation, metrics: Metrics, t
                      client_name=f"ai-service {operation.name} publisher ({settings.worker_name})",
                      on_state=lambda state: publisher_state(metrics, state),
                      replace=failure_replacer(settings, operation.name, operation.failure),
-                     on_refused=lambda code, envelope, reason: metrics.publisher_refused.labels(code).inc())
+                     on_refused=lambda code, envelope, reason: metrics.publisher_refused.labels(code).inc(),
+                     on_node=lambda node: metrics.on_broker_node("publisher", node))
 
 
 def serve(settings: Settings, operation: Operation, resources: Resources, publisher: Publisher,
