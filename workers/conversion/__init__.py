@@ -58,9 +58,9 @@ import warnings
 
 from ai_service.config import Settings
 from ai_service.errors import AIServiceError
-from ai_service.jobs import record_cancel
+from ai_service.jobs.operation import recorded_operation
 from ai_service.messages import Artifact, ConversionFailed, ConversionRequest
-from ai_service.operation import JobContext, Operation, Resources, SettleMode
+from ai_service.operation import JobContext, Operation, Resources
 from ai_service.provenance import describe_local, folder_digest
 from ai_service.registry import CONVERT
 from workers import yolo
@@ -130,16 +130,8 @@ def operation(settings: Settings, *, on_format_done: FormatHook | None = None) -
     def handler(request: ConversionRequest, ctx: JobContext) -> None:
         ConversionJob(request, ctx, on_format_done).run()
 
-    return Operation(
-        name=CONVERT.name,  # the registry's spec is the one description of the operation
-        request_model=ConversionRequest,
-        handler=handler,
-        failure=failure_message,
-        prefetch=CONVERT.prefetch(settings),
-        setup=setup,
-        on_cancel=record_cancel,
-        settle=SettleMode.ONCE_RECORDED,
-    )
+    return recorded_operation(CONVERT, settings, request_model=ConversionRequest, handler=handler,
+                              failure=failure_message, setup=setup)
 
 
 def setup(resources: Resources) -> None:

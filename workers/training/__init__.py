@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from ai_service.config import Settings
 from ai_service.errors import AIServiceError
-from ai_service.jobs import record_cancel
+from ai_service.jobs.operation import recorded_operation
 from ai_service.messages import TrainingFailed, TrainingRequest
-from ai_service.operation import JobContext, Operation, Resources, SettleMode
+from ai_service.operation import JobContext, Operation, Resources
 from ai_service.registry import TRAIN
 from workers import yolo
 from workers.datasets import DatasetError, prepare_dataset
@@ -52,16 +52,8 @@ def operation(settings: Settings, *, callbacks: Callbacks | None = None) -> Oper
     def handler(request: TrainingRequest, ctx: JobContext) -> None:
         TrainingJob(request, ctx, extra).run()
 
-    return Operation(
-        name=TRAIN.name,  # the registry's spec is the one description of the operation
-        request_model=TrainingRequest,
-        handler=handler,
-        failure=failure_message,
-        prefetch=TRAIN.prefetch(settings),
-        setup=setup,
-        on_cancel=record_cancel,
-        settle=SettleMode.ONCE_RECORDED,
-    )
+    return recorded_operation(TRAIN, settings, request_model=TrainingRequest, handler=handler, failure=failure_message,
+                              setup=setup)
 
 
 def setup(resources: Resources) -> None:
