@@ -5,10 +5,11 @@ spool (synced: group-committed with every other thread publishing at the same ti
 :class:`~ai_service.spool.Spool`), and the receipt settles on the broker's confirm.  The
 publisher thread sends in seq order on a ``SelectConnection``, up to
 :data:`~ai_service.publishing.pipeline.WINDOW` messages in flight, with ``mandatory`` and
-``delivery_mode=2`` (:mod:`ai_service.publishing.pipeline`).  A message leaves the spool
-only when the broker confirmed it.  When the connection goes, the thread reconnects with
-capped exponential backoff and jitter, re-declares the topology and re-sends everything
-unconfirmed, in order.  A restarted process re-sends what its predecessor left in the
+``delivery_mode=2`` (:mod:`ai_service.publishing.pipeline`); one job's messages (one
+``correlation_id``) one at a time, so that a nacked one is never overtaken by its job's
+next.  A message leaves the spool only when the broker confirmed it.  When the connection
+goes, the thread reconnects with capped exponential backoff and jitter, re-declares the
+topology and re-sends everything unconfirmed, in order.  A restarted process re-sends what its predecessor left in the
 spool.  Each message carries a unique ``message_id`` so a consumer can drop the rare
 duplicate a lost confirm causes (at most what was in flight when a connection was lost).
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ class Publisher(Refusals):
         self._on_refused = on_refused
         self._nacks: dict[int, int] = {}  # seq -> nacks in a row
         self.refused_count = 0
-        self._pending: deque[Envelope] = deque()  # unconfirmed, in seq order
+        self._unconfirmed: dict[int, Envelope] = {}  # by seq, in seq order (a replacement keeps its place)
         self._receipts: dict[int, Receipt] = {}
         self.lock = self._cond = threading.Condition()
         self._stopping = False
@@ -117,7 +117,7 @@ class Publisher(Refusals):
         if left:
             log.warning("[RMQ] Re-sending %d message(s) left unconfirmed by a previous run", len(left))
         with self._cond:
-            self._pending.extend(left)
+            self._unconfirmed.update((e.seq, e) for e in left)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
 
@@ -215,7 +215,7 @@ class Publisher(Refusals):
                 self._cond.wait(1.0)
             self._full_warned = False
             ticket = self.spool.reserve(envelope)
-            self._pending.append(envelope)
+            self._unconfirmed[envelope.seq] = envelope
             self._receipts[envelope.seq] = receipt
             if self._pipeline is not None:
                 self._pipeline.accept(envelope)
@@ -231,7 +231,7 @@ class Publisher(Refusals):
         """Wait until every queued message is confirmed (and the spool on disk says so); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending:
+            while self._unconfirmed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -250,12 +250,17 @@ class Publisher(Refusals):
         if self._thread is not None:
             self._thread.join(timeout + 15)
         self.spool.close()
-        if self._pending:
-            log.warning("[RMQ] %d message(s) left in the spool for the next start", len(self._pending))
+        if self._unconfirmed:
+            log.warning("[RMQ] %d message(s) left in the spool for the next start", len(self._unconfirmed))
+
+    @property
+    def _pending(self) -> list[Envelope]:
+        """The unconfirmed messages, in seq order."""
+        return list(self._unconfirmed.values())
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._unconfirmed)
 
     @property
     def in_flight(self) -> int:
@@ -320,7 +325,7 @@ class Publisher(Refusals):
             return connected_node(connection)
 
     def done_stopping(self) -> bool:
-        return self._stopping and (not self._pending or time.monotonic() >= self._stop_deadline)
+        return self._stopping and (not self._unconfirmed or time.monotonic() >= self._stop_deadline)
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -332,7 +337,7 @@ class Publisher(Refusals):
     # --- the pipeline's feed (called on the publisher thread) -------------------------
 
     def snapshot(self) -> list[Envelope]:
-        return list(self._pending)
+        return list(self._unconfirmed.values())
 
     def take_ephemeral(self) -> Ephemeral | None:
         with self._cond:
@@ -371,12 +376,7 @@ class Publisher(Refusals):
     def _done(self, envelope: Envelope) -> None:
         with self._cond:
             self.spool.remove(envelope)
-            if self._pending and self._pending[0] is envelope:
-                self._pending.popleft()
-            else:  # out of order (rare): find it
-                at = next((i for i, e in enumerate(self._pending) if e is envelope), None)
-                if at is not None:
-                    del self._pending[at]
+            self._unconfirmed.pop(envelope.seq, None)
             receipt = self._receipts.pop(envelope.seq, None)
             self._cond.notify_all()
         if receipt is not None:

@@ -297,6 +297,64 @@ def test_sixteen_jobs_publishing_at_once_keep_each_jobs_order_with_many_messages
     assert most_in_flight > 1, "never more than one message in flight: the publisher did not pipeline"
 
 
+def test_a_job_whose_message_the_broker_nacks_gets_its_later_messages_only_after_it_in_order_and_none_lost(
+    be: BE, make_publisher: PublisherFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queue at its ``x-max-length`` with ``reject-publish`` nacks; once it has room again it
+    accepts what comes next.  The confirms are held back by a proxy, so that the room appears
+    while the publisher still counts the nacked messages as in flight: whatever of a job it
+    sent behind a nacked message would be accepted ahead of it."""
+    caplog.set_level(logging.WARNING, logger="ai_service.publisher")
+    s = be.settings
+    full, probes = f"{be.settings.events_exchange}.nack_q", f"{be.settings.events_exchange}.probe_q"
+    channel: Any = be.channel  # pika-stubs get queue_declare's arguments wrong
+    channel.queue_declare(full, exclusive=True, arguments={
+        "x-queue-type": "classic", "x-max-length": 5, "x-overflow": "reject-publish"})
+    channel.queue_bind(full, s.events_exchange, routing_key="ordered.update.*")
+    channel.queue_declare(probes, exclusive=True, arguments={"x-queue-type": "classic"})
+    channel.queue_bind(probes, s.events_exchange, routing_key="probe.#")
+    for _ in range(5):
+        be.send(full, {"filler": True})
+    holding = HoldingProxy(5672)
+    try:
+        publisher = make_publisher(port=holding.port)
+        jobs, each = [f"j{k}" for k in range(4)], 6
+
+        def publish(i: int) -> list[Receipt]:
+            return [publisher.publish(s.events_exchange, f"ordered.update.{job}",
+                                      json.dumps({"job": job, "n": i}).encode(), message_type="epoch_update",
+                                      correlation_id=job) for job in jobs]
+
+        def probe(n: int) -> None:
+            """Once a probe is in its queue, the broker has routed all the publisher sent before it."""
+            publisher.publish(s.events_exchange, f"probe.{n}", b"{}", message_type="probe")
+            assert be.wait_count(probes, n, timeout=15) == n, "the probe did not arrive"
+
+        holding.holding.set()  # from here the broker's acks and nacks do not reach the publisher
+        receipts = [r for i in range(each // 2) for r in publish(i)]
+        probe(1)  # the queue was full: what of these reached the broker was nacked
+        assert len(be.drain(full)) == 5, "the queue was not full of fillers"
+        receipts += [r for i in range(each // 2, each) for r in publish(i)]
+        probe(2)  # the queue has room: what of these the broker got, it accepted
+        got: list[Received] = []
+        reader = threading.Thread(target=lambda: got.extend(collect(be, full, len(jobs) * each, timeout=30)))
+        reader.start()  # from here the queue is drained as it fills: a retry finds room
+        holding.holding.clear()
+        assert all(r.wait(30) for r in receipts), "not every message was confirmed"
+        reader.join(40)
+    finally:
+        holding.holding.clear()
+        holding.close()
+    nacked = [r for r in caplog.records if "Broker nacked message" in r.getMessage()]
+    assert len(nacked) >= len(jobs), "the broker nacked less than each job's first message: the test proves little"
+    unique = first_occurrences(got)
+    assert sorted(m.properties.message_id for m in unique) == sorted(r.message_id for r in receipts), "lost"
+    for job in jobs:
+        assert [m.body["n"] for m in unique if m.body["job"] == job] == list(range(each)), job
+    assert publisher.refused_count == 0
+    assert publisher.pending == 0
+
+
 class BrokenTopology(Topology):
     def declare(self, connection: Any) -> None:
         raise RuntimeError("injected bug")

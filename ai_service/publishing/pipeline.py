@@ -6,14 +6,22 @@ Messages go out in seq order on one channel, so the broker keeps their order.  A
 over :data:`ISOLATE_BYTES` goes out alone (nothing else in flight): the one message a
 406 PRECONDITION_FAILED (larger than the broker's ``max_message_size``) can name.  A 406
 with several in flight (no size to blame) is narrowed down by sending what was in flight
-one by one.  A nack pauses sending until what is in flight settled, then sends again
-from the oldest unconfirmed message, so a retried message does not overtake the ones
-behind it.  The publisher (:class:`Feed`) keeps the spool, receipts and refusals.
+one by one.
+
+Order per job (the messages of one ``correlation_id``) holds even when the broker nacks
+(a queue at its ``x-max-length`` with ``reject-publish``, a quorum queue without a
+leader): a nacked message may be followed by its successors being accepted once the
+queue has room again, and no re-send can undo that.  So a job has at most one message
+in flight; its later ones wait (held) until the broker confirmed it, or until it was
+retried until confirmed, or refused for good.  Jobs do not wait for each other, and a
+nack stalls only its own job.  The publisher (:class:`Feed`) keeps the spool, receipts
+and refusals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 from collections import deque
@@ -56,7 +64,7 @@ class Feed(Protocol):
 
     def on_unroutable(self, envelope: Envelope) -> None: ...
 
-    def on_nacked(self, envelope: Envelope) -> float | None: ...
+    def on_nacked(self, envelope: Envelope) -> tuple[float, Envelope] | None: ...
 
     def on_broker_refusal(self, envelope: Envelope, exc: pika.exceptions.ChannelClosedByBroker) -> None: ...
 
@@ -76,18 +84,20 @@ class Pipeline:
         self.parameters = parameters
         self.connection: pika.SelectConnection | None = None
         self.channel: pika.channel.Channel | None = None
-        self.unsent: deque[Envelope] = deque()  # guarded by feed.lock
+        self.unsent: deque[Envelope] = deque()  # guarded by feed.lock; the rest is the I/O thread's
+        self._queue: deque[Envelope] = deque()  # taken from unsent, in seq order
+        self._busy: set[str] = set()  # jobs with a message in flight, awaiting a retry, or released
+        self._held: dict[str, deque[Envelope]] = {}  # a busy job's later messages, in seq order
+        self._released: deque[Envelope] = deque()  # a job's next message (its job stays busy)
+        self._generation = 0  # bumped by a rewind: a retry scheduled before it is void
         self._in_flight: dict[int, Envelope | tuple[Envelope, Any]] = {}
         self._spooled = 0  # spooled messages among those in flight
         self._bytes = 0
         self._tag = 0
-        self._paused = False
         self._lockstep = 0  # messages still to send one by one (after a 406 that named none)
         self._closing = False
         self._error: BaseException | None = None
         self._wake_pending = False
-        self._retry_delay = 0.0
-        self._resume_scheduled = False
         self._ready = False  # confirm mode reached once on this connection
 
     # --- from any thread -----------------------------------------------------------------
@@ -155,10 +165,14 @@ class Pipeline:
         self._send()
 
     def _rewind(self) -> None:
-        """Everything unconfirmed goes out again, oldest first."""
+        """Everything unconfirmed goes out again, oldest first (each job's first one first)."""
         with self.feed.lock:
-            self.unsent = deque(self.feed.snapshot())
-        self._paused = False
+            self.unsent.clear()
+            self._queue = deque(self.feed.snapshot())
+        self._busy.clear()
+        self._held.clear()
+        self._released.clear()
+        self._generation += 1
 
     def _woken(self) -> None:
         with self.feed.lock:
@@ -187,21 +201,55 @@ class Pipeline:
         ephemeral = self.feed.take_ephemeral()
         if ephemeral is not None:
             self._publish(channel, ephemeral[0], ephemeral)
-        while not self._paused and len(self._in_flight) < WINDOW and (not self._spooled or self._bytes < WINDOW_BYTES):
+        if self.unsent:
             with self.feed.lock:
-                envelope = self.unsent[0] if self.unsent else None
-                alone = envelope is not None and (self._lockstep > 0 or len(envelope.body) > ISOLATE_BYTES)
-                if envelope is None or (alone and self._spooled):
-                    return
-                self.unsent.popleft()
+                self._queue.extend(self.unsent)
+                self.unsent.clear()
+        while len(self._in_flight) < WINDOW and (not self._spooled or self._bytes < WINDOW_BYTES):
+            source = self._next_source()
+            if source is None:
+                return
+            envelope = source[0]
+            alone = self._lockstep > 0 or len(envelope.body) > ISOLATE_BYTES
+            if alone and self._spooled:
+                return
+            source.popleft()
+            job = envelope.job
+            if source is self._queue and job is not None:
+                self._busy.add(job)
             self._publish(channel, envelope, envelope)
             if alone:
                 return
 
+    def _next_source(self) -> deque[Envelope] | None:
+        """Where the next message to send is at the head: a job's released next one first,
+        then the queue, once the messages of busy jobs at its head were held back."""
+        if self._released:
+            return self._released
+        queue, busy = self._queue, self._busy
+        while queue:
+            job = queue[0].job
+            if job is None or job not in busy:
+                return queue
+            self._held.setdefault(job, deque()).append(queue.popleft())
+        return None
+
+    def _release(self, job: str | None) -> None:
+        """``job``'s message in flight settled: its next one (if held) may go."""
+        if job is None:
+            return
+        held = self._held.get(job)
+        if held:
+            self._released.append(held.popleft())
+            if not held:
+                del self._held[job]
+        else:
+            self._busy.discard(job)
+
     def _publish(self, channel: pika.channel.Channel, envelope: Envelope,
                  item: Envelope | tuple[Envelope, Any]) -> None:
         channel.basic_publish(envelope.exchange, envelope.routing_key, envelope.body,
-                              properties=pika.BasicProperties(**envelope.properties), mandatory=envelope.mandatory)
+                              properties=envelope.basic_properties(), mandatory=envelope.mandatory)
         self._tag += 1
         self._in_flight[self._tag] = item
         if item is envelope:
@@ -209,7 +257,8 @@ class Pipeline:
             self._bytes += len(envelope.body)
 
     def _settled(self, upto: int, multiple: bool) -> list[Envelope | tuple[Envelope, Any]]:
-        tags = [t for t in self._in_flight if t <= upto] if multiple else [upto]
+        # tags go into _in_flight in increasing order: those up to ``upto`` are at its head
+        tags = list(itertools.takewhile(lambda t: t <= upto, self._in_flight)) if multiple else [upto]
         out = []
         for tag in tags:
             item = self._in_flight.pop(tag, None)
@@ -218,7 +267,8 @@ class Pipeline:
             if isinstance(item, Envelope):
                 self._spooled -= 1
                 self._bytes -= len(item.body)
-                self._lockstep = max(0, self._lockstep - 1)
+                if self._lockstep:
+                    self._lockstep -= 1
             out.append(item)
         return out
 
@@ -230,20 +280,29 @@ class Pipeline:
                 self.feed.settle_ephemeral(item, None if acked else "nacked by the broker")
             elif acked:
                 self.feed.on_confirmed(item)
+                self._release(item.job)
             else:
-                delay = self.feed.on_nacked(item)
-                self._retry_delay = max(self._retry_delay, delay or 0.0)
-                self._paused = True
-        if self._paused and not self._spooled and not self._resume_scheduled and self.connection is not None:
-            self._resume_scheduled = True  # what was in flight settled: send again, oldest first
-            self.connection.ioloop.call_later(self._retry_delay, self._resume)
+                self._nacked(item)
         self._send()
         self._stop_if_done()
 
-    def _resume(self) -> None:
-        self._resume_scheduled = False
-        self._retry_delay = 0.0
-        self._rewind()
+    def _nacked(self, envelope: Envelope) -> None:
+        """Send it (or its replacement) again after the feed's delay; its job waits for it."""
+        again = self.feed.on_nacked(envelope)
+        if again is None:  # refused for good, nothing in its place: the job goes on
+            self._release(envelope.job)
+            return
+        delay, retry = again
+        if envelope.job is not None:
+            self._busy.add(envelope.job)
+        if self.connection is not None:
+            generation = self._generation
+            self.connection.ioloop.call_later(delay, lambda: self._retry(generation, retry))
+
+    def _retry(self, generation: int, envelope: Envelope) -> None:
+        if generation != self._generation:
+            return  # a rewind queued everything unconfirmed again, this one with it
+        self._released.append(envelope)
         self._send()
 
     def _on_return(self, _channel: Any, _method: Any, properties: pika.BasicProperties, _body: bytes) -> None:
@@ -283,4 +342,3 @@ class Pipeline:
             if not isinstance(item, Envelope):
                 del self._in_flight[tag]
                 self.feed.settle_ephemeral(item, reason)
-

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections import deque
 from collections.abc import Callable
 
 import pika.exceptions
@@ -41,24 +40,25 @@ class Refusals:
     refused_log: RefusedLog
     refused_count: int
     _cond: threading.Condition
-    _pending: deque[Envelope]
+    _unconfirmed: dict[int, Envelope]
     _receipts: dict[int, Receipt]
     _nacks: dict[int, int]
     _replace: Replacer | None
     _on_refused: RefusedHook | None
 
-    def on_nacked(self, envelope: Envelope) -> float | None:
-        """Seconds to wait before sending it again, or None when it is refused for good."""
+    def on_nacked(self, envelope: Envelope) -> tuple[float, Envelope] | None:
+        """What to send again after how many seconds: the message itself, or its replacement
+        once it is refused for good; None when it is refused with nothing in its place."""
         count = self._nacks.get(envelope.seq, 0) + 1
         self._nacks[envelope.seq] = count
         if count < NACK_LIMIT:
             log.warning("[RMQ] Broker nacked message %s (%d of %d); will retry", envelope.message_id, count, NACK_LIMIT)
-            return 0.5 * count
+            return 0.5 * count, envelope
         self._nacks.pop(envelope.seq, None)  # a replacement takes the same seq: its nacks count afresh
-        self._refuse(envelope, "nacked", (
+        replacement = self._refuse(envelope, "nacked", (
             f"message of {len(envelope.body):,} bytes was nacked by the broker {NACK_LIMIT} times in a row "
             "(a queue at its x-max-length with overflow reject-publish, or a broker alarm)"))
-        return None
+        return (0.0, replacement) if replacement is not None else None
 
     def on_broker_refusal(self, envelope: Envelope, exc: pika.exceptions.ChannelClosedByBroker) -> None:
         self._refuse(envelope, *self._broker_refusal(envelope, exc))
@@ -73,27 +73,26 @@ class Refusals:
         return "precondition_failed", (f"message of {len(envelope.body):,} bytes was refused by the broker "
                                        f"({exc.reply_code} {text})")
 
-    def _refuse(self, envelope: Envelope, code: str, reason: str) -> None:
-        """Take a refused message out of the spool, its replacement (if any) in its place."""
+    def _refuse(self, envelope: Envelope, code: str, reason: str) -> Envelope | None:
+        """Take a refused message out of the spool, its replacement (if any, returned) in its place."""
         with self._cond:
             receipt = self._receipts.get(envelope.seq)
         replacement = self._refused(envelope, code, reason, receipt)
         with self._cond:
             self._receipts.pop(envelope.seq, None)
-            at = next((i for i, e in enumerate(self._pending) if e is envelope), None)
             if replacement is not None:
                 self.spool.swap(envelope, replacement)  # one record: never both, never neither
-                if at is not None:
-                    self._pending[at] = replacement
+                if envelope.seq in self._unconfirmed:
+                    self._unconfirmed[envelope.seq] = replacement
                 if receipt is not None:
                     self._receipts[replacement.seq] = receipt
             else:
                 self.spool.remove(envelope)
-                if at is not None:
-                    del self._pending[at]
+                self._unconfirmed.pop(envelope.seq, None)
             self._cond.notify_all()
         if replacement is None and receipt is not None:
             receipt._set()
+        return replacement
 
     def _refused(self, envelope: Envelope, code: str, reason: str, receipt: Receipt | None) -> Envelope | None:
         """Record a refusal (log, refused file, hook) and return the replacement to publish, if any."""
