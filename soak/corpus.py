@@ -15,25 +15,20 @@ valid request of that operation, so that the hostile part sits in real fields.
 Operation-specific entries add pickle-payload ``.pt`` models (``__reduce__`` creates a
 marker directory: it must never exist), YAML with Python tags, pickled label caches,
 decompression-bomb and header-lying images, formats Pillow must not decode (EPS would
-run Ghostscript), and limits on images, formats and sizes.
+run Ghostscript), and limits on images, formats and sizes; :mod:`soak.payloads` plants
+the objects they point at.
 """
 
 from __future__ import annotations
 
-import base64
 import gzip
-import io
 import json
-import os
 import pickle
-import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from soak.payloads import b64, eps, small_png, tiff_claiming
 from tests.support.pngs import png_bomb, png_claiming
 
 MiB = 1024 * 1024
@@ -47,68 +42,6 @@ class Entry:
     job_id: str | None
     expect: str = "answer+dlq"  # answer | dlq | answer+dlq | any-terminal | silent_ok
     props: dict[str, Any] = field(default_factory=dict)
-
-
-class Marker:
-    """``__reduce__`` runs ``os.mkdir(path)`` on unpickling: evidence of code execution."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple[str]]:
-        return (os.mkdir, (self.path,))
-
-
-def evil_pickle(marker: Path) -> bytes:
-    return pickle.dumps({"model": Marker(str(marker)), "train_args": {}}, protocol=2)
-
-
-def evil_torch_checkpoint(marker: Path, dest: Path, probe: Path) -> None:
-    """A real ``torch.save`` checkpoint whose pickle creates ``marker`` when loaded unsafely.
-
-    Built in a subprocess (this process does not import torch); the subprocess also loads
-    it once with ``weights_only=False`` against ``probe`` to show the payload is live.
-    """
-    import subprocess
-    import sys
-
-    code = (
-        "import os, sys, torch\n"
-        "class M:\n"
-        "    def __init__(self, p): self.p = p\n"
-        "    def __reduce__(self): return (os.mkdir, (self.p,))\n"
-        "torch.save({'epoch': -1, 'model': M(sys.argv[1]), 'train_args': {}}, sys.argv[2])\n"
-        "torch.save({'model': M(sys.argv[3])}, sys.argv[2] + '.probe')\n"
-        "torch.load(sys.argv[2] + '.probe', weights_only=False)\n"
-        "os.remove(sys.argv[2] + '.probe')\n"
-    )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-c", code, str(marker), str(dest), str(probe)], check=True,
-                   capture_output=True, timeout=300)
-
-
-def tiff_claiming(width: int, height: int) -> bytes:
-    """A little-endian TIFF header whose IFD claims width x height, with no pixel data."""
-    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-               (273, 4, 1, 8), (277, 3, 1, 1), (279, 4, 1, width * height)]
-    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0\0\0\0"
-    return b"II*\x00" + struct.pack("<I", 8) + ifd
-
-
-def small_png(size: int = 64) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (120, 30, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode()
-
-
-def eps(marker: Path) -> bytes:
-    """PostScript that makes a directory if an interpreter (Ghostscript) ever runs it."""
-    return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n"
-            b"(%pipe%mkdir " + str(marker).encode() + b") (w) file\nshowpage\n%%EOF\n")
 
 
 # --- valid requests to make hostile ----------------------------------------------------
@@ -140,22 +73,41 @@ def deep(n: int) -> str:
     return "[" * n + "]" * n
 
 
-def generic(op: str, refs: dict[str, str]) -> list[Entry]:
-    """About 40 hostile messages built on a valid ``op`` request."""
-    out: list[Entry] = []
+class Generic:
+    """The helpers every generic entry is built with, for one operation: its job_id (``jid``),
+    a valid request to make hostile (``ok``), and ``add``, which collects the entries."""
 
-    def jid(name: str) -> str:
-        return f"hx-{op}-{name}"
+    def __init__(self, op: str, refs: dict[str, str]) -> None:
+        self.op = op
+        self.refs = refs
+        self.out: list[Entry] = []
 
-    def add(name: str, body: bytes | dict[str, Any], expect: str = "answer+dlq", job: str | None = "auto",
+    def jid(self, name: str) -> str:
+        return f"hx-{self.op}-{name}"
+
+    def add(self, name: str, body: bytes | dict[str, Any], expect: str = "answer+dlq", job: str | None = "auto",
             **props: Any) -> None:
         raw = json.dumps(body).encode() if isinstance(body, dict) else body
-        job_id = jid(name) if job == "auto" else job
-        out.append(Entry(f"{op}:{name}", op, raw, job_id, expect, props))
+        job_id = self.jid(name) if job == "auto" else job
+        self.out.append(Entry(f"{self.op}:{name}", self.op, raw, job_id, expect, props))
 
-    def ok(name: str) -> dict[str, Any]:
-        return base(op, jid(name), refs)
+    def ok(self, name: str) -> dict[str, Any]:
+        return base(self.op, self.jid(name), self.refs)
 
+
+def generic(op: str, refs: dict[str, str]) -> list[Entry]:
+    """About 40 hostile messages built on a valid ``op`` request."""
+    g = Generic(op, refs)
+    unreadable(g)
+    invalid(g)
+    odd(g)
+    return g.out
+
+
+def unreadable(g: Generic) -> None:
+    """Bodies no request can be read from (not JSON, not an object, no usable job_id), and the
+    encodings json.loads accepts anyway."""
+    add, ok, jid = g.add, g.ok, g.jid
     # not JSON at all, or not an object: nothing to answer, dead-lettered
     add("empty", b"", "dlq", None)
     add("text", b"hello, worker", "dlq", None)
@@ -181,6 +133,11 @@ def generic(op: str, refs: dict[str, str]) -> list[Entry]:
                         ("jid-int", 123), ("jid-null", None), ("jid-newline", "abc\ndef"), ("jid-empty", "")):
         body = {**ok(name), "job_id": value}
         add(name, body, "dlq", None)
+
+
+def invalid(g: Generic) -> None:
+    """A readable job_id with invalid content: wrong fields, types, sizes and storage keys."""
+    add, ok, jid, op = g.add, g.ok, g.jid, g.op
     # readable job_id, invalid content: answered invalid_request and dead-lettered
     add("missing-fields", {"job_id": jid("missing-fields")})
     add("unknown-field", {**ok("unknown-field"), "debug": True})
@@ -201,6 +158,11 @@ def generic(op: str, refs: dict[str, str]) -> list[Entry]:
                       ("key-dot-segment", "models/./x.pt"), ("key-long", "k/" * 600), ("key-int", 42),
                       ("key-control", "models/\u001b[31mred.pt")):
         add(name, with_key(ok(name), op, key))
+
+
+def odd(g: Generic) -> None:
+    """Valid-looking requests with odd keys or AMQP properties, and a cancel in the request queue."""
+    add, ok, jid, op = g.add, g.ok, g.jid, g.op
     # valid shape, odd but harmless: any terminal answer
     add("key-percent", with_key(ok("key-percent"), op, "..%2f..%2fetc%2fpasswd"), "any-terminal")
     add("key-unicode-slash", with_key(ok("key-unicode-slash"), op, "models/\u2215..\u2215x.pt"), "any-terminal")
@@ -215,14 +177,32 @@ def generic(op: str, refs: dict[str, str]) -> list[Entry]:
     add("reply-to-nowhere", ok("reply-to-nowhere"), "silent_ok", reply_to="no-such-queue-soak",
         correlation_id="c" * 255)
     add("cancel-in-request-queue", {"type": "cancel", "job_id": jid("cancel-in-request-queue")})
-    return out
+
+
+class Specific:
+    """Collects the operation-specific entries (``add``), with the planted objects' keys (``refs``)."""
+
+    def __init__(self, refs: dict[str, str]) -> None:
+        self.refs = refs
+        self.out: list[Entry] = []
+
+    def add(self, op: str, name: str, body: dict[str, Any], expect: str = "answer") -> None:
+        self.out.append(Entry(f"{op}:{name}", op, json.dumps(body).encode(), str(body["job_id"]), expect))
 
 
 def specific(refs: dict[str, str]) -> list[Entry]:
-    out: list[Entry] = []
+    """The entries only one operation has: its planted payloads and its own limits."""
+    s = Specific(refs)
+    train_cases(s)
+    convert_cases(s)
+    infer_cases(s)
+    return s.out
 
-    def add(op: str, name: str, body: dict[str, Any], expect: str = "answer") -> None:
-        out.append(Entry(f"{op}:{name}", op, json.dumps(body).encode(), str(body["job_id"]), expect))
+
+def train_cases(s: Specific) -> None:
+    """Datasets with Python YAML tags, pickled label caches, escapes and symlinks; reserved keys;
+    pickled pretrained weights; hyperparameters out of range."""
+    add, refs = s.add, s.refs
 
     def train(name: str, **changes: Any) -> dict[str, Any]:
         body = base("train", f"hs-train-{name}", refs)
@@ -257,6 +237,11 @@ def specific(refs: dict[str, str]) -> list[Entry]:
                      ("epochs-bool", {"epochs": True}), ("epochs-float", {"epochs": 2.5})):
         add("train", name, train(name, hyperparams=hp), "answer+dlq")
 
+
+def convert_cases(s: Specific) -> None:
+    """Models that are pickles or garbage; reserved output; formats and options out of range."""
+    add, refs = s.add, s.refs
+
     def conv(name: str, **changes: Any) -> dict[str, Any]:
         body = base("convert", f"hs-convert-{name}", refs)
         body.update(changes)
@@ -273,6 +258,11 @@ def specific(refs: dict[str, str]) -> list[Entry]:
                           ("imgsz-huge", {"options": {"imgsz": 99999}}), ("opset-huge", {"options": {"opset": 1000}}),
                           ("output-traversal", {"output": {"prefix": "../../tmp"}})):
         add("convert", name, conv(name, **changes), "answer+dlq")
+
+
+def infer_cases(s: Specific) -> None:
+    """Images that lie, bomb or are not images; reserved and untrusted models; params out of range."""
+    add, refs = s.add, s.refs
 
     def infer(name: str, images: list[dict[str, Any]] | None = None, **changes: Any) -> dict[str, Any]:
         body = base("infer", f"hs-infer-{name}", refs)
@@ -309,84 +299,6 @@ def specific(refs: dict[str, str]) -> list[Entry]:
     for name, params in (("conf-5", {"conf": 5}), ("imgsz-huge", {"imgsz": 10**6}),
                          ("classes-many", {"classes": list(range(2000))}), ("max-det-0", {"max_det": 0})):
         add("infer", name, infer(name, params=params), "answer+dlq")
-    return out
-
-
-def plant(storage_dir: Path, marker_dir: Path, shapes_dir: Path) -> dict[str, str]:
-    """Put the hostile objects in the (local) storage; return their keys."""
-    import shutil
-
-    def put(key: str, data: bytes) -> str:
-        path = storage_dir / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        return key
-
-    refs = {"missing_dataset": "datasets/soak-none/", "missing_model": "models/soak-none.pt",
-            "dataset": "datasets/soak-shapes/"}
-    shutil.copytree(shapes_dir, storage_dir / "datasets" / "soak-shapes", dirs_exist_ok=True)
-    refs["evil"] = put("models/evil.pt", evil_pickle(marker_dir / "pickle-pt-ran"))
-    evil_zip = storage_dir / "models" / "evil-zip.pt"
-    probes = marker_dir.parent / "live-probes"
-    probes.mkdir(parents=True, exist_ok=True)
-    evil_torch_checkpoint(marker_dir / "torch-zip-ran", evil_zip, probes / "torch-zip")
-    pickle.loads(evil_pickle(probes / "pickle"))  # our own payload, to show it is live
-    if not ((probes / "torch-zip").is_dir() and (probes / "pickle").is_dir()):
-        raise RuntimeError("the pickle payloads did not run when loaded unsafely: the corpus would prove nothing")
-    refs["evil_zip"] = "models/evil-zip.pt"
-    refs["marker_dir"] = str(marker_dir)
-    refs["garbage_pt"] = put("models/garbage.pt", os.urandom(4096))
-    refs["garbage_onnx"] = put("models/garbage.onnx", os.urandom(4096))
-    refs["exe"] = put("models/tool.exe", b"MZ" + os.urandom(512))
-    refs["yaml_tag"] = "datasets/soak-yaml-tag/"
-    put("datasets/soak-yaml-tag/data.yaml",
-        f"train: !!python/object/apply:os.mkdir ['{marker_dir / 'yaml-ran'}']\nval: images\nnames: [a]\n".encode())
-    refs["yaml_outside"] = "datasets/soak-yaml-outside/"
-    put("datasets/soak-yaml-outside/data.yaml", b"train: ../../../../../../etc\nval: ../../../../etc\nnames: [a]\n")
-    refs["yaml_list"] = "datasets/soak-yaml-list/"
-    put("datasets/soak-yaml-list/data.yaml", b"- just\n- a list\n")
-    refs["evil_cache"] = "datasets/soak-evil-cache/"
-    shutil.copytree(shapes_dir, storage_dir / "datasets" / "soak-evil-cache", dirs_exist_ok=True)
-    for split in ("train", "val"):
-        put(f"datasets/soak-evil-cache/labels/{split}.cache", evil_pickle(marker_dir / f"cache-{split}-ran"))
-    # A list file naming images outside the dataset, with a pickled label cache beside them.
-    outside = storage_dir.parent / "soak-outside"
-    shutil.copytree(shapes_dir, outside, dirs_exist_ok=True)
-    for split in ("train", "val"):
-        (outside / "labels" / f"{split}.cache").write_bytes(evil_pickle(marker_dir / f"outside-cache-{split}-ran"))
-    refs["list_escape"] = "datasets/soak-list-escape/"
-    shutil.copytree(shapes_dir, storage_dir / "datasets" / "soak-list-escape", dirs_exist_ok=True)
-    put("datasets/soak-list-escape/train.txt",
-        "\n".join(str(p) for p in sorted((outside / "images" / "train").iterdir())).encode())
-    put("datasets/soak-list-escape/data.yaml", b"train: train.txt\nval: images/val\nnames: [circle, square]\n")
-    # A data.yaml whose val is missing, with a download script (Ultralytics would exec it).
-    refs["download"] = "datasets/soak-download/"
-    shutil.copytree(shapes_dir, storage_dir / "datasets" / "soak-download", dirs_exist_ok=True)
-    put("datasets/soak-download/data.yaml",
-        f"train: images/train\nval: images/absent\nnames: [a, b]\n"
-        f"download: \"import os; os.mkdir('{marker_dir / 'download-ran'}')\"\n".encode())
-    # A symlink out of STORAGE_DIR inside a dataset.
-    refs["symlink"] = "datasets/soak-symlink/"
-    shutil.copytree(shapes_dir, storage_dir / "datasets" / "soak-symlink", dirs_exist_ok=True)
-    secret = storage_dir.parent / "soak-secret.png"
-    secret.write_bytes(b"SOAK-SECRET" * 8)
-    link = storage_dir / "datasets" / "soak-symlink" / "images" / "train" / "leak.png"
-    if not link.is_symlink():
-        os.symlink(secret, link)
-    # A finished job's record that reserved-key requests aim at: its bytes must not change.
-    refs["victim_name"] = "train/soak-victim.json"
-    refs["victim_record"] = put("jobs/train/soak-victim.json", json.dumps(
-        {"job_id": "soak-victim", "op": "train", "status": "completed", "terminal": {"type": "training_completed"},
-         "terminal_message_id": "soak", "terminal_sent": True}).encode())
-    # A TorchScript file the service did not export (TorchScript is code).
-    refs["foreign_ts"] = put("models/foreign.torchscript", b"PK\x03\x04" + os.urandom(2048))
-    return refs
-
-
-def victim_untouched(storage_dir: Path, refs: dict[str, str]) -> bool:
-    """True while the planted job record still has the bytes :func:`plant` wrote."""
-    raw = (storage_dir / refs["victim_record"]).read_bytes()
-    return bool(json.loads(raw).get("terminal_message_id") == "soak") and raw.startswith(b'{"job_id": "soak-victim"')
 
 
 def build(refs: dict[str, str]) -> list[Entry]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Got
-from soak import corpus
+from soak import corpus, payloads
 from soak.harness import Harness
 from soak.world import IMGSZ_INFER, MODEL_KEY, Part, World, crash_lines, terminals_by_job
 
@@ -26,7 +26,7 @@ def corpus_section(world: World, h: Harness) -> Part:
     part = Part("corpus", "Malformed and hostile messages to the three request queues")
     markers = world.root / "markers"
     markers.mkdir(exist_ok=True)
-    refs = corpus.plant(world.storage, markers, world.shapes)
+    refs = payloads.plant(world.storage, markers, world.shapes)
     refs["model"] = MODEL_KEY
     entries = corpus.build(refs)
     queues = {"train": h.settings.train_request_queue, "convert": h.settings.convert_request_queue,
@@ -199,7 +199,7 @@ def payloads_ran(part: Part, markers: Path) -> list[str]:
 
 def records_touched(part: Part, world: World, refs: dict[str, str]) -> int:
     """Requests naming reserved keys (JOBS_PREFIX) must not change the service's own records."""
-    touched = 0 if corpus.victim_untouched(world.storage, refs) else 1
+    touched = 0 if payloads.victim_untouched(world.storage, refs) else 1
     part.add(f"service records touched by reserved-key requests: {touched}")
     if touched:
         part.fail("a request wrote into the service's own storage area (JOBS_PREFIX)")
