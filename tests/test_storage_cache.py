@@ -9,6 +9,7 @@ import pytest
 
 from ai_service.errors import ObjectNotFound
 from ai_service.storage import (
+    MANIFEST_SUFFIX,
     LocalStorage,
     Storage,
     cache_dir_name,
@@ -44,6 +45,19 @@ def test_a_second_sync_of_an_unchanged_prefix_downloads_nothing(storage: Storage
     assert second.path == first.path
     assert (second.downloaded, second.removed, second.bytes_downloaded) == (0, 0, 0)
     assert (first.path / "labels" / "train.cache").exists()
+
+
+def test_a_sync_that_changes_nothing_leaves_the_manifest_as_it_was(storage: Storage, tmp_path: Path) -> None:
+    _dataset(storage)
+    path = sync_prefix(storage, "datasets/d1", tmp_path / "cache")
+    manifest = path.with_name(f"{path.name}{MANIFEST_SUFFIX}")
+    before = manifest.stat()
+    sync_prefix(storage, "datasets/d1", tmp_path / "cache")
+    after = manifest.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    storage.write_bytes("datasets/d1/images/train/2.jpg", b"jpeg-2")
+    sync_prefix(storage, "datasets/d1", tmp_path / "cache")
+    assert manifest.stat().st_ino != before.st_ino  # a new object: written again
 
 
 def test_a_changed_object_is_fetched_again_and_a_removed_one_is_removed(storage: Storage, tmp_path: Path) -> None:

@@ -23,8 +23,10 @@ from ai_service.storage import (
     direct,
     make_s3_client,
     sync_prefix,
+    sync_prefix_report,
 )
 from tests.support.s3 import S3Server
+from tests.support.storage import tree
 
 
 def test_an_s3_folder_marker_object_is_not_listed(s3_env: dict[str, str], s3_server: S3Server, s3_bucket: str) -> None:
@@ -117,14 +119,23 @@ def test_a_configured_endpoint_gets_path_style_addressing_and_region_us_east_1(
 
 
 class _CountingClient:
-    """A real client that counts GetObject calls and can point its presigned URLs elsewhere."""
+    """A real client that counts GetObject calls and can point its presigned URLs elsewhere.
 
-    def __init__(self, client: Any, *, presign_port: int | None = None) -> None:
+    ``presigned`` names each presigned GetObject by its key and each listing page as
+    ``list:<prefix>``; ``presign_port`` redirects the operations in ``redirect``.
+    """
+
+    def __init__(
+        self, client: Any, *, presign_port: int | None = None,
+        redirect: tuple[str, ...] = ("get_object", "list_objects_v2"),
+    ) -> None:
         self._client = client
         self._presign_port = presign_port
+        self._redirect = redirect
         self.meta = client.meta
         self.presigned: list[str] = []
         self.get_objects = 0
+        self.paginators = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -133,10 +144,15 @@ class _CountingClient:
         self.get_objects += 1
         return self._client.get_object(**kw)
 
-    def generate_presigned_url(self, *args: Any, **kw: Any) -> str:
-        self.presigned.append(kw["Params"]["Key"])
-        url = str(self._client.generate_presigned_url(*args, **kw))
-        if self._presign_port is None:
+    def get_paginator(self, name: str) -> Any:
+        self.paginators += 1
+        return self._client.get_paginator(name)
+
+    def generate_presigned_url(self, operation: str, **kw: Any) -> str:
+        params = kw["Params"]
+        self.presigned.append(params["Key"] if "Key" in params else f"list:{params['Prefix']}")
+        url = str(self._client.generate_presigned_url(operation, **kw))
+        if self._presign_port is None or operation not in self._redirect:
             return url
         return url.replace(f":{urlsplit(url).port}/", f":{self._presign_port}/", 1)
 
@@ -197,3 +213,82 @@ def test_bytes_that_do_not_match_the_announced_checksum_are_refused() -> None:
     bad.update(b"abd")
     with pytest.raises(direct.DirectGetFailed, match="checksum"):
         bad.check()
+
+
+# --- prefix syncs: one listing, all objects from one thread ----------------------------
+
+
+def _files() -> dict[str, bytes]:
+    big = bytes(range(256)) * (10 * 1024 + 7)  # 2.5 MiB: several reads, one checksum
+    many = {f"ds/many/{i:02d}.txt": str(i).encode() * i for i in range(1, 25)}
+    return {"ds/a b/é+%20?.bin": b"a" * 3000, "ds/plus+sign.txt": b"p", "ds/big.bin": big, **many}
+
+
+def test_a_sync_lists_and_downloads_directly_and_odd_keys_arrive_intact(
+    s3_env: dict[str, str], s3_bucket: str, tmp_path: Path
+) -> None:
+    client = _CountingClient(make_s3_client(max_attempts=1))
+    store = S3Storage(s3_bucket, client=cast(Any, client))
+    files = _files()
+    for key, data in files.items():
+        store.write_bytes(key, data)
+    report = sync_prefix_report(store, "ds", tmp_path / "cache")
+    assert tree(report.path) == {key.removeprefix("ds/"): data for key, data in files.items()}
+    assert (report.objects, report.downloaded) == (len(files), len(files))
+    assert client.presigned.count("list:ds/") == 1
+    assert (client.paginators, client.get_objects) == (0, 0)  # neither botocore's listing nor GetObject
+
+
+def test_a_sync_whose_direct_gets_fail_arrives_through_get_object_and_logs_no_signed_url(
+    s3_env: dict[str, str], s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = _CountingClient(make_s3_client(max_attempts=1), presign_port=_closed_port(), redirect=("get_object",))
+    store = S3Storage(s3_bucket, client=cast(Any, client))
+    files = _files()
+    for key, data in files.items():
+        store.write_bytes(key, data)
+    with caplog.at_level(logging.WARNING, logger="ai_service.storage"):
+        report = sync_prefix_report(store, "ds", tmp_path / "cache")
+    assert tree(report.path) == {key.removeprefix("ds/"): data for key, data in files.items()}
+    assert client.get_objects >= len(files) - 8  # at most one failed try per connection, then GetObject
+    assert "rest" in caplog.text
+    assert "X-Amz-Signature" not in caplog.text
+    assert "testsecret" not in caplog.text
+
+
+def test_a_listing_that_the_direct_path_cannot_read_is_listed_by_the_paginator(
+    s3_env: dict[str, str], s3_bucket: str
+) -> None:
+    client = _CountingClient(make_s3_client(max_attempts=1), presign_port=_closed_port(), redirect=("list_objects_v2",))
+    store = S3Storage(s3_bucket, client=cast(Any, client))
+    store.write_bytes("ds/x+y z.txt", b"1")
+    assert [info.key for info in store.list("ds")] == ["ds/x+y z.txt"]
+    assert client.paginators == 1
+
+
+_PAGE = (
+    '<?xml version="1.0" encoding="UTF-8"?>'
+    '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{encoding}<IsTruncated>{truncated}</IsTruncated>'
+    "{token}<Contents><Key>{key}</Key><ETag>&#34;abc&#34;</ETag><Size>3</Size></Contents></ListBucketResult>"
+)
+
+
+def test_a_listing_page_decodes_keys_only_when_it_says_they_are_url_encoded() -> None:
+    out: list[dict[str, Any]] = []
+    encoded = _PAGE.format(encoding="<EncodingType>url</EncodingType>", truncated="true",
+                           token="<NextContinuationToken>t1</NextContinuationToken>", key="a+b%2Bc")
+    assert direct.parse_listing(encoded.encode(), out) == "t1"
+    plain = _PAGE.format(encoding="", truncated="false", token="", key="a+b%2Bc")
+    assert direct.parse_listing(plain.encode(), out) is None
+    assert out == [{"Key": "a b+c", "Size": 3, "ETag": '"abc"'}, {"Key": "a+b%2Bc", "Size": 3, "ETag": '"abc"'}]
+
+
+@pytest.mark.parametrize("body", [
+    b"<ListBucketResult><Contents><Key>a",  # cut short
+    b"<Error><Code>AccessDenied</Code></Error>",
+    _PAGE.format(encoding="", truncated="true", token="", key="a").encode(),  # truncated, no token
+    _PAGE.format(encoding="", truncated="false", token="", key="a").replace("<Size>3", "<Size>x").encode(),
+])
+def test_a_listing_page_that_is_not_a_sound_listing_is_refused(body: bytes) -> None:
+    with pytest.raises(direct.DirectGetFailed):
+        direct.parse_listing(body, [])

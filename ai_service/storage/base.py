@@ -347,6 +347,21 @@ class Storage(ABC):
         """
         self._fetch(object_key(key), Path(dest), bulk=bulk)
 
+    def fetch_files(self, items: Sequence[Download], done: Callable[[ObjectInfo], None]) -> None:
+        """Download many just-listed objects (:func:`plan_downloads`' output); ``done(info)`` after each.
+
+        Every key is validated before the first transfer.  Here: :meth:`fetch_file` on
+        ``workers`` threads; a backend may move them all at once more cheaply.
+        """
+        for info, _ in items:
+            object_key(info.key)
+
+        def one(item: Download) -> None:
+            self.fetch_file(item[0].key, item[1], bulk=True)
+            done(item[0])
+
+        parallel(one, items, self.workers)
+
     def download_file(self, key: str, dest: Path) -> ObjectInfo:
         """Download ``key`` to the file ``dest`` (replaced atomically); return its info."""
         object_key(key)
@@ -386,5 +401,5 @@ class Storage(ABC):
         plan = plan_downloads(folder, self.list(folder), Path(dest_dir))
         if not plan:
             raise ObjectNotFound(f"no objects under prefix {show(prefix)} in {self.describe()}")
-        parallel(lambda item: self.fetch_file(item[0].key, item[1], bulk=True), plan, self.workers)
+        self.fetch_files(plan, lambda _: None)
         return [dest for _, dest in plan]

@@ -23,7 +23,6 @@ from ai_service.storage.base import (
     Storage,
     atomic_file,
     exclusive_lock,
-    parallel,
     plan_downloads,
 )
 from ai_service.storage.keys import folder as as_folder
@@ -156,7 +155,7 @@ def _sync_locked(storage: Storage, folder: str, target: Path, manifest_path: Pat
         else:
             todo.append((info, dest))
     removed = _remove_stale(set(old) - {info.key for info, _ in plan}, folder, target)
-    done = _fetch_recording(storage, todo, keep, folder, manifest_path)
+    done = _fetch_recording(storage, todo, keep, old, folder, manifest_path)
     return SyncReport(
         path=target,
         objects=len(plan),
@@ -227,23 +226,19 @@ def _prune_empty_dirs(start: Path, root: Path) -> None:
 
 
 def _fetch_recording(
-    storage: Storage, todo: list[Download], keep: Entries, folder: str, manifest_path: Path
+    storage: Storage, todo: list[Download], keep: Entries, old: Entries, folder: str, manifest_path: Path
 ) -> list[ObjectInfo]:
     """Download ``todo`` in parallel and record in the manifest what arrived."""
     done: list[ObjectInfo] = []
-
-    def fetch(item: Download) -> None:
-        storage.fetch_file(item[0].key, item[1], bulk=True)
-        done.append(item[0])  # list.append is atomic
-
     try:
-        parallel(fetch, todo, storage.workers)
+        storage.fetch_files(todo, done.append)  # list.append is atomic
     finally:
         # Also after a failure: what did arrive is not fetched again next time.
         for info in done:
             keep[info.key] = {"etag": info.etag, "size": info.size}
         try:
-            _write_manifest(manifest_path, storage, folder, keep)
+            if keep != old:  # a no-op sync leaves the manifest as it is
+                _write_manifest(manifest_path, storage, folder, keep)
         except OSError as exc:
             log.error("cannot write the cache manifest %s: %s", manifest_path, exc.strerror)
     return done

@@ -19,7 +19,7 @@ import contextlib
 import io
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from ai_service.errors import ObjectNotFound, PermanentError, PreconditionFailed
 from ai_service.storage.base import (
     MULTIPART_THRESHOLD,
     TRANSFER_WORKERS,
+    Download,
     ObjectInfo,
     ObjectInfos,
     Storage,
@@ -149,8 +150,11 @@ class S3Storage(Storage):
 
     def list(self, prefix: str = "") -> ObjectInfos:
         folder = as_folder(prefix, allow_empty=True)
+        direct = self._direct_gets()
+        # One presigned GET per page, parsed by ElementTree; the paginator when that fails.
+        listed = direct.list_objects(folder) if direct is not None else None
         out: ObjectInfos = []
-        for obj in self._iter_raw(folder):
+        for obj in listed if listed is not None else self._iter_raw(folder):
             key = str(obj.get("Key", ""))
             if key.endswith("/") and int(obj.get("Size", 0)) == 0:
                 continue  # a "folder" marker made by consoles and some tools
@@ -221,6 +225,18 @@ class S3Storage(Storage):
                     ) from None
                 raise
         return ObjectInfo(key, len(data), plain_etag(response.get("ETag")))
+
+    def fetch_files(self, items: Sequence[Download], done: Callable[[ObjectInfo], None]) -> None:
+        """All at once from one thread (:mod:`~ai_service.storage.bulk_get`); misses through GetObject."""
+        for info, _ in items:
+            object_key(info.key)
+        direct = self._direct_gets() if len(items) > 1 else None
+        if direct is not None and not direct.resting():
+            from ai_service.storage import bulk_get
+
+            with self._errors("download", items[0][0].key):
+                items = bulk_get.fetch_all(direct, items, done, concurrency=self.workers)
+        super().fetch_files(items, done)
 
     def _fetch(self, key: str, dest: Path, *, bulk: bool) -> None:
         if bulk:
