@@ -159,6 +159,7 @@ class DirectGets:
     """
 
     def __init__(self, client: Any, bucket: str, *, connections: int) -> None:
+        self.client = client
         self._client = client
         self._bucket = bucket
         config = client.meta.config
