@@ -91,6 +91,7 @@ class Publisher(Refusals):
         self.lock = self._cond = threading.Condition()
         self._stopping = False
         self._stop_deadline = 0.0
+        self._room_waiters = 0  # threads waiting for room in a full spool
         self._thread: threading.Thread | None = None
         self._pipeline: Pipeline | None = None
         self._ring = NodeRing(settings)
@@ -212,7 +213,11 @@ class Publisher(Refusals):
                     self._full_warned = True
                 if not block:
                     raise SpoolFull(f"publisher spool full ({len(self.spool)} messages)")
-                self._cond.wait(1.0)
+                self._room_waiters += 1
+                try:
+                    self._cond.wait(1.0)
+                finally:
+                    self._room_waiters -= 1
             self._full_warned = False
             ticket = self.spool.reserve(envelope)
             self._unconfirmed[envelope.seq] = envelope
@@ -361,10 +366,23 @@ class Publisher(Refusals):
     def tick(self) -> None:
         self.spool.flush(wait=False)
 
-    def on_confirmed(self, envelope: Envelope) -> None:
-        self.confirmed_count += 1
-        self._nacks.pop(envelope.seq, None)
-        self._done(envelope)
+    def on_confirmed(self, envelopes: list[Envelope]) -> None:
+        """Confirmed by the broker (one ack often covers many): out of the spool, receipts settled."""
+        receipts = []
+        with self._cond:
+            self.confirmed_count += len(envelopes)
+            self.spool.remove_many(envelopes)
+            for envelope in envelopes:
+                if self._nacks:
+                    self._nacks.pop(envelope.seq, None)
+                self._unconfirmed.pop(envelope.seq, None)
+                receipt = self._receipts.pop(envelope.seq, None)
+                if receipt is not None:
+                    receipts.append(receipt)
+            if not self._unconfirmed or self._room_waiters:  # flush() waits for none, _enqueue for room
+                self._cond.notify_all()
+        for receipt in receipts:
+            receipt._set()
 
     def on_unroutable(self, envelope: Envelope) -> None:
         log.error("[RMQ] Message %s to %r/%r was returned unroutable (no queue bound); dropping it",
@@ -372,12 +390,3 @@ class Publisher(Refusals):
         receipt = self._receipts.get(envelope.seq)
         if receipt is not None:
             receipt.unroutable = True
-
-    def _done(self, envelope: Envelope) -> None:
-        with self._cond:
-            self.spool.remove(envelope)
-            self._unconfirmed.pop(envelope.seq, None)
-            receipt = self._receipts.pop(envelope.seq, None)
-            self._cond.notify_all()
-        if receipt is not None:
-            receipt._set()

@@ -33,9 +33,17 @@ import pika
 
 from ai_service.errors import SpoolLocked
 from ai_service.publishing import segments
+from ai_service.publishing.commit import GroupCommit
 from ai_service.publishing.refused import RefusedLog as RefusedLog
 
 log = logging.getLogger("ai_service.spool")
+
+#: Zeros laid ahead of a segment's writes at a time: a sync that extends the file (its
+#: size through the journal, slower) once per this many bytes, the others flush data only.
+RUNWAY_BYTES = 1024 * 1024
+
+#: A record waiting to be written: (kind, seq, the encoded record).
+Queued = tuple[int, int, bytes]
 
 
 @dataclass
@@ -110,15 +118,15 @@ class Spool:
         self._bytes = 0
         self._sizes: dict[int, int] = {}
         self._next_seq = 1
-        self._cond = threading.Condition()  # state below, and commit waiters
-        self._queue: list[tuple[int, int, bytes]] = []  # (kind, seq, record) not yet written
+        self._cond = threading.Condition(threading.Lock())  # state below; the group commit's too
+        self._queue: list[Queued] = []  # (kind, seq, record) not yet written
         self._tickets = 0  # ADD records queued so far
-        self._synced = 0  # ADD records known to be on disk
-        self._committing = False
+        self._group = GroupCommit(self._cond, self._store)
         self._io = threading.Lock()  # the segment file: writes in queue order
         self._handle: BinaryIO | None = None
         self._segment = 0
-        self._segment_size = 0
+        self._segment_size = 0  # where the next record goes
+        self._zeroed = 0  # the segment's zeros laid ahead of the records end here
         self._segment_of: dict[int, int] = {}  # seq -> the segment holding its live ADD
         self._live: dict[int, int] = {}  # segment -> live ADD records in it
 
@@ -175,12 +183,14 @@ class Spool:
         return paths, adopted
 
     def close(self) -> None:
-        """Write and sync what is queued, close the segment, release the lock."""
+        """Write and sync what is queued, close the segment (its unused zeros cut off), release the lock."""
         if self._lock_file is None:
             return
+        self._group.stop()
         with self._io:
             self._write_queued()
             if self._handle is not None:
+                self._handle.truncate(self._segment_size)
                 self.files.sync(self._handle)
                 self._handle.close()
                 self._handle = None
@@ -232,27 +242,19 @@ class Spool:
     def commit(self, ticket: int) -> None:
         """Block until the ADD record of ``ticket`` (and every one before it) is synced.
 
-        The first caller to find no sync in progress writes everything queued and syncs
-        it for all; the others wait for it (or for the next one)."""
-        with self._cond:
-            while self._synced < ticket:
-                if not self._committing:
-                    self._committing = True
-                    break
-                self._cond.wait()
-            else:
-                return
-        upto = self._synced
-        try:
-            with self._io:
-                upto = self._write_queued()
-                if self._handle is not None:
-                    self.files.sync(self._handle)
-        finally:
+        Every record queued while a sync runs goes into the next one (group commit, on
+        the syncer thread of :class:`~ai_service.publishing.commit.GroupCommit`)."""
+        self._group.wait(ticket)
+
+    def _store(self) -> None:
+        """The group commit's batch: take the queue, write it, sync it."""
+        with self._io:
             with self._cond:
-                self._synced = max(self._synced, upto)
-                self._committing = False
-                self._cond.notify_all()
+                batch, upto = self._take()
+                self._group.cut(upto)
+            self._write(batch)
+            if self._handle is not None:
+                self.files.sync(self._handle)
 
     def swap(self, old: Envelope, new: Envelope) -> None:
         """Queue ``new`` in ``old``'s place (same seq): one record, never both, never neither."""
@@ -262,12 +264,16 @@ class Spool:
 
     def remove(self, envelope: Envelope) -> None:
         """Queue the ``DONE`` record of ``envelope`` (removing twice is harmless)."""
+        self.remove_many([envelope])
+
+    def remove_many(self, envelopes: list[Envelope]) -> None:
+        """Queue the ``DONE`` records of ``envelopes`` (removing twice is harmless)."""
         with self._cond:
-            size = self._sizes.pop(envelope.seq, None)
-            if size is None:
-                return
-            self._bytes -= size
-            self._queue.append((segments.DONE, envelope.seq, segments.encode(segments.DONE, envelope.seq)))
+            for envelope in envelopes:
+                size = self._sizes.pop(envelope.seq, None)
+                if size is not None:
+                    self._bytes -= size
+                    self._queue.append((segments.DONE, envelope.seq, segments.encode(segments.DONE, envelope.seq)))
 
     def flush(self, *, wait: bool = True) -> bool:
         """Write what is queued, without a sync; ``wait=False`` skips it while another
@@ -295,16 +301,30 @@ class Spool:
         self._sizes[envelope.seq] = len(record)
         self._queue.append((segments.ADD, envelope.seq, record))
 
-    def _write_queued(self) -> int:
-        """Write the queue in one call (holding ``_io``); returns the ADD tickets it covers."""
+    def _take(self) -> tuple[list[Queued], int]:
+        """The queue and the ADD tickets it covers (the caller holds ``_cond``)."""
+        batch, self._queue = self._queue, []
+        return batch, self._tickets
+
+    def _write_queued(self) -> None:
+        """Write the queue without a sync (holding ``_io``)."""
         with self._cond:
-            batch, self._queue = self._queue, []
-            upto = self._tickets
+            batch, _ = self._take()
+        self._write(batch)
+
+    def _write(self, batch: list[Queued]) -> None:
+        """Write ``batch`` in one call (holding ``_io``), over zeros laid ahead of it."""
         if not batch:
-            return upto
-        handle = self._current(sum(len(r) for _, _, r in batch))
-        handle.write(b"".join(r for _, _, r in batch))
-        self._segment_size += sum(len(r) for _, _, r in batch)
+            return
+        data = b"".join(r for _, _, r in batch)
+        handle = self._current(len(data))
+        end = self._segment_size + len(data)
+        if end > self._zeroed:
+            size = max(end, self._zeroed + min(RUNWAY_BYTES, self.segment_bytes)) - self._zeroed
+            self.files.zero(handle, self._zeroed, size)
+            self._zeroed += size
+        handle.write(data)
+        self._segment_size = end
         with self._cond:
             for kind, seq, _ in batch:
                 before = self._segment_of.pop(seq, None)
@@ -313,19 +333,19 @@ class Spool:
                 if kind == segments.ADD:
                     self._segment_of[seq] = self._segment
                     self._live[self._segment] = self._live.get(self._segment, 0) + 1
-        return upto
 
     def _current(self, incoming: int) -> BinaryIO:
         """The segment to append to; past ``segment_bytes`` a new one (the old synced first)."""
         if self._handle is not None and self._segment_size + incoming > self.segment_bytes and self._segment_size:
+            self._handle.truncate(self._segment_size)
             self.files.sync(self._handle)
             self._handle.close()
             self._handle = None
             self._segment += 1
         if self._handle is None:
             path = segments.segment_path(self.directory, self._segment)
-            self._handle = self.files.open_append(path)
-            self._segment_size = 0
+            self._handle = self.files.open_log(path)
+            self._segment_size = self._zeroed = 0
             self._live.setdefault(self._segment, 0)
             self.files.sync_dir(self.directory)
         return self._handle

@@ -127,17 +127,19 @@ def pipelined_pika(bench: Bench, queue: str, count: int) -> float:
 
 
 def publish_from_threads(publisher: Publisher, queue: str, bodies: list[bytes], threads: int) -> list[Any]:
-    """Each thread publishes its share one by one (as a handler does); all start together."""
+    """Each thread publishes its share one by one, as a handler publishes its job's messages
+    (its own ``correlation_id``: one job's order is kept, so one job has one message in
+    flight at a time); all start together."""
     receipts: list[Any] = []
     barrier = threading.Barrier(threads)
 
-    def run(share: list[bytes]) -> None:
+    def run(k: int, share: list[bytes]) -> None:
         barrier.wait()
-        mine = [publisher.publish("", queue, raw, message_type="epoch_update", correlation_id="bench-publisher")
+        mine = [publisher.publish("", queue, raw, message_type="epoch_update", correlation_id=f"bench-job-{k}")
                 for raw in share]
         receipts.extend(mine)
 
-    workers = [threading.Thread(target=run, args=(bodies[k::threads],)) for k in range(threads)]
+    workers = [threading.Thread(target=run, args=(k, bodies[k::threads])) for k in range(threads)]
     for t in workers:
         t.start()
     for t in workers:

@@ -5,8 +5,11 @@ message (its header JSON, a newline, its body), ``DONE`` says the message of tha
 left the spool.  Replaying the segments in order gives what is still unconfirmed: a
 later ``ADD`` of a seq replaces an earlier one (a refused message's replacement).  A torn
 tail (a kill during a write, a power cut before the fsync) fails its checksum and is cut
-off.  Every file operation goes through a :class:`FileLayer` so that a test can count
-fsyncs without patching the OS.
+off.  A segment is zeroed ahead of its writes (the spool lays a runway of zeros, then
+writes records over it), so that most syncs flush data only, not a new file size
+through the journal; zeros after the last record are a clean end.  Every file
+operation goes through a :class:`FileLayer` so that a test can count fsyncs without
+patching the OS.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ SEGMENT_SUFFIX = ".log"
 class FileLayer(Protocol):
     """The few file operations the spool uses (a test passes a counting one)."""
 
-    def open_append(self, path: Path) -> BinaryIO: ...
+    def open_log(self, path: Path) -> BinaryIO: ...
+
+    def zero(self, handle: BinaryIO, offset: int, size: int) -> None: ...
 
     def sync(self, handle: BinaryIO) -> None: ...
 
@@ -47,8 +52,17 @@ class FileLayer(Protocol):
 class OsFiles:
     """The real file system: ``fdatasync`` for data, an fsync of the directory for new names."""
 
-    def open_append(self, path: Path) -> BinaryIO:
-        return open(path, "ab", buffering=0)
+    def open_log(self, path: Path) -> BinaryIO:
+        """A new segment, written from its start (``zero`` lays the ground ahead of the writes)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.fdopen(fd, "r+b", buffering=0)
+
+    def zero(self, handle: BinaryIO, offset: int, size: int) -> None:
+        """Write ``size`` zero bytes at ``offset`` (not moving the handle's position)."""
+        chunk = b"\0" * min(size, 1 << 20)
+        end = offset + size
+        while offset < end:
+            offset += os.pwrite(handle.fileno(), chunk[: end - offset], offset)
 
     def sync(self, handle: BinaryIO) -> None:
         os.fdatasync(handle.fileno())
@@ -122,6 +136,8 @@ def replay(directory: Path, files: FileLayer, *, repair: bool = True
         except FileNotFoundError:  # a reader without the lock races the owner's clean-up
             continue
         records, good = decode(data)
+        if good < len(data) and data.count(0, good) == len(data) - good:
+            good = len(data)  # the zeroed ground laid ahead of the writes: a clean end
         if good < len(data) and repair:
             last = i == len(found) - 1
             log.error("[RMQ] Spool segment %s: %d byte(s) after offset %d do not form a whole record (%s); "
