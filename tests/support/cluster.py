@@ -14,12 +14,7 @@ directories: it rejoins), and ask which node leads a quorum queue (:meth:`Cluste
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import shutil
-import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +30,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from ai_service.broker import NodeRing, Topology, close_quietly, connect, pika_boundary
 from ai_service.config import Settings
 from ai_service.errors import BrokerError
+from tests.support.rabbit import PrivateNode, exclusive, scratch
 from tests.support.rabbit import available as available  # re-exported: rabbitmq-server is installed
 
 T = TypeVar("T")
@@ -44,108 +40,17 @@ SIZE = 3
 LOCK_FILE = Path(tempfile.gettempdir()) / "ait-cluster.lock"
 
 
-class ClusterNode:
-    """One private node: its name, ports, directories and the ``rabbitmqctl`` to reach it."""
+class ClusterNode(PrivateNode):
+    """One node of the cluster (a :class:`~tests.support.rabbit.PrivateNode` on loopback)."""
 
     def __init__(self, base: Path, index: int) -> None:
+        super().__init__(base / f"node{index + 1}", f"aitc{index + 1}@localhost", BASE_PORT + index, loopback=True)
         self.index = index
-        self.name = f"aitc{index + 1}@localhost"
-        self.port = BASE_PORT + index
-        self.dist_port = self.port + 20000
-        self.base = base / f"node{index + 1}"
-        self.base.mkdir(parents=True, exist_ok=True)
-        conf = f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
-        (self.base / "rabbitmq.conf").write_text(conf)
-        (self.base / "enabled_plugins").write_text("[].\n")
 
     @property
     def address(self) -> str:
         """``127.0.0.1:<port>``: this node's entry in ``RABBITMQ_HOST`` (it listens on loopback only)."""
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.base / "mnesia" / f"{self.name}.pid"
-
-    def env(self) -> dict[str, str]:
-        b = self.base
-        return {
-            **os.environ,
-            "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(b / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(b / "log"),
-            "RABBITMQ_CONFIG_FILE": str(b / "rabbitmq"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(b / "enabled_plugins"),
-            "RABBITMQ_PID_FILE": str(self.pid_file),
-        }
-
-    def ctl(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["rabbitmqctl", "-n", self.name, *args], env=self.env(), check=False,
-                                capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl -n {self.name} {' '.join(args)} failed ({result.returncode}): "
-                               f"{result.stderr[-2000:]}\n{self.log_tail()}")
-        return result
-
-    def launch(self) -> None:
-        """``rabbitmq-server -detached`` on this node's directories (returns at once)."""
-        if os.geteuid() == 0 and shutil.which("chown"):
-            subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.base)], check=False)
-        subprocess.run(["rabbitmq-server", "-detached"], env=self.env(), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def await_startup(self, timeout: float = 90.0) -> None:
-        """Until the node answers (``await_startup`` fails at once before epmd knows it)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = max(int(deadline - time.monotonic()), 1)
-            result = self.ctl("await_startup", "--timeout", str(left), check=False, timeout=left + 10)
-            if result.returncode == 0:
-                return
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"{self.name} did not start within {timeout} s: {result.stderr[-2000:]}\n"
-                                   f"{self.log_tail()}")
-            time.sleep(0.3)
-
-    def os_pid(self) -> int | None:
-        """The node's Erlang VM while it is alive."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        return pid if b"beam" in cmdline or b"erl" in cmdline else None
-
-    def running(self) -> bool:
-        return self.ctl("status", check=False, timeout=30).returncode == 0
-
-    def stop(self, timeout: float = 60.0) -> None:
-        """A clean shutdown; the VM is killed if it is still there after ``timeout``."""
-        self.ctl("stop", check=False, timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.os_pid() is not None:
-            time.sleep(0.2)
-        self.kill9()
-
-    def kill9(self) -> None:
-        """SIGKILL the node's VM: no goodbye to its peers or its clients."""
-        pid = self.os_pid()
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.os_pid() is not None:
-            time.sleep(0.05)
-
-    def log_tail(self, chars: int = 2000) -> str:
-        logs = sorted((self.base / "log").glob("*.log"))
-        return "".join(p.read_text(errors="replace")[-chars:] for p in logs)
 
 
 class Cluster:
@@ -153,7 +58,6 @@ class Cluster:
 
     def __init__(self, base: Path, size: int = SIZE) -> None:
         self.base = base
-        base.chmod(0o755)  # mkdtemp's 0700 would keep the rabbitmq user out of the nodes' dirs
         self.nodes = [ClusterNode(base, i) for i in range(size)]
 
     @property
@@ -168,8 +72,7 @@ class Cluster:
     def boot(self) -> None:
         """Start every node at once, then join nodes 2.. to node 1."""
         for node in self.nodes:
-            if node.running() or node.os_pid() is not None:  # left by a killed session: we hold the lock
-                node.stop()
+            node.stop_stale()  # left by a killed session: we hold the lock
         for node in self.nodes:
             node.launch()
         with ThreadPoolExecutor(len(self.nodes)) as pool:
@@ -262,25 +165,13 @@ class Cluster:
 @contextlib.contextmanager
 def private_cluster(lock_timeout: float = 600.0) -> Iterator[Cluster]:
     """A booted three-node cluster, always stopped and wiped afterwards (also on failure)."""
-    LOCK_FILE.touch(exist_ok=True)
-    with open(LOCK_FILE, "rb+") as lock:
-        deadline = time.monotonic() + lock_timeout
-        while True:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise RuntimeError("another session holds the private RabbitMQ cluster") from None
-                time.sleep(0.5)
-        base = Path(tempfile.mkdtemp(prefix="ait-cluster-"))
+    with exclusive(LOCK_FILE, lock_timeout, "the private RabbitMQ cluster"), scratch("ait-cluster-") as base:
         cluster = Cluster(base)
         try:
             cluster.boot()
             yield cluster
         finally:
             cluster.shutdown()
-            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,18 +1,20 @@
-"""A private RabbitMQ node beside the shared one (FIELD-NOTES), for tests that stop,
-restart or reconfigure a broker.  Only one can run at a time (fixed node name/ports):
-:func:`private_broker` takes a machine-wide lock for it, so pytest sessions running at
-once wait for each other instead of fighting over the node.
+"""Private RabbitMQ nodes beside the shared one (FIELD-NOTES), for tests that stop,
+kill, restart or reconfigure a broker.  :class:`PrivateNode` is one such node, used
+alone here (:func:`private_broker`, ``ait@localhost`` on 5673) and three at a time by
+:mod:`tests.support.cluster`.  Only one of each can run at a time (fixed node names and
+ports): each takes a machine-wide lock (:func:`exclusive`), so pytest sessions running
+at once wait for each other instead of fighting over the node.
 
 Things learnt making it work here:
 
 * Run as root, ``rabbitmq-server`` switches to the ``rabbitmq`` user, so the node's
   directory must be owned by it *and every directory above it must be traversable by
   it*: pytest's ``tmp_path`` (under ``/tmp/pytest-of-root``, mode 0700) is not.  Use
-  :func:`private_broker`, which makes its own directory under the system temp dir.
+  :func:`scratch`, which makes a traversable directory under the system temp dir.
 * ``rabbitmqctl await_startup`` fails at once (exit 69) when the node has not
   registered with epmd yet, so it is retried until the node answers.
 * A ``rabbitmqctl stop`` sent while the node is still booting does nothing; the node
-  then boots anyway.  :meth:`PrivateBroker.stop` therefore also kills the node's own
+  then boots anyway.  :meth:`PrivateNode.stop` therefore also kills the node's own
   process (by the pid in its pid file) when it is still there.
 """
 
@@ -31,7 +33,9 @@ from pathlib import Path
 
 NODE = "ait@localhost"
 PORT = 5673
-DIST_PORT = 25673
+#: A private node's Erlang distribution port is its AMQP port plus this.
+DIST_OFFSET = 20000
+DIST_PORT = PORT + DIST_OFFSET
 LOCK_FILE = Path(tempfile.gettempdir()) / "ait-private-broker.lock"
 
 
@@ -39,22 +43,32 @@ def available() -> bool:
     return shutil.which("rabbitmq-server") is not None and shutil.which("rabbitmqctl") is not None
 
 
-class PrivateBroker:
-    def __init__(self, base: Path, config: str = "") -> None:
+class PrivateNode:
+    """One private node: its name, ports, directories (under ``base``) and the
+    ``rabbitmqctl`` to reach it.  ``loopback``: listen on 127.0.0.1 only."""
+
+    def __init__(self, base: Path, name: str = NODE, port: int = PORT, *, config: str = "",
+                 loopback: bool = False) -> None:
+        self.name = name
+        self.port = port
+        self.dist_port = port + DIST_OFFSET
         self.base = base
-        self.config = config
-        self.port = PORT
         base.mkdir(parents=True, exist_ok=True)
-        (base / "rabbitmq.conf").write_text(f"listeners.tcp.default = {PORT}\nloopback_users = none\n{config}\n")
+        listener = f"127.0.0.1:{port}" if loopback else str(port)
+        (base / "rabbitmq.conf").write_text(f"listeners.tcp.default = {listener}\nloopback_users = none\n{config}\n")
         (base / "enabled_plugins").write_text("[].\n")
+
+    @property
+    def pid_file(self) -> Path:
+        return self.base / "mnesia" / f"{self.name}.pid"
 
     def env(self) -> dict[str, str]:
         b = self.base
         return {
             **os.environ,
-            "RABBITMQ_NODENAME": NODE,
-            "RABBITMQ_NODE_PORT": str(PORT),
-            "RABBITMQ_DIST_PORT": str(DIST_PORT),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_MNESIA_BASE": str(b / "mnesia"),
             "RABBITMQ_LOG_BASE": str(b / "log"),
             "RABBITMQ_CONFIG_FILE": str(b / "rabbitmq"),
@@ -62,41 +76,41 @@ class PrivateBroker:
             "RABBITMQ_PID_FILE": str(self.pid_file),
         }
 
-    @property
-    def pid_file(self) -> Path:
-        return self.base / "mnesia" / f"{NODE}.pid"
+    def ctl(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["rabbitmqctl", "-n", self.name, *args], env=self.env(), check=False,
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl -n {self.name} {' '.join(args)} failed ({result.returncode}): "
+                               f"{result.stderr[-2000:]}\n{self.log_tail()}")
+        return result
 
-    def start(self, timeout: float = 60.0) -> None:
-        if shutil.which("chown") and os.geteuid() == 0:
+    def start(self, timeout: float = 90.0) -> None:
+        """Start the node on its directories and wait until it answers."""
+        self.launch()
+        self.await_startup(timeout)
+
+    def launch(self) -> None:
+        """``rabbitmq-server -detached`` on this node's directories (returns at once)."""
+        if os.geteuid() == 0 and shutil.which("chown"):
             subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.base)], check=False)
         subprocess.run(["rabbitmq-server", "-detached"], env=self.env(), check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def await_startup(self, timeout: float = 90.0) -> None:
+        """Until the node answers (``await_startup`` fails at once before epmd knows it)."""
         deadline = time.monotonic() + timeout
         while True:
-            left = int(deadline - time.monotonic())
-            r = subprocess.run(["rabbitmqctl", "-n", NODE, "await_startup", "--timeout", str(max(left, 1))],
-                               env=self.env(), check=False, capture_output=True, text=True)
-            if r.returncode == 0:
+            left = max(int(deadline - time.monotonic()), 1)
+            result = self.ctl("await_startup", "--timeout", str(left), check=False, timeout=left + 10)
+            if result.returncode == 0:
                 return
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"private RabbitMQ node did not start within {timeout} s: {r.stderr[-2000:]}"
-                                   f"\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} did not start within {timeout} s: {result.stderr[-2000:]}\n"
+                                   f"{self.log_tail()}")
             time.sleep(0.3)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        subprocess.run(["rabbitmqctl", "-n", NODE, "stop"], env=self.env(), check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (self.running() or self._node_pid() is not None):
-            time.sleep(0.2)
-        pid = self._node_pid()
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            time.sleep(0.5)
-
-    def _node_pid(self) -> int | None:
-        """The node's own OS pid while that process is alive (and is an Erlang VM)."""
+    def os_pid(self) -> int | None:
+        """The node's Erlang VM while it is alive."""
         try:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
@@ -108,40 +122,83 @@ class PrivateBroker:
         return pid if b"beam" in cmdline or b"erl" in cmdline else None
 
     def running(self) -> bool:
-        r = subprocess.run(["rabbitmqctl", "-n", NODE, "status"], env=self.env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        return r.returncode == 0
+        return self.ctl("status", check=False, timeout=30).returncode == 0
 
-    def ctl(self, *args: str) -> str:
-        return subprocess.run(["rabbitmqctl", "-n", NODE, *args], env=self.env(), check=True,
-                              capture_output=True, text=True).stdout
+    def stop(self, timeout: float = 60.0) -> None:
+        """A clean shutdown; the VM is killed if it is still there after ``timeout``."""
+        self.ctl("stop", check=False, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.os_pid() is not None:
+            time.sleep(0.2)
+        self.kill9()
 
-    def log_tail(self, chars: int = 3000) -> str:
+    def stop_stale(self, timeout: float = 30.0) -> None:
+        """Stop a node of this name left running by a killed session (its pid file lies in
+        that session's directory, so ask the node itself until it is gone)."""
+        if not self.running():
+            return
+        self.ctl("stop", check=False, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.running():
+            time.sleep(0.5)
+
+    def kill9(self) -> None:
+        """SIGKILL the node's VM: no goodbye to its peers or its clients."""
+        pid = self.os_pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.os_pid() is not None:
+            time.sleep(0.05)
+
+    def log_tail(self, chars: int = 2000) -> str:
         logs = sorted((self.base / "log").glob("*.log"))
         return "".join(p.read_text(errors="replace")[-chars:] for p in logs)
 
 
+#: The single private node of :func:`private_broker` (its users' name for it).
+PrivateBroker = PrivateNode
+
+
 @contextlib.contextmanager
-def private_broker(config: str = "", lock_timeout: float = 300.0) -> Iterator[PrivateBroker]:
-    """A started private node, always stopped and wiped afterwards (also on failure)."""
-    LOCK_FILE.touch(exist_ok=True)
-    with open(LOCK_FILE, "rb+") as lock:
-        deadline = time.monotonic() + lock_timeout
+def exclusive(lock_file: Path, timeout: float, what: str) -> Iterator[None]:
+    """Hold the machine-wide lock of ``what`` (private nodes have fixed names and ports)."""
+    lock_file.touch(exist_ok=True)
+    with open(lock_file, "rb+") as lock:
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise RuntimeError("another test session holds the private RabbitMQ node") from None
+                    raise RuntimeError(f"another test session holds {what}") from None
                 time.sleep(0.5)
-        base = Path(tempfile.mkdtemp(prefix="ait-rabbit-"))
-        broker = PrivateBroker(base, config)
+        yield
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A directory for private nodes that the ``rabbitmq`` user can traverse (mkdtemp's
+    0700 would keep it out), wiped afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_broker(config: str = "", lock_timeout: float = 300.0) -> Iterator[PrivateNode]:
+    """A started private node, always stopped and wiped afterwards (also on failure)."""
+    with exclusive(LOCK_FILE, lock_timeout, "the private RabbitMQ node"), scratch("ait-rabbit-") as base:
+        broker = PrivateNode(base, config=config)
         try:
-            if broker.running():  # left over by a killed session: we hold the lock, so it is stale
-                broker.stop()
+            broker.stop_stale()  # left over by a killed session: we hold the lock, so it is stale
             broker.start()
             yield broker
         finally:
-            broker.stop()
-            shutil.rmtree(base, ignore_errors=True)
+            broker.stop(timeout=30)
