@@ -46,6 +46,7 @@ from ai_service.storage.s3_client import (
 )
 
 if TYPE_CHECKING:
+    from boto3.s3.transfer import TransferConfig
     from mypy_boto3_s3.client import S3Client
 
     from ai_service.storage.direct import DirectGets
@@ -87,14 +88,23 @@ class S3Storage(Storage):
         self._client = (
             client if client is not None else make_s3_client(max_pool_connections=workers)
         )
-        self._transfer = transfer_config(use_threads=True)
-        # Prefix transfers already run ``workers`` objects at once; nesting a thread pool
-        # per object would multiply threads and connections.
-        self._bulk_transfer = transfer_config(use_threads=False)
+        # The transfer manager's settings, made on first use (boto3 and s3transfer are not
+        # imported at all by a process that only lists and syncs datasets).
+        self._transfers: dict[bool, TransferConfig] = {}
         # The fast path for bulk downloads, set up on the first one (None: not usable).
         self._direct: DirectGets | None = None
         self._direct_checked = False
         self._direct_lock = threading.Lock()
+
+    def _transfer_config(self, *, bulk: bool) -> TransferConfig:
+        """Threads of its own for one large object; none for one of many parallel transfers.
+
+        Prefix transfers already run ``workers`` objects at once; nesting a thread pool per
+        object would multiply threads and connections.
+        """
+        if bulk not in self._transfers:
+            self._transfers[bulk] = transfer_config(use_threads=not bulk)
+        return self._transfers[bulk]
 
     def describe(self) -> str:
         endpoint = endpoint_label(self._client)
@@ -186,8 +196,10 @@ class S3Storage(Storage):
             if len(data) < MULTIPART_THRESHOLD:
                 self._client.put_object(Bucket=self.bucket, Key=key, Body=data)
             else:
-                self._client.upload_fileobj(
-                    io.BytesIO(data), self.bucket, key, Config=self._transfer
+                from boto3.s3 import inject
+
+                inject.upload_fileobj(
+                    self._client, io.BytesIO(data), self.bucket, key, Config=self._transfer_config(bulk=False)
                 )
 
     def _create_exclusive(self, key: str, data: bytes) -> ObjectInfo:
@@ -243,7 +255,9 @@ class S3Storage(Storage):
             self._get_streamed(key, dest)
             return
         with self._errors("download", key), atomic_file(dest) as tmp:
-            self._client.download_file(self.bucket, key, str(tmp), Config=self._transfer)
+            from boto3.s3 import inject
+
+            inject.download_file(self._client, self.bucket, key, str(tmp), Config=self._transfer_config(bulk=False))
 
     def _get_streamed(self, key: str, dest: Path) -> None:
         """One GET streamed into ``dest``'s temporary file: direct if it can, else GetObject.
@@ -280,9 +294,10 @@ class S3Storage(Storage):
             return self._direct
 
     def _store(self, src: Path, key: str, *, bulk: bool) -> ObjectInfo:
-        config = self._bulk_transfer if bulk else self._transfer
+        from boto3.s3 import inject
+
         with self._errors("upload", key):
-            self._client.upload_file(str(src), self.bucket, key, Config=config)
+            inject.upload_file(self._client, str(src), self.bucket, key, Config=self._transfer_config(bulk=bulk))
         info = self.stat(key)
         if info is None:
             raise StorageError(f"S3 upload of {show(key)} in {self.describe()} did not stick")
