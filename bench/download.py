@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import run_module
 from bench.context import Bench, Section
@@ -39,7 +41,7 @@ def files_in(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def service_sync(bench: Bench, cache: Path) -> tuple[float, float, int]:
+def service_sync(bench: Bench, cache: Path) -> tuple[float, float, float, int]:
     env = {**os.environ, **bench.s3.env(), "S3_BUCKET": bench.bucket}
     started = time.perf_counter()
     out = run_module("bench.sync_probe", PREFIX, str(cache), env=env, timeout=600)
@@ -47,7 +49,15 @@ def service_sync(bench: Bench, cache: Path) -> tuple[float, float, int]:
     if out.returncode != 0:
         raise RuntimeError(f"sync_probe failed: {out.stderr[-2000:]}")
     info = json.loads(out.stdout.strip().splitlines()[-1])
-    return wall, float(info["sync_s"]), int(info["downloaded"])
+    return wall, float(info["sync_s"]), float(info["setup_s"]), int(info["downloaded"])
+
+
+def ratios(service: list[float], aws: list[float], name: str) -> dict[str, Any]:
+    """``name``: the service's median ÷ the CLI's (goal ≤ ×0.6 cold, ≤ ×0.5 warm), and each round's own ratio."""
+    if not service or not aws:
+        return {name: None}
+    return {name: statistics.median(service) / statistics.median(aws),
+            f"{name}_per_round": [round(s / a, 3) for s, a in zip(service, aws, strict=False)]}
 
 
 def aws_sync(bench: Bench, dest: Path) -> float:
@@ -76,6 +86,7 @@ def run(bench: Bench) -> list[Section]:
     svc_cold = section.figure("service_cold", "service sync_prefix, empty cache (process wall)", "s",
                               baseline="aws_cold")
     svc_cold_in = section.figure("service_cold_call", "  … of which inside sync_prefix_report()", "s")
+    svc_setup = section.figure("service_setup", "  … of which importing storage + making the S3 client (each run)", "s")
     aws_warm = section.figure("aws_warm", "aws s3 sync, second run (nothing changed)", "s")
     svc_warm = section.figure("service_warm", "service sync_prefix, second run (cache hit)", "s",
                               baseline="aws_warm")
@@ -86,16 +97,18 @@ def run(bench: Bench) -> list[Section]:
         for which in order:
             if which == "svc":
                 cache = bench.root / f"sync-cache-{r}"
-                wall, inside, downloaded = service_sync(bench, cache)
+                wall, inside, setup, downloaded = service_sync(bench, cache)
                 if downloaded != count:
                     raise RuntimeError(f"the service downloaded {downloaded} of {count} objects")
                 svc_cold.add(wall)
                 svc_cold_in.add(inside)
-                wall, inside, downloaded = service_sync(bench, cache)
+                svc_setup.add(setup)
+                wall, inside, setup, downloaded = service_sync(bench, cache)
                 if downloaded != 0:
                     raise RuntimeError(f"the cached sync downloaded {downloaded} objects again")
                 svc_warm.add(wall)
                 svc_warm_in.add(inside)
+                svc_setup.add(setup)
                 shutil.rmtree(cache, ignore_errors=True)
             elif bench.aws is not None:
                 dest = bench.root / f"aws-{r}"
@@ -105,17 +118,20 @@ def run(bench: Bench) -> list[Section]:
                     raise RuntimeError(f"aws s3 sync fetched {got} of {count} objects")
                 aws_warm.add(aws_sync(bench, dest))
                 shutil.rmtree(dest, ignore_errors=True)
+    section.extra = ratios(svc_cold.values, aws_cold.values, "download_cold_ratio")
+    section.extra.update(ratios(svc_warm.values, aws_warm.values, "download_warm_ratio"))
     section.notes += [
         f"{n_train} train + {n_val} val PNG images of {SIZE} px with their label files and data.yaml; "
         f"{repeats} runs of each, alternating which goes first.",
-        "Both run as a fresh process (Python start-up included: the service's probe imports boto3 and the "
-        "storage module, the CLI imports botocore). The service fetches 8 objects at a time "
-        "(TRANSFER_WORKERS, one pooled connection each) as presigned GETs over keep-alive http.client "
-        "connections, checked against the object's CRC32 (ai_service/storage/direct.py: botocore's "
-        "get_object costs ~2 ms of CPU per object, the direct GET ~0.6 ms); the CLI 10 "
-        "(its default max_concurrent_requests) through s3transfer.",
-        "The cached run: the service lists the prefix and compares ETag and size with its manifest; aws s3 sync "
-        "lists it and compares size and modification time.",
+        "Both run as a fresh process (Python start-up included: the service's probe imports the storage "
+        "module and botocore, the CLI awscli and botocore). The service downloads from one thread: an asyncio "
+        "loop keeps 8 keep-alive connections busy (TRANSFER_WORKERS) with presigned GETs it signs itself "
+        "(ai_service/storage/bulk_get.py, checked against botocore's URL first), each body checked against "
+        "the object's CRC32; the CLI runs 10 threads (its default max_concurrent_requests) through s3transfer. "
+        "See docs/perf-sync.md for where the time goes.",
+        "The cached run: the service lists the prefix (presigned ListObjectsV2 GETs parsed by ElementTree) and "
+        "compares ETag and size with its manifest, which it leaves untouched; aws s3 sync lists it and compares "
+        "size and modification time.",
     ]
     if bench.aws is None:
         section.notes.append("awscli was not installed: the aws rows are empty (make bench installs it).")
