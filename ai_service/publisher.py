@@ -51,6 +51,7 @@ from ai_service.publishing.replacements import Replacer as Replacer
 from ai_service.publishing.replacements import failure_replacer as failure_replacer
 from ai_service.publishing.replacements import replacement_envelope as replacement_envelope
 from ai_service.spool import Envelope, RefusedLog, Spool
+from ai_service.spool import payload as spool_payload
 
 log = logging.getLogger("ai_service.publisher")
 
@@ -201,6 +202,7 @@ class Publisher(Refusals):
 
     def _enqueue(self, envelope: Envelope, receipt: Receipt, block: bool) -> None:
         """Into the spool and the send queue; back once the spool synced it (group commit)."""
+        record = spool_payload(envelope)  # the costly part, outside the lock every publishing thread takes
         with self._cond:
             while self.spool.full:
                 if not self._full_warned:
@@ -219,7 +221,7 @@ class Publisher(Refusals):
                 finally:
                     self._room_waiters -= 1
             self._full_warned = False
-            ticket = self.spool.reserve(envelope)
+            ticket = self.spool.reserve(envelope, record)
             self._unconfirmed[envelope.seq] = envelope
             self._receipts[envelope.seq] = receipt
             if self._pipeline is not None:

@@ -44,6 +44,8 @@ RUNWAY_BYTES = 1024 * 1024
 
 #: A record waiting to be written: (kind, seq, the encoded record).
 Queued = tuple[int, int, bytes]
+#: An ADD record's payload (named: inside Spool, ``bytes`` is its property).
+Payload = bytes
 
 
 @dataclass
@@ -186,7 +188,6 @@ class Spool:
         """Write and sync what is queued, close the segment (its unused zeros cut off), release the lock."""
         if self._lock_file is None:
             return
-        self._group.stop()
         with self._io:
             self._write_queued()
             if self._handle is not None:
@@ -230,24 +231,27 @@ class Spool:
         """Persist ``envelope`` (returns once it is synced) and give it the next seq."""
         self.commit(self.reserve(envelope))
 
-    def reserve(self, envelope: Envelope) -> int:
-        """Give ``envelope`` the next seq and queue its record; returns the ticket to :meth:`commit`."""
+    def reserve(self, envelope: Envelope, payload: Payload | None = None) -> int:
+        """Give ``envelope`` the next seq and queue its record; returns the ticket to :meth:`commit`.
+
+        ``payload`` is :func:`payload` of it, when the caller made it outside its own lock."""
+        payload = payload if payload is not None else _payload(envelope)
         with self._cond:
             envelope.seq = self._next_seq
             self._next_seq += 1
-            self._queue_add(envelope)
+            self._queue_add(envelope, payload)
             self._tickets += 1
             return self._tickets
 
     def commit(self, ticket: int) -> None:
         """Block until the ADD record of ``ticket`` (and every one before it) is synced.
 
-        Every record queued while a sync runs goes into the next one (group commit, on
-        the syncer thread of :class:`~ai_service.publishing.commit.GroupCommit`)."""
+        Every record queued while a sync runs goes into the next one, synced by one of
+        the threads waiting for it (:class:`~ai_service.publishing.commit.GroupCommit`)."""
         self._group.wait(ticket)
 
     def _store(self) -> None:
-        """The group commit's batch: take the queue, write it, sync it."""
+        """One group commit: take the queue, write it, sync it (on the leading thread)."""
         with self._io:
             with self._cond:
                 batch, upto = self._take()
@@ -260,7 +264,7 @@ class Spool:
         """Queue ``new`` in ``old``'s place (same seq): one record, never both, never neither."""
         new.seq = old.seq
         with self._cond:
-            self._queue_add(new)
+            self._queue_add(new, _payload(new))
 
     def remove(self, envelope: Envelope) -> None:
         """Queue the ``DONE`` record of ``envelope`` (removing twice is harmless)."""
@@ -294,8 +298,7 @@ class Spool:
 
     # --- the log -------------------------------------------------------------------------
 
-    def _queue_add(self, envelope: Envelope) -> None:
-        payload = json.dumps(envelope.header(), separators=(",", ":")).encode() + b"\n" + envelope.body
+    def _queue_add(self, envelope: Envelope, payload: Payload) -> None:
         record = segments.encode(segments.ADD, envelope.seq, payload)
         self._bytes += len(record) - self._sizes.get(envelope.seq, 0)
         self._sizes[envelope.seq] = len(record)
@@ -362,6 +365,15 @@ class Spool:
                 del self._live[number]
         for number in doomed:
             self.files.remove(segments.segment_path(self.directory, number))
+
+
+def _payload(envelope: Envelope) -> bytes:
+    """What an ADD record holds: ``<header JSON>\\n<body>``."""
+    return json.dumps(envelope.header(), separators=(",", ":")).encode() + b"\n" + envelope.body
+
+
+#: For a caller that makes the payload outside its own lock (see :meth:`Spool.reserve`).
+payload = _payload
 
 
 def _parse(raw: bytes, seq: int) -> Envelope:

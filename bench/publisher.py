@@ -14,8 +14,13 @@ name) on the shared broker:
   :data:`THREADS` threads at once as a worker's handlers publish: each ``publish()``
   returns once the message is synced to the on-disk spool (the threads share one
   ``fdatasync`` per batch); the publisher thread pipelines them with confirms.  Timed
-  from the first ``publish()`` to the last message confirmed.  Also from one thread
-  alone, where each ``publish()`` waits for its own sync.
+  from the first ``publish()`` to the last message confirmed.  Each message is a job of
+  its own (its own ``correlation_id``), as an inference worker's answers are: the
+  headline figure.  Also each thread one job's stream of messages (a training job's
+  updates, each thread its own job): the publisher keeps a job's order even when the
+  broker nacks, so a job has one message in flight at a time and a stream is bound by
+  the broker's confirm latency.  And from one thread alone, where each ``publish()``
+  waits for its own sync.
 
 Also the latency of one message on an idle publisher: ``publish()`` → confirmed.
 """
@@ -126,17 +131,21 @@ def pipelined_pika(bench: Bench, queue: str, count: int) -> float:
     return count / (state["ended"] - state["started"])
 
 
-def publish_from_threads(publisher: Publisher, queue: str, bodies: list[bytes], threads: int) -> list[Any]:
-    """Each thread publishes its share one by one, as a handler publishes its job's messages
-    (its own ``correlation_id``: one job's order is kept, so one job has one message in
-    flight at a time); all start together."""
+def job_of(thread: int, message: int, streams: bool) -> str:
+    """The ``correlation_id``: one job per thread (``streams``), or one per message (answers)."""
+    return f"bench-job-{thread}" if streams else f"bench-answer-{thread}-{message}"
+
+
+def publish_from_threads(publisher: Publisher, queue: str, bodies: list[bytes], threads: int,
+                         streams: bool = False) -> list[Any]:
+    """Each thread publishes its share one by one, as a handler does; all start together."""
     receipts: list[Any] = []
     barrier = threading.Barrier(threads)
 
     def run(k: int, share: list[bytes]) -> None:
         barrier.wait()
-        mine = [publisher.publish("", queue, raw, message_type="epoch_update", correlation_id=f"bench-job-{k}")
-                for raw in share]
+        mine = [publisher.publish("", queue, raw, message_type="epoch_update", correlation_id=job_of(k, i, streams))
+                for i, raw in enumerate(share)]
         receipts.extend(mine)
 
     workers = [threading.Thread(target=run, args=(k, bodies[k::threads])) for k in range(threads)]
@@ -147,10 +156,10 @@ def publish_from_threads(publisher: Publisher, queue: str, bodies: list[bytes], 
     return receipts
 
 
-def shared_publisher(bench: Bench, queue: str, count: int, run: int, threads: int = THREADS
-                     ) -> tuple[float, list[float]]:
-    publisher = Publisher(bench.settings, spool_dir=bench.path("publisher-spool", f"{run}-{threads}"), topology=None,
-                          client_name="bench publisher")
+def shared_publisher(bench: Bench, queue: str, count: int, run: int, threads: int = THREADS,
+                     streams: bool = False) -> tuple[float, list[float]]:
+    publisher = Publisher(bench.settings, spool_dir=bench.path("publisher-spool", f"{run}-{threads}-{streams}"),
+                          topology=None, client_name="bench publisher")
     publisher.start()
     try:
         if not publisher.wait_connected(30):
@@ -158,10 +167,10 @@ def shared_publisher(bench: Bench, queue: str, count: int, run: int, threads: in
         bodies = [body(i) for i in range(count)]
         started = time.perf_counter()
         if threads > 1:
-            receipts = publish_from_threads(publisher, queue, bodies, threads)
+            receipts = publish_from_threads(publisher, queue, bodies, threads, streams)
         else:
             receipts = [publisher.publish("", queue, raw, message_type="epoch_update",
-                                          correlation_id="bench-publisher") for raw in bodies]
+                                          correlation_id=job_of(0, i, streams)) for i, raw in enumerate(bodies)]
         if not publisher.flush(300):
             raise RuntimeError("the publisher did not get every confirm within 300 s")
         rate = count / (time.perf_counter() - started)
@@ -203,8 +212,11 @@ def run(bench: Bench) -> list[Section]:
                          better="higher")
     piped = section.figure("pika_pipelined", f"pipelined pika SelectConnection, ≤{WINDOW} in flight, multiple acks",
                            "msg/s", baseline="pika", better="higher")
-    svc = section.figure("service", f"shared Publisher from {THREADS} threads (synced spool, pipelined confirms)",
-                         "msg/s", baseline="pika", better="higher")
+    svc = section.figure("service", f"shared Publisher from {THREADS} threads (synced spool, pipelined confirms), "
+                         "each message a job of its own (answers)", "msg/s", baseline="pika", better="higher")
+    streams = section.figure("service_streams", f"shared Publisher from {THREADS} threads, each thread one job's "
+                             "stream (one in flight per job: its order holds under nacks)", "msg/s", baseline="pika",
+                             better="higher")
     one = section.figure("service_one_thread", "shared Publisher from one thread (each publish() waits for its "
                          "own sync)", "msg/s", baseline="pika", better="higher")
     raw_lat = section.figure("pika_latency", "one message, plain pika: basic_publish → confirmed, p50", "ms")
@@ -215,7 +227,7 @@ def run(bench: Bench) -> list[Section]:
     connection = pika.BlockingConnection(cast(Any, broker_parameters(s.rabbitmq_host, s.rabbitmq_port)))
     channel = connection.channel()
     channel.queue_declare(queue, durable=True, arguments=cast(Any, {"x-queue-type": "quorum"}))
-    order = ("pika", "piped", "svc", "one")
+    order = ("pika", "piped", "svc", "streams", "one")
     try:
         for r in range(repeats):
             for which in order[r % len(order):] + order[:r % len(order)]:
@@ -228,6 +240,8 @@ def run(bench: Bench) -> list[Section]:
                     rate, latencies = shared_publisher(bench, queue, count, r)
                     svc.add(rate)
                     svc_lat.add(percentile(latencies, 50))
+                elif which == "streams":
+                    streams.add(shared_publisher(bench, queue, count, r, streams=True)[0])
                 else:
                     one.add(shared_publisher(bench, queue, count // 8, r, threads=1)[0])
                 channel.queue_purge(queue)
@@ -247,5 +261,9 @@ def run(bench: Bench) -> list[Section]:
         "The service's publish() returns only once the message is fdatasynced to its spool (nothing lost on kill -9 "
         "or power loss); threads publishing at the same time share one sync, so one thread alone is bounded by "
         "the disk's sync latency (service_one_thread), many by the broker. Pipelined pika keeps nothing on disk.",
+        "service: each message is a job of its own (an inference worker's answers). service_streams: each thread "
+        "publishes one job's messages; a job has one message in flight at a time (a nacked message is never "
+        "overtaken by its job's next), so a stream waits one confirm per message and 64 streams are bound by "
+        "64 ÷ the broker's confirm latency.",
     ]
     return [section]
