@@ -6,8 +6,10 @@ beside it."""
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import BinaryIO
 
 import pytest
 
-from ai_service.publishing.segments import HEAD_SIZE, OsFiles
+from ai_service.publishing.segments import ADD, HEAD_SIZE, OsFiles, decode, encode
 from ai_service.spool import Envelope, RefusedLog, Spool, SpoolLocked
 
 
@@ -366,6 +368,85 @@ def test_a_torn_last_record_is_cut_off_and_the_whole_ones_before_it_come_back(
     third, left = reopen(spool_dir)
     third.close()
     assert [e.message_id for e in left] == ["m0", "m1", "m9"]
+
+
+def as_a_kill_left_it(spool_dir: Path, tmp_path: Path) -> Path:
+    """A copy of an open spool's directory: its segments as they are on disk, never closed."""
+    copy = tmp_path / "killed"
+    copy.mkdir()
+    for segment in spool_dir.glob(f"*{Spool.SUFFIX}"):
+        shutil.copyfile(segment, copy / segment.name)
+    return copy
+
+
+def test_a_segment_a_killed_process_left_with_zeros_ahead_of_its_records_comes_back_whole_without_an_error(
+    spool_dir: Path, spool: Spool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for n in range(3):
+        spool.add(envelope(n))
+    killed = as_a_kill_left_it(spool_dir, tmp_path)
+    [segment] = list(killed.glob(f"*{Spool.SUFFIX}"))
+    records, good = decode(segment.read_bytes())
+    assert len(records) == 3
+    assert segment.stat().st_size > good, "no zeros were laid ahead of the records"
+
+    with caplog.at_level(logging.ERROR, logger="ai_service.spool"):
+        again, left = reopen(killed)
+    try:
+        assert [e.message_id for e in left] == ["m0", "m1", "m2"]
+        assert [r.getMessage() for r in caplog.records] == []
+        again.add(envelope(9))
+    finally:
+        again.close()
+    third, left = reopen(killed)
+    third.close()
+    assert [e.message_id for e in left] == ["m0", "m1", "m2", "m9"]
+
+
+def test_a_record_torn_inside_the_zeros_ahead_is_cut_off_with_an_error_and_the_whole_ones_come_back(
+    spool_dir: Path, spool: Spool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for n in range(2):
+        spool.add(envelope(n))
+    killed = as_a_kill_left_it(spool_dir, tmp_path)
+    [segment] = list(killed.glob(f"*{Spool.SUFFIX}"))
+    _, good = decode(segment.read_bytes())
+    with open(segment, "r+b") as fh:  # the third record: its first bytes reached the disk, the rest did not
+        fh.seek(good)
+        fh.write(encode(ADD, 3, b'{"exchange":"x"}\nbody')[:12])
+
+    with caplog.at_level(logging.ERROR, logger="ai_service.spool"):
+        again, left = reopen(killed)
+    again.close()
+    assert [e.message_id for e in left] == ["m0", "m1"]
+    assert any("cut short" in r.getMessage() for r in caplog.records)
+
+
+class FailingFiles(OsFiles):
+    """The real file system, whose next sync fails as a full or broken disk's does."""
+
+    def __init__(self) -> None:
+        self.fail_next = False
+
+    def sync(self, handle: BinaryIO) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(errno.EIO, "Input/output error")
+        super().sync(handle)
+
+
+def test_a_sync_that_fails_raises_in_the_add_it_covered_and_the_next_add_is_synced_again(spool_dir: Path) -> None:
+    files = FailingFiles()
+    s = Spool(spool_dir, max_messages=100, files=files)
+    s.open()
+    try:
+        files.fail_next = True
+        with pytest.raises(OSError, match="Input/output error"):
+            s.add(envelope(1))
+        s.add(envelope(2))
+        assert "m2" in [e.message_id for e in Spool.peek(spool_dir)]
+    finally:
+        s.close()
 
 
 def test_segments_whose_messages_all_left_are_deleted_and_a_closed_empty_spool_leaves_no_log(
