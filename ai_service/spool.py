@@ -22,6 +22,7 @@ in the spool directory, bounded in bytes; importable from here too).
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import threading
@@ -64,7 +65,7 @@ class Envelope:
     replacement: bool = False
     _basic: pika.BasicProperties | None = field(default=None, compare=False, repr=False)
 
-    @property
+    @functools.cached_property
     def job(self) -> str | None:
         """The job it belongs to (its ``correlation_id``): the unit whose order is kept."""
         job = self.properties.get("correlation_id")

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import random
-import threading
+from _thread import allocate_lock
 
 from ai_service import tracing
 
@@ -37,7 +37,10 @@ class Receipt:
 
     def __init__(self, message_id: str) -> None:
         self.message_id = message_id
-        self._event = threading.Event()
+        # held until settled: cheaper than an Event (one per message, on the hot path)
+        self._settled = allocate_lock()
+        self._settled.acquire()
+        self._done = False
         self.unroutable = False
         self.refused_reason: str | None = None
         self.replaced = False
@@ -46,13 +49,21 @@ class Receipt:
         self.span: tracing.Span = tracing.NO_SPAN
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(timeout)
+        if self._done:
+            return True
+        if not self._settled.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            return self._done
+        self._settled.release()  # the next waiter passes too
+        return True
 
     @property
     def confirmed(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def _set(self) -> None:
-        self._event.set()
+        if self._done:
+            return
+        self._done = True
+        self._settled.release()
         span, self.span = self.span, tracing.NO_SPAN
         tracing.published(span, unroutable=self.unroutable, refused_reason=self.refused_reason, replaced=self.replaced)
