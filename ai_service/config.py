@@ -212,6 +212,8 @@ class Settings:
     # inference worker (ours, documented in workers/inference/)
     infer_prefetch: int = 16  # deliveries in flight = handler threads feeding the batcher
     infer_threads: int = 0  # torch CPU threads for .pt/.torchscript; 0 = every core the process may use
+    infer_decode_threads: int = 0  # requests decoding images at once (fetch, base64, Pillow); 0 = cores, 2..8
+    model_version_ttl: float = 1.0  # seconds a model's version (ETag) is trusted before the next stat; 0 = per request
     model_cache_max_mb: int = 2048  # estimated memory of the cached models
     max_image_bytes: int = 16 * 1024 * 1024  # one stored image object
     max_image_pixels: int = 40_000_000  # one image, checked on its header before decoding

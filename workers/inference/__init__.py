@@ -4,12 +4,15 @@ One request (on one of ``INFER_PREFETCH`` handler threads; the runtime acks it o
 its answer is confirmed by the broker):
 
 1. ``images`` is checked against ``MAX_IMAGES_PER_REQUEST``; the model is resolved through the
-   :class:`ModelCache` (one ``stat``/listing per request; download, load and warm-up only
-   for a key + version it does not hold).
+   :class:`ModelCache` (its version -- ETag or listing digest -- trusted for
+   ``MODEL_VERSION_TTL`` seconds, then one ``stat``/listing again; download, load and
+   warm-up only for a key + version it does not hold).
 2. Every image is fetched (storage key) or base64-decoded (inline) and decoded with
    Pillow under caps: bytes (``MAX_IMAGE_BYTES``, ``MAX_INLINE_IMAGE_BYTES``), pixels read
    from the header *before* decoding (``MAX_IMAGE_PIXELS``, ``MAX_REQUEST_PIXELS``), only
    raster formats Pillow decodes itself, truncated or corrupt data refused.  This happens
+   on the handler's thread, at most ``INFER_DECODE_THREADS`` requests at once (so that a
+   burst of deliveries does not starve the predict thread of the GIL and the cores), and
    before batching, so a bad request fails alone.
 3. The decoded images go to the :class:`Engine`, the one thread that touches models (load,
    warm-up, predict).  It runs requests for the same model version and parameters that
@@ -121,6 +124,7 @@ def setup(resources: Resources) -> None:
     resources.state = InferenceState(service)
     batching = (f"up to {service.engine.max_batch} images, waiting up to {settings.batch_window_ms} ms"
                 if service.engine.max_batch > 1 else "off")
-    log.info("[Handler] Inference on %s: %d requests in flight, batching %s, torch threads %d for .pt/.torchscript, "
-             "model cache %d models / %d MB", device, max(1, settings.infer_prefetch), batching,
-             service.engine.cpu_threads, settings.model_cache_size, settings.model_cache_max_mb)
+    log.info("[Handler] Inference on %s: %d requests in flight, %d decoding at once, batching %s, torch threads %d "
+             "for .pt/.torchscript, model cache %d models / %d MB, model versions checked every %g s", device,
+             max(1, settings.infer_prefetch), service.decode_threads, batching, service.engine.cpu_threads,
+             settings.model_cache_size, settings.model_cache_max_mb, settings.model_version_ttl)

@@ -156,11 +156,15 @@ class ModelCache:
     Keyed by storage key *and* version, so a replaced object is loaded afresh while an
     unchanged one is never downloaded again.  Only one handler loads a given key at a
     time; the others wait for it and then find it cached.
+
+    ``version_ttl``: how long a key's version (its ETag, one ``stat``) is trusted before it
+    is checked again -- a storage round trip per request costs more than the predict of a
+    small model on a GPU; a replaced model is picked up within the TTL.  0: every request.
     """
 
     def __init__(self, storage: Storage, root: Path, engine: Engine, *, max_models: int, max_bytes: int,
                  loader: Loader | None = None, metrics: Metrics | None = None,
-                 provenance: Provenance | None = None) -> None:
+                 provenance: Provenance | None = None, version_ttl: float = 0.0) -> None:
         self.storage = storage
         self.provenance = provenance
         self.metrics = metrics
@@ -170,6 +174,9 @@ class ModelCache:
         self.max_models = max(1, max_models)
         self.max_bytes = max_bytes
         self.downloads = 0
+        self.version_ttl = max(0.0, version_ttl)
+        self.version_checks = 0  # stats/listings made to learn a key's version
+        self._versions: dict[str, tuple[ModelRef, float]] = {}  # key -> (ref, checked at, monotonic)
         self._entries: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._key_locks: dict[str, tuple[threading.Lock, int]] = {}
@@ -186,7 +193,7 @@ class ModelCache:
         return sum(e.nbytes for e in self._entries.values())
 
     def get(self, key: str, imgsz: int, job_log: Log) -> LoadedModel:
-        ref = resolve_model(self.storage, key)
+        ref = self.resolve(key)
         hit = self._lookup(ref)
         if hit is None:
             with self._loading(key):
@@ -197,6 +204,22 @@ class ModelCache:
         self._count("hit")
         job_log.debug("Model %s (version %s) from the cache", key, ref.version[:12])
         return hit
+
+    def resolve(self, key: str) -> ModelRef:
+        """``key``'s current version: the one checked less than ``version_ttl`` ago, else a new
+        ``stat`` (failures are not remembered: a model uploaded later is found at once)."""
+        now = time.monotonic()
+        known = self._versions.get(key)
+        if known is not None and now - known[1] < self.version_ttl:
+            return known[0]
+        self.version_checks += 1
+        ref = resolve_model(self.storage, key)
+        if self.version_ttl > 0:
+            with self._lock:
+                if len(self._versions) >= 4 * self.max_models + 64:  # keys asked for once must not pile up
+                    self._versions = {k: v for k, v in self._versions.items() if now - v[1] < self.version_ttl}
+                self._versions[key] = (ref, now)
+        return ref
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:

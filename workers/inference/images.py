@@ -61,11 +61,13 @@ def decode_image(raw: bytes, label: str, *, max_pixels: int, pixels_left: int) -
             probe.verify()  # chunk structure and checksums, without decoding
         with _open_image(raw) as image:
             image.load()  # a truncated file raises here (LOAD_TRUNCATED_IMAGES stays off)
-            oriented = ImageOps.exif_transpose(image)
+            # in place: without it, an image with no orientation to apply is copied whole for nothing
+            ImageOps.exif_transpose(image, in_place=True)
+            oriented: Image.Image = image
             if oriented.mode.startswith("I;16"):
                 oriented = Image.fromarray((np.asarray(oriented) >> 8).astype(np.uint8))
             rgb = oriented if oriented.mode == "RGB" else oriented.convert("RGB")
-            array = np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
+            array = np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])  # the one copy: RGB -> BGR
             return array, rgb.width, rgb.height
     except AIServiceError:
         raise

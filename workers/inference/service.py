@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -34,7 +35,12 @@ class InferenceService:
         self.settings = settings
         self.storage = storage
         self.metrics = metrics
-        threads = settings.infer_threads or len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
+        threads = settings.infer_threads or cores
+        #: Requests decoding at once: a bounded pool of the handler threads, so that a burst of
+        #: deliveries does not have 16 threads fighting the predict thread for the GIL and cores.
+        self.decode_threads = settings.infer_decode_threads or min(8, max(2, cores))
+        self._decode_slots = threading.BoundedSemaphore(self.decode_threads)
         self.engine = Engine(device, max_batch=settings.max_batch, window_s=settings.batch_window_ms / 1000.0,
                              cpu_threads=threads, metrics=metrics)
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.worker_name).strip("_") or "worker"
@@ -42,7 +48,8 @@ class InferenceService:
                                 max_models=settings.model_cache_size,
                                 max_bytes=settings.model_cache_max_mb * 2**20, metrics=metrics,
                                 provenance=Provenance(storage, prefix=settings.jobs_prefix,
-                                                      trust_external=settings.trust_external_models))
+                                                      trust_external=settings.trust_external_models),
+                                version_ttl=settings.model_version_ttl)
 
     def start(self) -> None:
         self.engine.start()
@@ -58,7 +65,8 @@ class InferenceService:
         submitted = False
         try:
             model = self.cache.get(request.model.path, params.imgsz, ctx.log)
-            images = self._decode_all(request)
+            with self._decode_slots:
+                images = self._decode_all(request)
             future = self.engine.submit(Job(model, params, [image.array for image in images], Future(),
                                             tracing.current()))
             submitted = True
