@@ -518,14 +518,14 @@ def test_the_model_cache_trusts_a_version_for_its_ttl_then_checks_storage_again(
     engine.start()
     log = logging.getLogger("test")
     cache = ModelCache(storage, tmp_path / "models", engine, max_models=2, max_bytes=10_000, loader=loader,
-                       version_ttl=0.5)
+                       version_ttl=3.0)  # long enough for 22 gets on a loaded machine
     first = cache.get("models/a.pt", 640, log)
     for _ in range(20):
         assert cache.get("models/a.pt", 640, log) is first
     assert cache.version_checks == 1, "one stat for 21 requests within the TTL"
     storage.write_bytes("models/a.pt", b"y" * 100)  # replaced: still the old version until the TTL ends
     assert cache.get("models/a.pt", 640, log) is first
-    time.sleep(0.6)
+    time.sleep(3.1)
     second = cache.get("models/a.pt", 640, log)
     assert second is not first
     assert loaded == [b"x" * 100, b"y" * 100]
