@@ -249,3 +249,8 @@ class DirectGetFailed(ToolError):
     def __init__(self, reason: str, *, status: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
+
+
+class ObjectChanged(DirectGetFailed):
+    """The object's size is no longer the listing's (rewritten since): fetch it again, whole;
+    not a fault of the direct path, which goes on for the other objects."""

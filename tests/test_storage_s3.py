@@ -227,6 +227,25 @@ def _files() -> dict[str, bytes]:
     return {"ds/a b/é+%20?.bin": b"a" * 3000, "ds/plus+sign.txt": b"p", "ds/big.bin": big, **many}
 
 
+def test_an_object_whose_size_changed_since_the_listing_is_fetched_through_get_object_whole(
+    s3_env: dict[str, str], s3_bucket: str, tmp_path: Path
+) -> None:
+    client = _CountingClient(make_s3_client(max_attempts=1))
+    store = S3Storage(s3_bucket, client=cast(Any, client))
+    for n in "abc":
+        store.write_bytes(f"ds/{n}.bin", n.encode() * 100)
+    listed = [store.stat(f"ds/{n}.bin") for n in "abc"]
+    store.write_bytes("ds/b.bin", b"grown since the listing" * 1000)  # rewritten after it was listed
+    got: list[str] = []
+    assert all(listed)
+    store.fetch_files([(info, tmp_path / info.key) for info in listed if info], lambda info: got.append(info.key))
+    assert (tmp_path / "ds/b.bin").read_bytes() == b"grown since the listing" * 1000  # never a cut-off body
+    assert (tmp_path / "ds/a.bin").read_bytes() == b"a" * 100
+    assert sorted(got) == ["ds/a.bin", "ds/b.bin", "ds/c.bin"]
+    assert client.presigned.count("ds/b.bin") == 1  # fetched again on its own: the bulk GET refused its size
+    assert client.presigned.count("ds/a.bin") == 0  # the others stayed on the bulk path (its own signer)
+
+
 def test_a_sync_lists_and_downloads_directly_and_odd_keys_arrive_intact(
     s3_env: dict[str, str], s3_bucket: str, tmp_path: Path
 ) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, quote
 
-from ai_service.errors import DirectGetFailed
+from ai_service.errors import DirectGetFailed, ObjectChanged
 from ai_service.storage.base import Download, ObjectInfo, temp_path
 from ai_service.storage.direct import CHUNK, Digest, DirectGets, parse_head
 
@@ -136,15 +136,15 @@ class _Conn:
         self.reader = self.writer = None
 
 
-async def _get(conn: _Conn, gets: DirectGets, sign: Sign, key: str, dest: Path) -> None:
-    """GET ``key`` into ``dest`` (atomically), retrying once when a reused connection was stale."""
-    url = sign(key)
+async def _get(conn: _Conn, gets: DirectGets, sign: Sign, info: ObjectInfo, dest: Path) -> None:
+    """GET ``info.key`` into ``dest`` (atomically), retrying once when a reused connection was stale."""
+    url = sign(info.key)
     request = (f"GET {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\n"
                "x-amz-checksum-mode: ENABLED\r\n\r\n").encode("ascii")
     for attempt in (0, 1):
         reused = await conn.open(url.scheme, url.hostname or "", url.port)
         try:
-            await _exchange(conn, gets, request, dest)
+            await _exchange(conn, gets, request, dest, info.size)
             return
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             conn.close()
@@ -155,8 +155,9 @@ async def _get(conn: _Conn, gets: DirectGets, sign: Sign, key: str, dest: Path) 
             raise
 
 
-async def _exchange(conn: _Conn, gets: DirectGets, request: bytes, dest: Path) -> None:
-    """One request and its response, the body written to a temporary file beside ``dest``."""
+async def _exchange(conn: _Conn, gets: DirectGets, request: bytes, dest: Path, size: int) -> None:
+    """One request and its response, the body written to a temporary file beside ``dest``; a body
+    of another size than the listing's (the object changed since) is left to ``get_object``."""
     assert conn.reader is not None
     assert conn.writer is not None
     reader = conn.reader
@@ -171,6 +172,8 @@ async def _exchange(conn: _Conn, gets: DirectGets, request: bytes, dest: Path) -
             raise DirectGetFailed(f"HTTP {status}", status=status)  # the connection is closed
         if length is None:
             raise DirectGetFailed("no Content-Length")
+        if length != size:  # raised unread: _get closes the connection
+            raise ObjectChanged("size differs from the listing's")
         digest = Digest(headers)
         tmp = temp_path(dest)
         try:
@@ -202,9 +205,11 @@ async def _worker(gets: DirectGets, sign: Sign, todo: Iterator[Download], done: 
                 left.append((info, dest))
                 continue
             try:
-                await _get(conn, gets, sign, info.key, dest)
+                await _get(conn, gets, sign, info, dest)
             except TimeoutError:
                 gets.failed(info.key, DirectGetFailed("TimeoutError"))
+                left.append((info, dest))
+            except ObjectChanged:
                 left.append((info, dest))
             except DirectGetFailed as exc:
                 gets.failed(info.key, exc)
