@@ -43,6 +43,9 @@ log = logging.getLogger("ai_service.spool")
 #: size through the journal, slower) once per this many bytes, the others flush data only.
 RUNWAY_BYTES = 1024 * 1024
 
+#: ``json.dumps(..., separators=(",", ":"))`` without building an encoder per call (once per message).
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
 #: A record waiting to be written: (kind, seq, the encoded record).
 Queued = tuple[int, int, bytes]
 #: An ADD record's payload (named: inside Spool, ``bytes`` is its property).
@@ -370,7 +373,7 @@ class Spool:
 
 def _payload(envelope: Envelope) -> bytes:
     """What an ADD record holds: ``<header JSON>\\n<body>``."""
-    return json.dumps(envelope.header(), separators=(",", ":")).encode() + b"\n" + envelope.body
+    return _compact_json(envelope.header()).encode() + b"\n" + envelope.body
 
 
 #: For a caller that makes the payload outside its own lock (see :meth:`Spool.reserve`).
