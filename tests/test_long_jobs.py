@@ -252,7 +252,8 @@ def test_a_job_longer_than_the_consumer_timeout_completes_once_without_a_406(
         journal = Journal(client)
         worker = start_worker("train", env={**long_env(), "RABBITMQ_PORT": str(broker.port)})
         started = time.monotonic()
-        client.send_train(train_request("marathon", epochs=10000, imgsz=32))
+        # patience: on a quiet machine 100 epochs pass without improvement before the cancel.
+        client.send_train(train_request("marathon", epochs=10000, imgsz=32, patience=10000))
         # Train for well past the 60 s timeout and its once-a-minute check, then cancel.
         while time.monotonic() - started < 150:
             journal.poll()
