@@ -137,6 +137,7 @@ class Publisher(Refusals):
         message_id: str | None = None,
         expiration: str | None = None,
         ephemeral: bool = False,
+        order_key: str | None = None,
     ) -> Receipt:
         """Queue a message for confirmed delivery; returns once it is on disk in the spool.
 
@@ -149,6 +150,9 @@ class Publisher(Refusals):
         ``ephemeral`` (heartbeats): non-persistent, never spooled, sent ahead of the spool
         while connected; skipped (receipt settled with ``refused_reason``) when
         disconnected, too large, or replaced by a newer one before it went out.
+
+        ``order_key``: the job whose messages keep their order (one in flight at a time);
+        without it, the ``correlation_id`` is.
         """
         message_id = message_id or new_message_id()
         span = tracing.publishing(exchange, routing_key, message_type=message_type, message_id=message_id,
@@ -167,7 +171,7 @@ class Publisher(Refusals):
             properties["headers"] = headers
         if expiration is not None:
             properties["expiration"] = expiration
-        envelope = Envelope(exchange, routing_key, body, properties, mandatory)
+        envelope = Envelope(exchange, routing_key, body, properties, mandatory, order=order_key)
         receipt = Receipt(message_id)
         receipt.span = span
         if ephemeral:

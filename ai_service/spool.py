@@ -66,12 +66,15 @@ class Envelope:
     done: bool = field(default=False, compare=False)
     #: This message stands in for one that was refused: it is never replaced in turn.
     replacement: bool = False
+    #: The unit whose order is kept (the outbox gives ``<op>/<job_id>``); None: the ``correlation_id``.
+    order: str | None = None
     _basic: pika.BasicProperties | None = field(default=None, compare=False, repr=False)
 
     @functools.cached_property
     def job(self) -> str | None:
-        """The job it belongs to (its ``correlation_id``): the unit whose order is kept."""
-        job = self.properties.get("correlation_id")
+        """The job it belongs to, the unit whose order is kept: its ``order`` key, else its
+        ``correlation_id`` (a BE may give many jobs one correlation_id: the key keeps them apart)."""
+        job = self.order if self.order is not None else self.properties.get("correlation_id")
         return str(job) if job is not None else None
 
     def basic_properties(self) -> pika.BasicProperties:
@@ -89,6 +92,8 @@ class Envelope:
         }
         if self.replacement:
             head["replacement"] = True
+        if self.order is not None:
+            head["order"] = self.order
         return head
 
     @property
@@ -392,4 +397,5 @@ def _parse(raw: bytes, seq: int) -> Envelope:
         mandatory=bool(meta.get("mandatory", True)),
         seq=seq,
         replacement=bool(meta.get("replacement", False)),
+        order=meta.get("order"),
     )

@@ -24,7 +24,7 @@ from ai_service.broker import Topology
 from ai_service.config import Settings
 from ai_service.errors import SpoolFull
 from ai_service.publisher import Publisher, Receipt
-from ai_service.spool import Spool
+from ai_service.spool import Envelope, Spool
 from ai_service.worker import EXIT_CONFIG, spool_dir
 from tests.conftest import WorkerFactory
 from tests.support.amqp import BE, Received
@@ -295,6 +295,39 @@ def test_sixteen_jobs_publishing_at_once_keep_each_jobs_order_with_many_messages
     for tag in receipts:
         assert [m.body["n"] for m in got if m.body["tag"] == tag] == list(range(each)), tag
     assert most_in_flight > 1, "never more than one message in flight: the publisher did not pipeline"
+
+
+def test_answers_sharing_a_bes_correlation_id_but_not_a_job_are_pipelined_and_a_jobs_order_key_survives_the_spool(
+    be: BE, make_publisher: PublisherFactory, tmp_path: Path
+) -> None:
+    publisher = make_publisher()
+    s = publisher.settings
+    most_in_flight = 0
+    sampling = threading.Event()
+
+    def sample() -> None:
+        nonlocal most_in_flight
+        while not sampling.is_set():
+            most_in_flight = max(most_in_flight, publisher.in_flight)
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    receipts = []
+    for n in range(300):  # a BE that sets one correlation_id on every request: each answer its own job
+        body = json.dumps({"type": "epoch_update", "job_id": f"a-{n}", "tag": "shared", "n": n}).encode()
+        receipts.append(publisher.publish(s.events_exchange, f"train.update.a-{n}", body, message_type="epoch_update",
+                                          correlation_id="one-for-all", order_key=f"infer/a-{n}", block=False))
+    assert all(r.wait(30) for r in receipts)
+    sampling.set()
+    sampler.join()
+    assert len(first_occurrences(collect(be, s.train_update_queue, 300, timeout=30))) == 300
+    assert most_in_flight > 1, "answers of different jobs were held one behind another for sharing a correlation_id"
+
+    spool = Spool(tmp_path / "spool", 100)  # the order key is part of the record, so a re-send keeps it
+    spool.add(Envelope("x", "k", b"{}", {"correlation_id": "one-for-all"}, order="train/j1"))
+    spool.close()
+    assert [e.job for e in Spool.peek(tmp_path / "spool")] == ["train/j1"]
 
 
 def test_a_job_whose_message_the_broker_nacks_gets_its_later_messages_only_after_it_in_order_and_none_lost(

@@ -32,6 +32,8 @@ class DeliveryOutbox:
         self.op = names.op
         self.job_id = job_id
         self.info = info
+        #: The publisher keeps this job's messages in order, whatever correlation_id the BE chose.
+        self.order_key = f"{self.op}/{job_id}" if job_id else None
         #: The job's trace context (its consume span), for publishes from other threads.
         self.trace = tracing.current()
 
@@ -62,7 +64,7 @@ class DeliveryOutbox:
         with tracing.within(self.trace):
             return self.publisher.publish(
                 exchange, key, body, message_type=message_type, correlation_id=self._correlation(),
-                message_id=message_id,
+                message_id=message_id, order_key=self.order_key,
             )
 
     def _request(self, exchange: str, key: str, *, keep_lease: bool = True, **extra: Any) -> Receipt:
@@ -73,7 +75,7 @@ class DeliveryOutbox:
         with tracing.within(self.trace):
             return self.publisher.publish(
                 exchange, key, self.info.body, message_type="request", correlation_id=self.info.correlation_id,
-                headers=headers or None, **extra,
+                headers=headers or None, order_key=self.order_key, **extra,
             )
 
     def lease(self, token: str, ttl_ms: int) -> Receipt:

@@ -36,7 +36,8 @@ def replacement_envelope(refused: Envelope, exchange: str, routing_key: str, bod
         "type": message_type,
         "timestamp": int(time.time()),
     })
-    return Envelope(exchange, routing_key, body, properties, refused.mandatory, replacement=True)
+    return Envelope(exchange, routing_key, body, properties, refused.mandatory, replacement=True,
+                    order=refused.order)
 
 
 def failure_replacer(settings: Settings, op: str,
