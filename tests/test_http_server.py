@@ -187,6 +187,28 @@ def test_the_server_closes_silent_half_sent_and_slow_body_connections_but_finish
     assert not server.running
 
 
+def test_every_accepted_connection_sends_without_nagle_so_a_kept_alive_request_is_not_held_for_a_delayed_ack() -> None:
+    """asyncio sets TCP_NODELAY only where the listener's ``proto`` is IPPROTO_TCP, which ours
+    (``socket.create_server``) is not: h11's head-then-body writes then waited ~40 ms a request."""
+    app, metrics = guarded_app()
+    server = HttpServer(app, "127.0.0.1", 0, metrics=metrics)
+    server.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        assert response.status == 200
+        response.read()
+        protocols = list(server.server.server_state.connections)
+        assert len(protocols) == 1
+        sock = protocols[0].transport.get_extra_info("socket")
+        assert sock.proto != socket.IPPROTO_TCP, "asyncio would set TCP_NODELAY itself: this test checks nothing"
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        conn.close()
+    finally:
+        server.stop()
+
+
 # --- the OpenAPI document ------------------------------------------------------------------
 
 

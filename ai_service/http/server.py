@@ -50,6 +50,7 @@ class _GuardedH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        _no_delay(transport)
         self._deadline: asyncio.TimerHandle | None = None
         if len(self.connections) > self.max_connections:
             self._count("full")
@@ -108,6 +109,21 @@ class _GuardedH11(H11Protocol):
     def _count(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.http_connections_closed.labels(reason).inc()
+
+
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """Send each write at once (TCP_NODELAY), as asyncio does for the sockets it makes itself.
+
+    asyncio sets TCP_NODELAY only on sockets whose ``proto`` is ``IPPROTO_TCP``; those accepted
+    from a listener made by ``socket.create_server`` (or uvicorn's own ``bind_socket``) have 0.
+    Without it, h11's response (head, then body: two writes) met Nagle and the client's delayed
+    ACK: every keep-alive request waited ~40 ms (``/healthz`` p50 44 ms, ``POST /v1/infer`` one
+    at a time 64 ms vs 23-26 ms over AMQP, measured 2026-12-02).
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _protocol(metrics: Metrics | None, max_connections: int, request_timeout: float) -> type[H11Protocol]:
