@@ -22,9 +22,9 @@ import pytest
 from ai_service.errors import ObjectNotFound, StorageError
 from ai_service.storage import (
     S3Storage,
-    bulk_get,
     direct,
     make_s3_client,
+    sigv4,
     sync_prefix,
     sync_prefix_report,
 )
@@ -259,7 +259,7 @@ def test_a_sync_lists_and_downloads_directly_and_odd_keys_arrive_intact(
     assert (report.objects, report.downloaded) == (len(files), len(files))
     assert client.presigned.count("list:ds/") == 1
     assert (client.paginators, client.get_objects) == (0, 0)  # neither botocore's listing nor GetObject
-    assert not set(files) & set(client.presigned)  # each GET signed by bulk_get.Signer, not botocore
+    assert not set(files) & set(client.presigned)  # each GET signed by sigv4.Signer, not botocore
 
 
 def test_the_signer_is_used_only_where_it_reproduces_botocores_url(s3_env: dict[str, str]) -> None:
@@ -269,7 +269,7 @@ def test_the_signer_is_used_only_where_it_reproduces_botocores_url(s3_env: dict[
         return urlsplit(client.generate_presigned_url(
             "get_object", Params={"Bucket": "b", "Key": key, "ChecksumMode": "ENABLED"}, ExpiresIn=300))
 
-    signer = bulk_get.Signer.checked(client, botocore)
+    signer = sigv4.Signer.checked(client, botocore)
     assert signer is not None
     reference = botocore("ds/x y/ü+%.png")
     stamp = dict(parse_qsl(reference.query))["X-Amz-Date"]
@@ -280,8 +280,8 @@ def test_the_signer_is_used_only_where_it_reproduces_botocores_url(s3_env: dict[
         url = botocore(key)
         return url._replace(path=url.path.replace("~", "%7E"))
 
-    assert bulk_get.Signer.checked(client, quoted_otherwise) is None
-    assert bulk_get.Signer.checked(object(), botocore) is None  # no credentials to sign with
+    assert sigv4.Signer.checked(client, quoted_otherwise) is None
+    assert sigv4.Signer.checked(object(), botocore) is None  # no credentials to sign with
 
 
 def test_a_sync_whose_direct_gets_fail_arrives_through_get_object_and_logs_no_signed_url(

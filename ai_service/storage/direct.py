@@ -3,8 +3,11 @@
 A dataset sync fetches a thousand small objects.  Through ``get_object`` each costs
 about 2 ms of CPU in botocore (events, endpoint rules, signing, header parsing), more
 than the download itself; a presigned URL costs 0.2-0.3 ms to make and a plain
-``http.client`` GET 0.3 ms.  The URL comes from the shared boto3 client, so endpoint,
-addressing style, region and credentials are exactly the client's.
+``http.client`` GET 0.3 ms.  The URLs come from a :class:`Presigner`: the shared botocore
+client (:class:`ClientPresigner`: endpoint, addressing style, region and credentials are
+exactly the client's), or, where the environment alone configures S3, the signer of
+:mod:`~ai_service.storage.sigv4` (:mod:`~ai_service.storage.env_config`), which needs no
+botocore at all.
 
 This is only a fast path.  Any failure (a refused connection, a TLS setting it does
 not know, a non-200 answer, a checksum that does not match) raises :class:`DirectGetFailed`
@@ -30,21 +33,18 @@ import urllib.request
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import SplitResult, unquote_plus, urlsplit
 from xml.etree import ElementTree
 
 from ai_service.errors import DirectGetFailed as DirectGetFailed  # defined in errors.py, importable from here as before
 from ai_service.storage.keys import show
+from ai_service.storage.sigv4 import CHECKSUM_MODE, URL_EXPIRES_S, Sign, Signer, list_params
 
 #: Bytes read per write to the local file.
 CHUNK = 1024 * 1024
-#: Lifetime of one presigned URL (it is used at once).
-URL_EXPIRES_S = 300
 #: After a failure, downloads go through ``get_object`` for this long.
 REST_S = 300.0
-#: The header a presigned GetObject URL with ``ChecksumMode`` signs (the server then names the checksum).
-CHECKSUM_MODE = {"x-amz-checksum-mode": "ENABLED"}
 #: Largest listing page accepted (1,000 keys of at most 1,024 bytes, URL-encoded, and their fields).
 MAX_LISTING_PAGE = 16 * 1024 * 1024
 
@@ -118,6 +118,50 @@ def parse_head(head: bytes) -> tuple[int, int | None, dict[str, str], bool]:
     return status, length, headers, close
 
 
+class Presigner(Protocol):
+    """Who makes the fast path's URLs of one bucket."""
+
+    def get_object(self, key: str) -> SplitResult:
+        """A presigned GetObject URL of ``key`` with checksum mode on (:data:`CHECKSUM_MODE` signed)."""
+        ...
+
+    def list_objects_v2(self, prefix: str, token: str | None = None, page_size: int | None = None) -> SplitResult:
+        """A presigned ListObjectsV2 page of ``prefix``, keys URL-encoded."""
+        ...
+
+    def bulk(self) -> Sign:
+        """The cheapest signer of GetObject URLs, for a thousand at once."""
+        ...
+
+
+class ClientPresigner:
+    """URLs presigned by a botocore client (``generate_presigned_url``)."""
+
+    def __init__(self, client: Any, bucket: str) -> None:
+        self._client = client
+        self._bucket = bucket
+
+    def get_object(self, key: str) -> SplitResult:
+        return self._presign("get_object", {"Bucket": self._bucket, "Key": key, "ChecksumMode": "ENABLED"})
+
+    def list_objects_v2(self, prefix: str, token: str | None = None, page_size: int | None = None) -> SplitResult:
+        return self._presign("list_objects_v2", {"Bucket": self._bucket, **list_params(prefix, token, page_size)})
+
+    def bulk(self) -> Sign:
+        """:class:`~ai_service.storage.sigv4.Signer` where it reproduces the client's URLs, else the client."""
+        signer = Signer.checked(self._client, self.get_object)
+        return signer.url if signer is not None else self.get_object
+
+    def _presign(self, operation: str, params: dict[str, Any]) -> SplitResult:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            url: str = self._client.generate_presigned_url(operation, Params=params, ExpiresIn=URL_EXPIRES_S)
+        except BotoCoreError as exc:  # e.g. no credentials: get_object says it properly
+            raise DirectGetFailed(type(exc).__name__) from None
+        return urlsplit(url)
+
+
 def usable(client: Any, bucket: str) -> bool:
     """Whether ``client`` hands out SigV4 URLs for direct GETs and no proxy is configured.
 
@@ -142,12 +186,28 @@ def usable(client: Any, bucket: str) -> bool:
     return isinstance(probe, str) and "X-Amz-Algorithm=AWS4-HMAC-SHA256" in probe
 
 
-def _tls_context() -> ssl.SSLContext:
-    """Verified TLS with the CA bundle botocore would use by default (or AWS_CA_BUNDLE)."""
-    from botocore.httpsession import get_cert_path
+def _ca_bundle() -> str | None:
+    """The CA bundle botocore verifies with by default: AWS_CA_BUNDLE, REQUESTS_CA_BUNDLE, certifi's.
 
-    bundle = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
-    return ssl.create_default_context(cafile=bundle if isinstance(bundle, str) else None)
+    certifi is asked directly (what botocore's ``get_cert_path`` returns when it is
+    installed), so an https endpoint costs no botocore import either.
+    """
+    bundle = os.environ.get("AWS_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE")
+    if bundle:
+        return bundle
+    try:
+        import certifi
+    except ImportError:
+        from botocore.httpsession import get_cert_path
+
+        found = get_cert_path(True)
+        return found if isinstance(found, str) else None
+    return str(certifi.where())
+
+
+def _tls_context() -> ssl.SSLContext:
+    """Verified TLS with the CA bundle botocore would use by default."""
+    return ssl.create_default_context(cafile=_ca_bundle())
 
 
 class DirectGets:
@@ -155,20 +215,27 @@ class DirectGets:
 
     Thread-safe: each transfer takes a connection from the pool and puts it back when
     the response was read to its end (a failed one is closed instead).  Also lists a
-    prefix (ListObjectsV2 is a GET too) and presigns for :mod:`~ai_service.storage.bulk_get`.
+    prefix (ListObjectsV2 is a GET too) and signs for :mod:`~ai_service.storage.bulk_get`.
     """
 
-    def __init__(self, client: Any, bucket: str, *, connections: int) -> None:
-        self.client = client
-        self._client = client
+    def __init__(
+        self, presigner: Presigner, bucket: str, *, connections: int, connect_timeout: float, read_timeout: float
+    ) -> None:
+        self._presigner = presigner
         self._bucket = bucket
-        config = client.meta.config
-        self.connect_timeout = float(config.connect_timeout or 60)
-        self.read_timeout = float(config.read_timeout or 60)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._pool: queue.LifoQueue[Connection] = queue.LifoQueue(maxsize=max(1, connections))
         self._tls: ssl.SSLContext | None = None
         self._lock = threading.Lock()
         self._rest_until = 0.0
+
+    @classmethod
+    def of_client(cls, client: Any, bucket: str, *, connections: int) -> DirectGets:
+        """URLs presigned by ``client``, with its timeouts."""
+        config = client.meta.config
+        return cls(ClientPresigner(client, bucket), bucket, connections=connections,
+                   connect_timeout=float(config.connect_timeout or 60), read_timeout=float(config.read_timeout or 60))
 
     def resting(self) -> bool:
         """Whether a recent failure sends everything through botocore for now."""
@@ -185,10 +252,11 @@ class DirectGets:
             return False
         return True
 
-    def list_objects(self, folder: str) -> list[dict[str, Any]] | None:
+    def list_objects(self, folder: str, *, page_size: int | None = None) -> list[dict[str, Any]] | None:
         """Every object under ``folder`` as ListObjectsV2 lists it; None: use the paginator instead.
 
         botocore's parser costs ~0.1 ms per listed object; ElementTree a tenth of that.
+        ``page_size``: keys per page (the server's default, 1,000, when None).
         """
         if self.resting():
             return None
@@ -196,10 +264,7 @@ class DirectGets:
         token: str | None = None
         try:
             while True:
-                params = {"Bucket": self._bucket, "Prefix": folder, "EncodingType": "url"}
-                if token is not None:
-                    params["ContinuationToken"] = token
-                url = self._presign("list_objects_v2", params)
+                url = self._presigner.list_objects_v2(folder, token, page_size)
                 following = parse_listing(self._call(url, _read_page, {}), out)
                 if following is None:
                     return out
@@ -223,16 +288,11 @@ class DirectGets:
 
     def presign(self, key: str) -> SplitResult:
         """A presigned GetObject URL of ``key`` (checksum mode on), split."""
-        return self._presign("get_object", {"Bucket": self._bucket, "Key": key, "ChecksumMode": "ENABLED"})
+        return self._presigner.get_object(key)
 
-    def _presign(self, operation: str, params: dict[str, str]) -> SplitResult:
-        from botocore.exceptions import BotoCoreError
-
-        try:
-            url: str = self._client.generate_presigned_url(operation, Params=params, ExpiresIn=URL_EXPIRES_S)
-        except BotoCoreError as exc:  # e.g. no credentials: get_object says it properly
-            raise DirectGetFailed(type(exc).__name__) from None
-        return urlsplit(url)
+    def bulk_signer(self) -> Sign:
+        """The GetObject signer of :mod:`~ai_service.storage.bulk_get` (the cheapest one there is)."""
+        return self._presigner.bulk()
 
     def tls_context(self) -> ssl.SSLContext:
         """The verified TLS context of every https connection (made once)."""

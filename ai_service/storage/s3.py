@@ -11,6 +11,13 @@ botocore exceptions never leak out: a missing object or bucket is
 messages carry no secrets.  boto3 is imported on first use only, so importing the
 storage package stays cheap for the CLI.  Building the client and mapping botocore
 failures to reasons live in :mod:`~ai_service.storage.s3_client`.
+
+Where the environment alone configures S3 (:mod:`~ai_service.storage.env_config`:
+static credentials and an endpoint in environment variables, no profile, no config file,
+no proxy), even botocore waits: listings and bulk downloads are signed by
+:mod:`~ai_service.storage.sigv4`, and the client is made when an operation needs it
+(stat, reads, writes, deletes, and every fallback).  A no-op dataset re-sync in a fresh
+process then never imports botocore, which was ~0.27 s of its ~0.45 s of CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,11 +42,15 @@ from ai_service.storage.base import (
     Storage,
     atomic_file,
 )
+from ai_service.storage.env_config import from_environment
 from ai_service.storage.keys import folder as as_folder
 from ai_service.storage.keys import object_key, show
 from ai_service.storage.s3_client import (
+    CONNECT_TIMEOUT_S,
+    READ_TIMEOUT_S,
     client_error,
     endpoint_label,
+    endpoint_url_label,
     explain,
     make_s3_client,
     plain_etag,
@@ -50,6 +62,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
     from ai_service.storage.direct import DirectGets
+    from ai_service.storage.sigv4 import PathStyleUrls
 
 __all__ = ["S3Storage", "make_s3_client"]
 
@@ -71,6 +84,9 @@ class S3Storage(Storage):
 
     The client is shared by all threads (boto3 clients are thread-safe; sessions are
     not).  Pass ``client`` to control timeouts/retries (see :func:`make_s3_client`).
+    Without one, the configuration is read from the environment when the storage is
+    made; where that alone decides it (:func:`~ai_service.storage.env_config.from_environment`)
+    the client is made on first use, else at once (a bad profile fails here).
     """
 
     def __init__(
@@ -85,9 +101,14 @@ class S3Storage(Storage):
         super().__init__()
         self.bucket = bucket
         self.workers = workers
-        self._client = (
-            client if client is not None else make_s3_client(max_pool_connections=workers)
-        )
+        env = from_environment() if client is None else None
+        # Where set: the endpoint and the URLs botocore would use, known without it.
+        self._env_endpoint = env.endpoint_url if env is not None else None
+        self._env_urls: PathStyleUrls | None = env.urls(bucket) if env is not None else None
+        if self._env_urls is None and client is None:
+            client = make_s3_client(max_pool_connections=workers)
+        self._made: S3Client | None = client
+        self._client_lock = threading.Lock()
         # The transfer manager's settings, made on first use (boto3 and s3transfer are not
         # imported at all by a process that only lists and syncs datasets).
         self._transfers: dict[bool, TransferConfig] = {}
@@ -106,8 +127,23 @@ class S3Storage(Storage):
             self._transfers[bulk] = transfer_config(use_threads=not bulk)
         return self._transfers[bulk]
 
+    @property
+    def _client(self) -> S3Client:
+        """The botocore client, made on first use where the environment alone configured S3."""
+        made = self._made
+        if made is None:
+            with self._client_lock:
+                if self._made is None:
+                    self._made = make_s3_client(max_pool_connections=self.workers)
+                made = self._made
+        return made
+
     def describe(self) -> str:
-        endpoint = endpoint_label(self._client)
+        # The same label either way: the dataset cache's folder names are made from it.
+        if self._env_urls is not None and self._env_endpoint is not None:
+            endpoint = endpoint_url_label(self._env_endpoint)
+        else:
+            endpoint = endpoint_label(self._client)
         where = f"s3://{self.bucket}"
         return f"{where} at {endpoint}" if endpoint else where
 
@@ -117,29 +153,44 @@ class S3Storage(Storage):
     @contextlib.contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
         """Translate botocore/boto3 failures; ``from None`` keeps their details out."""
-        from boto3.exceptions import Boto3Error
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             yield
-        except (ClientError, BotoCoreError, Boto3Error) as raw:
+        except Exception as raw:
+            mapped = self._mapped(raw, action, key)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def _mapped(self, raw: Exception, action: str, key: str) -> Exception | None:
+        """The service's error for a botocore/boto3 or local failure; None: not one of those.
+
+        botocore and boto3 are only looked at once imported: where they were not, none of
+        their exceptions can have been raised (a sync signed by sigv4 never imports them).
+        """
+        kinds: tuple[type[BaseException], ...] = ()
+        if "botocore" in sys.modules:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            kinds += (BotoCoreError, ClientError)
+        if "boto3" in sys.modules:
+            from boto3.exceptions import Boto3Error
+
+            kinds += (Boto3Error,)
+        if kinds and isinstance(raw, kinds):
+            from botocore.exceptions import ClientError
+
             exc = client_error(raw)
             if isinstance(exc, ClientError):
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if code == "NoSuchBucket":
-                    raise ObjectNotFound(
-                        f"bucket {self.bucket!r} does not exist ({self.describe()})"
-                    ) from None
+                    return ObjectNotFound(f"bucket {self.bucket!r} does not exist ({self.describe()})")
                 if code in ("404", "NoSuchKey", "NotFound") or status == 404:
-                    raise ObjectNotFound(f"no object {show(key)} in {self.describe()}") from None
-            raise StorageError(
-                f"S3 {action} of {show(key)} in {self.describe()} failed: {explain(exc)}"
-            ) from None
-        except OSError as exc:  # the local side of a transfer
-            raise StorageError(
-                f"S3 {action} of {show(key)}: local file error: {exc.strerror or exc}"
-            ) from None
+                    return ObjectNotFound(f"no object {show(key)} in {self.describe()}")
+            return StorageError(f"S3 {action} of {show(key)} in {self.describe()} failed: {explain(exc)}")
+        if isinstance(raw, OSError):  # the local side of a transfer
+            return StorageError(f"S3 {action} of {show(key)}: local file error: {raw.strerror or raw}")
+        return None
 
     def stat(self, key: str) -> ObjectInfo | None:
         object_key(key)
@@ -281,15 +332,18 @@ class S3Storage(Storage):
                 body.close()
 
     def _direct_gets(self) -> DirectGets | None:
-        """The fast path of :mod:`~ai_service.storage.direct`, when the client allows it."""
+        """The fast path of :mod:`~ai_service.storage.direct`: signed here, or by the client if it allows it."""
         with self._direct_lock:
             if not self._direct_checked:
                 from ai_service.storage import direct
 
-                if direct.usable(self._client, self.bucket):
+                if self._env_urls is not None:
                     self._direct = direct.DirectGets(
-                        self._client, self.bucket, connections=self.workers
+                        self._env_urls, self.bucket, connections=self.workers,
+                        connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
                     )
+                elif direct.usable(self._client, self.bucket):
+                    self._direct = direct.DirectGets.of_client(self._client, self.bucket, connections=self.workers)
                 self._direct_checked = True
             return self._direct
 

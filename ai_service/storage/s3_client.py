@@ -24,11 +24,15 @@ if TYPE_CHECKING:
 
 # --- the client ------------------------------------------------------------------------
 
+#: The client's timeouts unless told otherwise (also those of the fast paths signed without it).
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+
 
 def make_s3_client(
     *,
-    connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+    read_timeout: float = READ_TIMEOUT_S,
     max_attempts: int | None = None,
     max_pool_connections: int = TRANSFER_WORKERS,
 ) -> S3Client:
@@ -88,10 +92,13 @@ def _parse_timestamp(value: str) -> datetime:
 
 
 def endpoint_label(client: Any) -> str | None:
-    """``scheme://host[:port]`` of a non-AWS endpoint (credentials in the URL dropped)."""
+    """``scheme://host[:port]`` of a client's non-AWS endpoint (credentials in the URL dropped)."""
     url = getattr(getattr(client, "meta", None), "endpoint_url", None)
-    if not isinstance(url, str):
-        return None
+    return endpoint_url_label(url) if isinstance(url, str) else None
+
+
+def endpoint_url_label(url: str) -> str | None:
+    """``scheme://host[:port]`` of a non-AWS endpoint URL; part of the dataset cache's folder names."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws")):
