@@ -2,8 +2,10 @@
 
 The bucket (``S3_BUCKET``) and the endpoint come from the environment, as for a worker.  Prints one JSON
 line: ``sync_s`` (inside :func:`ai_service.storage.sync_prefix_report`), ``setup_s`` (importing
-the storage package and making the client: botocore's import and start-up), ``objects``,
-``downloaded``, ``bytes``.
+the storage package and making the storage: botocore's import and client too, unless the
+environment alone configures S3, see :mod:`ai_service.storage.env_config`), ``objects``,
+``downloaded``, ``bytes``, ``botocore`` (whether the process imported it) and ``cpu_s`` (the
+process's user + system CPU, interpreter start included).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ def main() -> None:
     storage = S3Storage(os.environ["S3_BUCKET"])
     started = time.perf_counter()
     report = sync_prefix_report(storage, prefix, cache)
+    cpu = os.times()
     print(json.dumps({"sync_s": time.perf_counter() - started, "setup_s": started - began, "objects": report.objects,
-                      "downloaded": report.downloaded, "bytes": report.bytes_downloaded}))
+                      "downloaded": report.downloaded, "bytes": report.bytes_downloaded,
+                      "botocore": "botocore" in sys.modules, "cpu_s": cpu.user + cpu.system}))
 
 
 if __name__ == "__main__":

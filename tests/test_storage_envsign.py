@@ -63,13 +63,14 @@ def env_s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 # --- the signer against botocore -------------------------------------------------------
 
 
-@pytest.mark.parametrize(("endpoint", "region", "token"), [
-    ("http://127.0.0.1:8333", None, None),
-    ("http://seaweedfs.internal:8333/", "eu-west-3", "session/token+with=odd&chars"),
-    ("https://s3.example.com", "garage", None),
+@pytest.mark.parametrize(("endpoint", "region", "token", "bucket"), [
+    ("http://127.0.0.1:8333", None, None, "bkt"),
+    ("http://seaweedfs.internal:8333/", "eu-west-3", "session/token+with=odd&chars", "bkt"),
+    ("https://s3.example.com", "garage", None, "data.sets-01"),
 ])
 def test_urls_signed_from_the_environment_are_botocores_byte_for_byte(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str, region: str | None, token: str | None
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str, region: str | None, token: str | None,
+    bucket: str,
 ) -> None:
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t/+key"}
     if region is not None:
@@ -78,7 +79,7 @@ def test_urls_signed_from_the_environment_are_botocores_byte_for_byte(
         env["AWS_SESSION_TOKEN"] = token
     _clean(monkeypatch, tmp_path, env)
     client = make_s3_client()
-    urls = _env_config().urls("bkt")
+    urls = _env_config().urls(bucket)
     assert urls is not None
 
     def at(reference: str) -> float:
@@ -87,11 +88,11 @@ def test_urls_signed_from_the_environment_are_botocores_byte_for_byte(
     for odd in ODD:
         key = f"ds/x{odd}y.bin"
         reference = client.generate_presigned_url(
-            "get_object", Params={"Bucket": "bkt", "Key": key, "ChecksumMode": "ENABLED"}, ExpiresIn=300)
+            "get_object", Params={"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}, ExpiresIn=300)
         assert urls.get_object(key, now=at(reference)).geturl() == reference
         for prefix, continuation, size in ((f"ds/x{odd}y/", None, None), (f"ds/{odd}", f"t{odd}", 2), ("", None, 7)):
             reference = client.generate_presigned_url(
-                "list_objects_v2", Params={"Bucket": "bkt", **sigv4.list_params(prefix, continuation, size)},
+                "list_objects_v2", Params={"Bucket": bucket, **sigv4.list_params(prefix, continuation, size)},
                 ExpiresIn=300)
             assert urls.list_objects_v2(prefix, continuation, size, now=at(reference)).geturl() == reference
 

@@ -29,7 +29,6 @@ import queue
 import ssl
 import threading
 import time
-import urllib.request
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -169,6 +168,8 @@ def usable(client: Any, bucket: str) -> bool:
     signature version (:func:`~ai_service.storage.s3.make_s3_client` says ``s3v4``), so
     one URL is made to see.
     """
+    import urllib.request
+
     from botocore.exceptions import BotoCoreError
 
     meta = getattr(client, "meta", None)

@@ -176,7 +176,7 @@ class S3Storage(Storage):
             from boto3.exceptions import Boto3Error
 
             kinds += (Boto3Error,)
-        if kinds and isinstance(raw, kinds):
+        if isinstance(raw, kinds):  # so botocore is imported
             from botocore.exceptions import ClientError
 
             exc = client_error(raw)
