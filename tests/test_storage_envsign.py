@@ -132,6 +132,8 @@ _PLAIN = {"AWS_ENDPOINT_URL": "http://127.0.0.1:8333", "AWS_ACCESS_KEY_ID": "a",
     {"AWS_DEFAULT_REGION": "fips-us-east-1"},
     {"AWS_DEFAULT_REGION": "aws-global"},
     {"AWS_REGION": "eu-west-1"},  # botocore ignores it; whoever set it may not
+    {"AWS_RETRY_MODE": "sometimes"},  # refused when the storage is made, as before
+    {"AWS_MAX_ATTEMPTS": "many"},
 ])
 def test_anything_else_that_could_change_botocores_answer_leaves_it_to_botocore(change: dict[str, str]) -> None:
     env = {**_PLAIN, "AWS_CONFIG_FILE": "/nonexistent/config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/c"}

@@ -117,6 +117,13 @@ def _shared_files(environ: Mapping[str, str]) -> bool:
     return False
 
 
+def _retries_valid(environ: Mapping[str, str]) -> bool:
+    """Whether botocore accepts the retry settings: a bad one must still fail when the storage is made."""
+    mode = environ.get("AWS_RETRY_MODE")
+    attempts = environ.get("AWS_MAX_ATTEMPTS")
+    return (mode is None or mode in ("legacy", "standard", "adaptive")) and (attempts is None or attempts.isdigit())
+
+
 def _proxied(environ: Mapping[str, str]) -> bool:
     """Whether botocore might send its requests through a proxy.
 
@@ -147,7 +154,7 @@ def from_environment(environ: Mapping[str, str] | None = None) -> EnvS3Config | 
         return None
     if any(env.get(name) == "" for name in UNDERSTOOD):
         return None  # botocore skips some empty values and refuses others: not worth knowing which
-    if _shared_files(env):
+    if _shared_files(env) or not _retries_valid(env):
         return None
     if _proxied(env):
         return None
