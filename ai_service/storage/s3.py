@@ -42,7 +42,7 @@ from ai_service.storage.base import (
     Storage,
     atomic_file,
 )
-from ai_service.storage.env_config import from_environment
+from ai_service.storage.env_config import EnvS3Config, from_environment
 from ai_service.storage.keys import folder as as_folder
 from ai_service.storage.keys import object_key, show
 from ai_service.storage.s3_client import (
@@ -102,10 +102,11 @@ class S3Storage(Storage):
         self.bucket = bucket
         self.workers = workers
         env = from_environment() if client is None else None
-        # Where set: the endpoint and the URLs botocore would use, known without it.
-        self._env_endpoint = env.endpoint_url if env is not None else None
-        self._env_urls: PathStyleUrls | None = env.urls(bucket) if env is not None else None
-        if self._env_urls is None and client is None:
+        urls = env.urls(bucket) if env is not None else None
+        # Where set: the configuration and the URLs botocore would use, known without it.
+        self._env: EnvS3Config | None = env if urls is not None else None
+        self._env_urls: PathStyleUrls | None = urls
+        if urls is None and client is None:
             client = make_s3_client(max_pool_connections=workers)
         self._made: S3Client | None = client
         self._client_lock = threading.Lock()
@@ -140,10 +141,8 @@ class S3Storage(Storage):
 
     def describe(self) -> str:
         # The same label either way: the dataset cache's folder names are made from it.
-        if self._env_urls is not None and self._env_endpoint is not None:
-            endpoint = endpoint_url_label(self._env_endpoint)
-        else:
-            endpoint = endpoint_label(self._client)
+        env = self._env
+        endpoint = endpoint_url_label(env.endpoint_url) if env is not None else endpoint_label(self._client)
         where = f"s3://{self.bucket}"
         return f"{where} at {endpoint}" if endpoint else where
 
