@@ -22,6 +22,15 @@ _DETAIL_FIELDS = {
 }
 
 
+def message_id_of(op: str, job_id: str, message: Any) -> str:
+    """:func:`job_message_id` of a message object: its detail field read off the model, so
+    that the sender need not build the message's JSON dict only to find that field."""
+    message_type = str(getattr(message, "type", ""))
+    field = _DETAIL_FIELDS.get(message_type)
+    value = None if field is None else getattr(message, field, None)
+    return derived_message_id(op, job_id, message_type, "" if value is None else str(value))
+
+
 def job_message_id(op: str, job_id: str, message_type: str, payload: Mapping[str, Any]) -> str:
     """The message_id of ``payload`` (a message of ``op``'s job ``job_id``): the same for the
     same message whoever sends it and however often; terminals are one per job."""

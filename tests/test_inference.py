@@ -878,14 +878,14 @@ def test_the_http_route_finds_the_inference_state_by_its_type_and_is_not_ready_b
     endpoint = InferEndpoint(settings, resources)
     body = json.dumps({"job_id": "typed-1", "model": {"path": "models/m.pt"},
                        "images": [{"path": "images/a.png"}]}).encode()
-    status, answer = endpoint.run(body)
-    assert (status, answer["type"]) == (503, "inference_failed")  # NotReady: no state yet
+    status, raw = endpoint.run(body)
+    assert (status, json.loads(raw)["type"]) == (503, "inference_failed")  # NotReady: no state yet
     resources.state = ConversionState(formats={})  # another operation's state answers nothing
     assert endpoint.run(body)[0] == 503
     assert resources.answerer() is None
     service = Service()
     resources.state = InferenceState(service)  # type: ignore[arg-type]
-    status, answer = endpoint.run(body)
-    assert (status, answer["type"], service.seen) == (200, "inference_completed", ["typed-1"])
+    status, raw = endpoint.run(body)
+    assert (status, json.loads(raw)["type"], service.seen) == (200, "inference_completed", ["typed-1"])
     assert resources.state_as(InferenceState) is resources.state
     assert resources.state_as(ConversionState) is None

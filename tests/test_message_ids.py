@@ -8,8 +8,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ai_service.message_ids import job_message_id
-from ai_service.messages import EpochUpdate, TrainingCompleted
+from ai_service.message_ids import job_message_id, message_id_of
+from ai_service.messages import (
+    Box,
+    ConversionUpdate,
+    Detection,
+    EpochUpdate,
+    ImageResult,
+    InferenceCompleted,
+    TrainingCompleted,
+    TrainingStarted,
+)
 from ai_service.storage import LocalStorage
 from tests.conftest import WorkerFactory
 from tests.support.amqp import BE, Received
@@ -28,6 +37,38 @@ def test_the_same_epoch_of_the_same_job_has_one_id_whenever_it_is_sent() -> None
     again["timestamp"] = "2030-01-01T00:00:00+00:00"
 
     assert job_message_id("train", "j1", "epoch_update", first) == job_message_id("train", "j1", "epoch_update", again)
+
+
+def test_the_id_read_off_a_message_object_is_the_id_of_its_json_for_every_kind_of_detail() -> None:
+    """The outbox sends a message's bytes without building its dict; the id must not change."""
+    messages = [
+        EpochUpdate(job_id="j1", current_epoch=7, total_epochs=8, progress=87.5, metrics={}),
+        ConversionUpdate(job_id="j1", current_format="onnx", progress=50.0),
+        TrainingStarted(job_id="j1", total_epochs=8, resumed_from_epoch=3, worker="w"),
+        TrainingStarted(job_id="j1", total_epochs=8, worker="w"),
+        InferenceCompleted(job_id="j1", model_path="m.pt", results=[], inference_time_ms=1.0),
+    ]
+    ids = set()
+    for message in messages:
+        from_json = job_message_id("train", "j1", message.type, message.to_json_dict())
+        assert message_id_of("train", "j1", message) == from_json
+        ids.add(from_json)
+    assert len(ids) == len(messages), "the detail field tells them apart"
+
+
+def test_an_answers_json_bytes_carry_exactly_its_json_dict_nested_detections_included() -> None:
+    detections = [Detection(class_id=i, class_name=f"c{i} é", confidence=0.1 + i / 3,
+                            box=Box(x1=i, y1=1e-7, x2=1e16, y2=i + 0.125)) for i in range(5)]
+    answer = InferenceCompleted(job_id="j1", model_path="m.pt", inference_time_ms=2.5, results=[
+        ImageResult(image="0", width=64, height=48, detections=detections),
+        ImageResult(image="a/b.png", width=1, height=1, detections=[])])
+
+    raw = answer.to_json_bytes()
+
+    assert json.loads(raw) == answer.to_json_dict()
+    assert b'": ' not in raw, "compact, as json.dumps(separators=(',', ':'))"
+    assert b', "' not in raw
+    assert "é".encode() in raw, "UTF-8, not \\u escapes"
 
 
 def test_ids_differ_by_epoch_format_type_job_and_operation() -> None:

@@ -15,7 +15,7 @@ from ai_service.broker import QueueNames, routing_key
 from ai_service.config import Settings
 from ai_service.consumer.tracker import DELIVERY_COUNT_HEADER
 from ai_service.jobs.records import LEASE_HEADER
-from ai_service.message_ids import job_message_id
+from ai_service.message_ids import message_id_of
 from ai_service.messages import _Message
 from ai_service.operation import DeliveryInfo
 from ai_service.publisher import Publisher, Receipt
@@ -47,16 +47,19 @@ class DeliveryOutbox:
         progress = getattr(message, "progress", None)
         self.progress = float(progress) if isinstance(progress, (int, float)) else self.progress
         message_type = str(getattr(message, "type", ""))
-        payload = message.to_json_dict()
         # Derived from the job: the copy a redelivery, a resume or another worker sends
         # (an inference answer after a broker restart, epoch N again) has the same id.
-        message_id = message_id or job_message_id(self.op, self.job_id, message_type, payload)
-        return self.republish(kind, payload, message_type, message_id)
+        message_id = message_id or message_id_of(self.op, self.job_id, message)
+        # Straight to bytes: an answer's detections are not built as dicts first.
+        return self._send(kind, message.to_json_bytes(), message_type, message_id)
 
     def republish(
         self, kind: str, payload: dict[str, Any], message_type: str, message_id: str | None
     ) -> Receipt:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        return self._send(kind, body, message_type, message_id)
+
+    def _send(self, kind: str, body: bytes, message_type: str, message_id: str | None) -> Receipt:
         if kind == "result" and self.info.reply_to:
             exchange, key = "", self.info.reply_to
         else:

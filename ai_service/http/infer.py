@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ai_service.config import Settings
 from ai_service.errors import AIServiceError, InvalidInput, RetryableError
@@ -145,8 +145,11 @@ class InferEndpoint:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def run(self, raw: bytes) -> tuple[int, dict[str, Any]]:
-        """Parse, validate and run one request (on a pool thread); returns (status, body)."""
+    def run(self, raw: bytes) -> tuple[int, bytes]:
+        """Parse, validate and run one request (on a pool thread); returns (status, JSON body).
+
+        The body is the message's bytes, serialised once by pydantic-core (an answer's
+        detections are never built as dicts first)."""
         job_id: str | None = None
         try:
             try:
@@ -164,18 +167,18 @@ class InferEndpoint:
             ctx.log.info("Received infer request over HTTP")
             service.handle(request, ctx)
             if isinstance(outbox.terminal, InferenceCompleted):
-                return 200, outbox.terminal.to_json_dict()
+                return 200, outbox.terminal.to_json_bytes()
             if isinstance(outbox.terminal, InferenceFailed):
                 code = outbox.terminal.error_code
-                return STATUS_BY_CODE.get(code, 500), outbox.terminal.to_json_dict()
+                return STATUS_BY_CODE.get(code, 500), outbox.terminal.to_json_bytes()
             raise AIServiceError("internal error in the worker: the request ended without an answer")
         except AIServiceError as exc:
             return status_of(exc), InferenceFailed(
-                job_id=job_id or "", error_code=exc.error_code, error_message=exc.message).to_json_dict()
+                job_id=job_id or "", error_code=exc.error_code, error_message=exc.message).to_json_bytes()
         except Exception:  # a bug answers 500, never kills the server
             log.exception("[Handler] [%s] HTTP inference failed", job_id or "?")
             return 500, InferenceFailed(job_id=job_id or "", error_code="internal_error",
-                                        error_message="internal error in the worker").to_json_dict()
+                                        error_message="internal error in the worker").to_json_bytes()
 
     def service(self) -> tuple[Resources, Answerer]:
         """The worker's resources and the inference service its setup built; NotReady before."""
@@ -203,12 +206,13 @@ def infer_router(settings: Settings, resources: Resources | None) -> APIRouter:
                  summary="Run an inference request (the infer_request_q message)",
                  description="Shares the worker's model cache and batcher with AMQP requests.",
                  openapi_extra=json_body(InferenceRequest))
-    async def infer(request: Request) -> JSONResponse:
+    async def infer(request: Request) -> Response:
         try:
             raw = await endpoint.read_body(request)
         except TooLarge as exc:
             return failure(None, exc)
         status, body = await anyio.to_thread.run_sync(endpoint.run, raw, limiter=endpoint.limiter)
-        return JSONResponse(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
+        return Response(body, status_code=status, media_type="application/json",
+                        headers={"Retry-After": "1"} if status == 503 else None)
 
     return router

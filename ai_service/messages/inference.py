@@ -15,6 +15,7 @@ from ai_service.messages.base import (
     ModelRef,
     StorageKey,
     _Message,
+    _Part,
     _Request,
     _within,
     utc_now,
@@ -66,21 +67,21 @@ class InferenceRequest(JobRequest):
         return value
 
 
-class Box(_Message):
+class Box(_Part):
     x1: float
     y1: float
     x2: float
     y2: float
 
 
-class Detection(_Message):
+class Detection(_Part):
     class_id: int
     class_name: str
     confidence: float
     box: Box
 
 
-class ImageResult(_Message):
+class ImageResult(_Part):
     image: str
     width: int
     height: int
