@@ -25,8 +25,12 @@ The modules, along the seams:
 * :mod:`~ai_service.storage.s3` -- :class:`S3Storage`;
 * :mod:`~ai_service.storage.s3_client` -- S3 client construction and the reasons
   botocore failures are reported with;
-* :mod:`~ai_service.storage.direct` -- the fast path of S3 bulk downloads (presigned
-  GETs over keep-alive connections, GetObject as the fallback);
+* :mod:`~ai_service.storage.direct` -- the fast path of S3 bulk downloads and listings
+  (presigned GETs over keep-alive connections, GetObject and the paginator as fallbacks),
+  with :mod:`~ai_service.storage.bulk_get` (many GETs from one event loop);
+* :mod:`~ai_service.storage.env_config` -- when the environment alone decides the S3
+  configuration (static keys, an endpoint, no profile or config file), that configuration,
+  so a listing needs no botocore at all; :mod:`~ai_service.storage.sigv4` signs those URLs;
 * :mod:`~ai_service.storage.cache` -- the dataset cache (:func:`sync_prefix`).
 """
 
