@@ -8,11 +8,14 @@ from several processes do not mix and a SIGKILL loses at most the line being wri
 * ``publish``: every message handed to the shared publisher (it is in the on-disk spool
   when this is written): ``mid`` (message_id), ``type``, ``ex``, ``rk``;
 * training only: ``take`` (LongJob.begin: job record, lease, ack), ``download``
-  (dataset sync and data.yaml), ``train_start`` / ``train_end`` (Ultralytics callbacks),
+  (dataset sync and data.yaml), ``train_start`` / ``train_end`` (Ultralytics callbacks; with the process's CPU
+  seconds ``cpu_s`` and each thread's, ``threads``),
   ``train_epoch_start`` / ``train_epoch_end`` (an epoch's training pass), ``ckpt`` (the service's
   ``on_model_save``: checkpoint upload and record renewal), ``fit_epoch_end`` (the
   service's ``on_fit_epoch_end``: record renewal and the ``epoch_update`` publish),
-  ``upload`` (every ``Storage.upload_file``), ``finish`` (terminal message recorded,
+  ``upload`` (every ``Storage.upload_file``), ``upload_thread`` (a checkpoint upload thread's
+run, with its CPU seconds ``cpu``), ``build`` (the model built from its yaml),
+``finish`` (terminal message recorded,
   published and confirmed), ``job`` (the whole handler).
 
 Every event has ``t`` (wall clock when it started), ``pid`` and, for wrapped calls,
@@ -34,6 +37,7 @@ from ai_service.cli import WORKER_MODULES, exit_now_if_forced
 from ai_service.config import ConfigError, Settings
 from ai_service.logs import setup_logging
 from ai_service.operation import Operation
+from bench.raw_train import thread_cpu
 
 EVENTS_ENV = "BENCH_EVENTS"
 #: ``BENCH_PROFILE=PATH``: cProfile each training job's training thread into ``PATH.<pid>.<ms>.prof``
@@ -113,19 +117,35 @@ def training_probes(journal: Journal) -> dict[str, list[Callable[[Any], None]]]:
     _timed(journal, TJ, "_on_model_save", "ckpt", epoch_of)
     _timed(journal, TJ, "_on_fit_epoch_end", "fit_epoch_end", epoch_of)
     _timed(journal, TJ, "_on_train_epoch_end", "train_epoch_end", epoch_plain)
+    _timed(journal, TJ, "_build_model", "build", job_of)
     _timed(journal, jobs.LongJob, "begin", "take", ctx_job)
     _timed(journal, jobs.LongJob, "finish", "finish", ctx_job)
     _timed(journal, storage.Storage, "upload_file", "upload", upload_of)
     _timed(journal, training.job, "prepare_dataset", "download", prepare_of)
 
+    uploads_run = training.CheckpointUploads._run
+
+    @functools.wraps(uploads_run)
+    def upload_thread(self: Any, *args: Any, **kwargs: Any) -> None:
+        t0, p0, c0 = time.time(), time.perf_counter(), time.thread_time()
+        try:
+            uploads_run(self, *args, **kwargs)
+        finally:
+            journal.write("upload_thread", t=t0, dur=round(time.perf_counter() - p0, 6),
+                          cpu=round(time.thread_time() - c0, 6))
+
+    training.CheckpointUploads._run = upload_thread  # type: ignore[method-assign]
+
     def on_train_start(trainer: Any) -> None:
-        journal.write("train_start")
+        journal.write("train_start", cpu_s=round(time.process_time(), 3), threads=thread_cpu(),
+                      torch_threads=torch_threads())
 
     def on_train_epoch_start(trainer: Any) -> None:
         journal.write("train_epoch_start", epoch=int(trainer.epoch) + 1)
 
     def on_train_end(trainer: Any) -> None:
-        journal.write("train_end")
+        journal.write("train_end", cpu_s=round(time.process_time(), 3), threads=thread_cpu(),
+                      torch_threads=torch_threads())
 
     callbacks: dict[str, list[Callable[[Any], None]]] = {
         "on_train_start": [on_train_start], "on_train_epoch_start": [on_train_epoch_start],
@@ -134,6 +154,12 @@ def training_probes(journal: Journal) -> dict[str, list[Callable[[Any], None]]]:
     if profile_to:
         add_profiler(callbacks, profile_to)
     return callbacks
+
+
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def add_profiler(callbacks: dict[str, list[Callable[[Any], None]]], path: str) -> None:

@@ -31,6 +31,7 @@ from ai_service.messages import (
 from ai_service.operation import JobContext
 from workers import yolo
 from workers.datasets import limits_from, prepare_dataset
+from workers.training.background import InOrder
 from workers.training.metrics import Progress, checkpoint_progress, epoch_metrics, partial
 from workers.training.uploads import CheckpointUploads
 
@@ -53,6 +54,8 @@ class TrainingJob:
         self.job = LongJob(ctx, ledger, cancelled_message=self._cancelled, failed_message=self._failed)
         self.record: JobRecord | None = None
         self.uploads = CheckpointUploads(self.run_dir / "checkpoint-staging", self._store_checkpoints)
+        #: each epoch's announcement (record renewal, then epoch_update), off the training thread
+        self.announcements = InOrder(f"announce-{request.job_id}"[:40])
         self.epoch_span, self.span_epoch = tracing.NO_SPAN, 0  # from on_train_epoch_start to on_fit_epoch_end
 
     # --- the job -----------------------------------------------------------------------
@@ -73,6 +76,7 @@ class TrainingJob:
             ctx.log.info("Resuming from epoch %d (attempt %d)", record.last_epoch, record.attempt)
         try:
             best = self._train(yaml_name, record)
+            self.announcements.drain()  # every epoch_update out before the terminal message
             self.uploads.flush()
             ctx.log.info("Uploading best weights to %s", req.output.model_key)
             with tracing.span("model upload", attributes={"ai.storage.key": req.output.model_key}):
@@ -87,10 +91,13 @@ class TrainingJob:
             ctx.log.info("Training completed: mAP50 %.3f after %d epochs", final["final_mAP50"],
                          self.progress.current_epoch)
         except BaseException as exc:  # noqa: BLE001 - every outcome goes through the one policy
+            self.announcements.settle()  # the epochs announced so far reach the BE before the outcome
             self.uploads.settle()  # a retry or the next worker resumes from the newest checkpoint
             self.job.conclude(record, self._classify(exc), where=f"at epoch {self.progress.current_epoch}")
         finally:
             self._end_epoch_span()  # an epoch cut short by an exception
+            self.announcements.settle()
+            self.announcements.close()
             self.uploads.settle()
             self.job.stop_renewing()
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -192,7 +199,7 @@ class TrainingJob:
         model.add_callback("on_train_epoch_end", self._on_train_epoch_end)
         model.add_callback("on_model_save", self._on_model_save)
         model.add_callback("on_fit_epoch_end", self._on_fit_epoch_end)
-        model.add_callback("on_fit_epoch_end", self._end_epoch_span)  # after the epoch_update went out
+        model.add_callback("on_fit_epoch_end", self._end_epoch_span)  # after the epoch was announced
         for event, fns in self.callbacks.items():
             for fn in fns:
                 model.add_callback(event, fn)
@@ -229,20 +236,27 @@ class TrainingJob:
             raise JobHandedBack("worker is shutting down")
         if self.job.lost.is_set():
             raise LeaseLost("the job was taken over by another worker")
+        self.announcements.check()  # an announcement that failed (storage) fails the job here
 
     def _on_model_save(self, trainer: Any) -> None:
         """After every epoch: last.pt (and best.pt when it improved) go to storage.
 
-        In the background (:class:`CheckpointUploads`), but synchronously after the last
-        epoch and after a cancel: the terminal message names what is in storage.
+        In the background (:class:`CheckpointUploads`); synchronously after a cancel.  The
+        last epoch's upload runs during Ultralytics' final evaluation (``keep``: that
+        evaluation rewrites last.pt); its announcement waits for it (:meth:`_announce_last`).
         """
         if self.record is None:
             return
         # Ultralytics wrote best.pt from the same bytes as last.pt in this save
         best = trainer.best_fitness == trainer.fitness and Path(trainer.best).exists()
-        self.uploads.submit(Path(trainer.last), best=best)
-        if self.progress.stopped_by or int(trainer.epoch) + 1 >= int(trainer.epochs):
+        self.uploads.submit(Path(trainer.last), best=best, keep=self._ending(trainer))
+        if self.progress.stopped_by:
             self.uploads.flush()
+
+    @staticmethod
+    def _ending(trainer: Any) -> bool:
+        """Ultralytics stops after this epoch (the last, patience, time limit, a cancel)."""
+        return bool(getattr(trainer, "stop", False)) or int(trainer.epoch) + 1 >= int(trainer.epochs)
 
     def _store_checkpoints(self, staged: dict[str, Path]) -> None:
         """Upload one epoch's staged checkpoints, then name them in the job record."""
@@ -273,12 +287,28 @@ class TrainingJob:
         if trainer.epoch_time:
             self.progress.epoch_seconds.append(float(trainer.epoch_time))
             self.ctx.resources.metrics.epoch_seconds.observe(float(trainer.epoch_time))
-        self._announce(epoch, metrics, self._eta(self.progress.total_epochs - epoch))
+        eta = self._eta(self.progress.total_epochs - epoch)
+        self.progress.current_epoch = epoch
+        self.progress.last_metrics = metrics
+        if self._ending(trainer):
+            self.announcements.submit(self._announce_last, epoch, metrics, eta)
+        else:
+            self.announcements.submit(self._publish_epoch, epoch, metrics, eta)
+
+    def _announce_last(self, epoch: int, metrics: dict[str, float], eta: float | None) -> None:
+        """The last epoch: its checkpoints in storage first (a worker lost after this
+        announcement resumes from them as the finished job), then as any epoch."""
+        self.uploads.flush()
+        self._publish_epoch(epoch, metrics, eta)
 
     def _announce(self, epoch: int, metrics: dict[str, float], eta: float | None) -> None:
         """Record epoch ``epoch`` as finished, then tell the BE (durable before it hears of it)."""
         self.progress.current_epoch = epoch
         self.progress.last_metrics = metrics
+        self._publish_epoch(epoch, metrics, eta)
+
+    def _publish_epoch(self, epoch: int, metrics: dict[str, float], eta: float | None) -> None:
+        """Renew the record with epoch ``epoch``, then publish its ``epoch_update``."""
         self.job.renew(last_epoch=epoch, last_metrics=metrics)
         total = self.progress.total_epochs
         self.ctx.update(

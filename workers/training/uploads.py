@@ -33,7 +33,10 @@ class CheckpointUploads:
     save creates a new file -- and ``best.pt``, written from the same bytes in the same
     save, is a hard link to the staged ``last.pt`` (``best.pt`` itself stays for
     Ultralytics' final evaluation).  Once uploaded, the staged file is linked back as
-    ``last.pt`` unless a newer one exists (Ultralytics' NaN recovery reads it).  The
+    ``last.pt`` unless a newer one exists (Ultralytics' NaN recovery reads it).  The last
+    epoch's ``last.pt`` is copied instead (``keep``): its upload runs during the final
+    evaluation instead of before it, and the job waits for it (:meth:`flush`) only before
+    it uploads the best weights and reports.  The
     upload thread runs :data:`UPLOAD_NICENESS` nicer than training, so that its hashing
     and HTTP yield the cores to the epoch.
     """
@@ -44,12 +47,21 @@ class CheckpointUploads:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, last: Path, *, best: bool = False) -> None:
-        """Stage ``last`` (and name it ``best`` too) and upload it in the background."""
+    def submit(self, last: Path, *, best: bool = False, keep: bool = False) -> None:
+        """Stage ``last`` (and name it ``best`` too) and upload it in the background.
+
+        ``keep``: leave ``last`` where it is and stage a copy -- after the last epoch, whose
+        upload overlaps Ultralytics' final evaluation, which rewrites ``last.pt`` in place
+        (``strip_optimizer``: a hard link would share that write).  One copy per job.
+        """
         self.flush()
         self.staging.mkdir(parents=True, exist_ok=True)
         staged = {"last": self.staging / "last.pt"}
-        os.replace(last, staged["last"])
+        if keep:
+            staged["last"].unlink(missing_ok=True)
+            _copy(last, staged["last"])
+        else:
+            os.replace(last, staged["last"])
         if best:
             staged["best"] = self.staging / "best.pt"
             staged["best"].unlink(missing_ok=True)
@@ -101,8 +113,13 @@ def _link(src: Path, dst: Path) -> None:
     except FileExistsError:
         raise
     except OSError:  # EPERM/ENOTSUP/EXDEV: no hard links here
-        with open(src, "rb") as fin, open(dst, "xb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
+        _copy(src, dst)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to the new file ``dst`` (FileExistsError if it exists)."""
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 def _lower_priority() -> None:
