@@ -148,3 +148,26 @@ def test_a_resumed_job_sends_an_epoch_again_with_the_id_it_had(
     assert [n for n, _ in sent].count(2) == 2, sent
     assert len({i for n, i in sent if n == 2}) == 1
     assert len({i for _, i in sent}) == len({n for n, _ in sent}) == 3
+
+
+def _strict(raw: bytes) -> Any:
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+def test_a_nan_metric_is_null_whether_the_message_is_sent_replayed_from_its_record_or_streamed() -> None:
+    from ai_service.http.events import format_event
+    from ai_service.http.outbox import Entry
+    from ai_service.messages import json_bytes
+
+    update = EpochUpdate(job_id="j1", current_epoch=2, total_epochs=8, progress=25.0,
+                         metrics={"loss": float("nan"), "mAP50": float("inf"), "precision": 0.5})
+    stored = json.loads(json.dumps(update.to_json_dict()))  # a job record keeps NaN as Python reads it
+
+    sent, replayed = _strict(update.to_json_bytes()), _strict(json_bytes(stored))
+    assert sent == replayed
+    assert sent["metrics"] == {"loss": None, "mAP50": None, "precision": 0.5}
+    streamed = format_event(Entry(id="1", kind="update", type="epoch_update", data=stored))
+    assert _strict(streamed.split(b"data: ", 1)[1].strip()) == sent

@@ -23,7 +23,6 @@ line every :data:`KEEPALIVE_SECONDS` keeps proxies from closing an idle stream.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -31,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 
 from ai_service.config import Settings
 from ai_service.http.outbox import Entry, EventLog
+from ai_service.messages import json_bytes
 
 log = logging.getLogger("ai_service.http")
 
@@ -39,8 +39,8 @@ POLL_SECONDS = 0.2
 
 
 def format_event(entry: Entry) -> bytes:
-    data = json.dumps(entry.data, separators=(",", ":"), ensure_ascii=False)
-    return f"id: {entry.id}\nevent: {entry.type}\ndata: {data}\n\n".encode()
+    data = json_bytes(entry.data)  # as over AMQP: compact, a NaN metric as null
+    return f"id: {entry.id}\nevent: {entry.type}\ndata: ".encode() + data + b"\n\n"
 
 
 async def stream(events: EventLog, last_id: str | None, *, alive: Callable[[], bool] = lambda: True,

@@ -28,6 +28,7 @@ from ai_service.messages.base import (
     _Request,
     _within,
     derived_message_id,
+    json_bytes,
     new_message_id,
     utc_now,
 )
@@ -130,6 +131,7 @@ __all__ = [
     "derived_message_id",
     "describe_validation_error",
     "is_terminal",
+    "json_bytes",
     "new_message_id",
     "parse_request",
     "readable_job_id",

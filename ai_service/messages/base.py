@@ -14,6 +14,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
+import pydantic_core
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -133,6 +134,13 @@ class _Message(BaseModel):
         dict in Python first (an answer with 300 detections: 0.56 ms against 1.6 ms).
         """
         return self.model_dump_json().encode()
+
+
+def json_bytes(data: Any) -> bytes:
+    """``data`` (a message's JSON dict, e.g. replayed from a job record) as the bytes
+    :meth:`_Message.to_json_bytes` would give: compact UTF-8, and a NaN or infinite metric
+    as ``null`` (``json.dumps`` writes ``NaN``, which strict JSON parsers refuse)."""
+    return pydantic_core.to_json(data, inf_nan_mode="null")
 
 
 class _Part(BaseModel):
