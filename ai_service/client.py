@@ -219,11 +219,14 @@ class BrokerClient:
         they are invisible to other consumers.
         """
         channel = self._dlq_channel()
+        count, kept = 0, 0
         try:
             count, letters = self._fetch(channel, f"{request_q}.dlq", limit)
+            kept = count
             return count, [letter for letter, _ in letters]
         finally:
             self._give_back(channel)
+            self._settle(f"{request_q}.dlq", kept)
 
     def replay_dead_letters(
         self, request_q: str, select: Callable[[DeadLetter], bool], limit: int
@@ -236,6 +239,7 @@ class BrokerClient:
         """
         channel = self._dlq_channel()
         replayed: list[DeadLetter] = []
+        count = 0
         try:
             count, letters = self._fetch(channel, f"{request_q}.dlq", limit)
             for letter, tag in letters:
@@ -248,6 +252,7 @@ class BrokerClient:
             return replayed, count - len(replayed)
         finally:
             self._give_back(channel)
+            self._settle(f"{request_q}.dlq", count - len(replayed))
 
     @at_pika_boundary
     def _dlq_channel(self) -> BlockingChannel:
@@ -280,6 +285,29 @@ class BrokerClient:
                 channel.close()
         except pika.exceptions.AMQPError:
             pass  # a closed channel returns its unacked messages anyway
+
+    def _settle(self, queue: str, expected: int, timeout: float = 5.0) -> None:
+        """Wait (bounded) until ``queue`` counts the given-back messages again.
+
+        A requeue is asynchronous on the broker (a quorum queue applies it through its
+        Raft log): without this wait, a ``dlq list`` followed at once by a count, or by
+        another listing, could see fewer messages than are there.
+        """
+        if expected <= 0:
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            with pika_boundary():
+                channel = self.connection.channel()
+                try:
+                    while (int(channel.queue_declare(queue, passive=True).method.message_count or 0) < expected
+                           and time.monotonic() < deadline):
+                        time.sleep(0.02)
+                finally:
+                    if channel.is_open:
+                        channel.close()
+        except BrokerError:
+            pass  # the listing itself succeeded; the count is only a courtesy
 
 
 # --- dead letters ------------------------------------------------------------------------
