@@ -237,7 +237,7 @@ def test_checkpoints_are_staged_so_the_next_epoch_cannot_overwrite_what_is_uploa
     release = threading.Event()
     stored: list[bytes] = []
 
-    def store(staged: dict[str, Path]) -> None:
+    def store(staged: dict[str, Path], best_is_last: bool) -> None:
         release.wait(5)
         stored.append(staged["last"].read_bytes())
 
@@ -264,7 +264,7 @@ def test_at_most_one_checkpoint_upload_is_pending_and_its_failure_reaches_the_tr
     release = threading.Event()
     calls: list[int] = []
 
-    def store(staged: dict[str, Path]) -> None:
+    def store(staged: dict[str, Path], best_is_last: bool) -> None:
         calls.append(len(calls))
         running.set()
         release.wait(5)
@@ -317,8 +317,10 @@ def test_staging_a_checkpoint_copies_nothing_and_puts_last_pt_back_once_uploaded
     from workers.training.uploads import CheckpointUploads
 
     seen: dict[str, tuple[int, bytes]] = {}
+    flags: list[bool] = []
 
-    def store(staged: dict[str, Path]) -> None:
+    def store(staged: dict[str, Path], best_is_last: bool) -> None:
+        flags.append(best_is_last)
         for name, path in staged.items():
             seen[name] = (path.stat().st_ino, path.read_bytes())
 
@@ -327,9 +329,10 @@ def test_staging_a_checkpoint_copies_nothing_and_puts_last_pt_back_once_uploaded
     last.write_bytes(b"epoch 1")
     inode = last.stat().st_ino
     uploads = CheckpointUploads(tmp_path / "staging", store)
-    uploads.submit(last, best=True)
+    uploads.submit(last, best_is_last=True)
     uploads.flush()
-    assert seen == {"last": (inode, b"epoch 1"), "best": (inode, b"epoch 1")}, "staged by rename and hard link"
+    assert seen == {"last": (inode, b"epoch 1")}, "staged by rename; best.pt, equal to it, is not uploaded again"
+    assert flags == [True]
     assert last.read_bytes() == b"epoch 1", "last.pt is back for NaN recovery"
     assert last.stat().st_ino == inode, "last.pt is back for NaN recovery"
     assert os.listdir(tmp_path / "staging") == []
@@ -337,7 +340,63 @@ def test_staging_a_checkpoint_copies_nothing_and_puts_last_pt_back_once_uploaded
     uploads.submit(last)
     uploads.flush()
     assert seen["last"][1] == b"epoch 2"
+    assert flags == [True, False]
     assert last.read_bytes() == b"epoch 2"
+
+
+def test_the_previous_best_is_staged_as_a_copy_that_the_next_improving_save_cannot_change(tmp_path: Path) -> None:
+    import threading
+
+    from workers.training.uploads import CheckpointUploads
+
+    uploading = threading.Event()
+    release = threading.Event()
+    seen: dict[str, bytes] = {}
+
+    def store(staged: dict[str, Path], best_is_last: bool) -> None:
+        uploading.set()
+        release.wait(5)
+        seen.update({name: path.read_bytes() for name, path in staged.items()})
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "last.pt").write_bytes(b"epoch 3, worse")
+    (weights / "best.pt").write_bytes(b"epoch 2, best")
+    uploads = CheckpointUploads(tmp_path / "staging", store)
+    uploads.submit(weights / "last.pt", previous_best=weights / "best.pt")
+    assert uploading.wait(5)
+    with open(weights / "best.pt", "wb") as f:  # epoch 4 improves: Ultralytics rewrites best.pt in place
+        f.write(b"epoch 4, best")
+    release.set()
+    uploads.flush()
+    assert seen == {"last": b"epoch 3, worse", "best": b"epoch 2, best"}
+    assert (weights / "best.pt").read_bytes() == b"epoch 4, best"
+    assert list((tmp_path / "staging").iterdir()) == []
+
+
+def test_the_stored_best_checkpoint_holds_the_weights_the_job_delivered(trained_model: dict[str, Any],
+                                                                        tmp_path: Path) -> None:
+    """best.pt is uploaded only once it stops being last.pt; whichever key the record
+    names as best holds the weights Ultralytics picked as the model."""
+    import json
+
+    import torch
+
+    completed = trained_model["completed"]
+    model_path = Path(trained_model["model"])
+    root = model_path
+    for _ in Path(completed["model_path"]).parts:
+        root = root.parent
+    record = json.loads((root / "jobs" / "train" / "trained-model.json").read_text())
+    checkpoints = record["checkpoints"]
+    assert set(checkpoints) == {"last", "best"}, checkpoints
+    delivered = load_model(model_path, tmp_path / "yolo").model.state_dict()
+    stored = load_model(root / checkpoints["best"], tmp_path / "yolo").model.state_dict()
+    assert delivered.keys() == stored.keys()
+    assert all(torch.equal(delivered[k], stored[k]) for k in delivered), "the record names other weights as best"
+    if checkpoints["best"] != checkpoints["last"]:
+        last = load_model(root / checkpoints["last"], tmp_path / "yolo").model.state_dict()
+        assert not all(torch.equal(last[k], stored[k]) for k in last), "best.pt stored though equal to last.pt"
 
 
 def test_the_checkpoint_upload_runs_nicer_than_training(tmp_path: Path) -> None:
@@ -347,7 +406,7 @@ def test_the_checkpoint_upload_runs_nicer_than_training(tmp_path: Path) -> None:
     from workers.training.uploads import UPLOAD_NICENESS, CheckpointUploads
 
     niceness: list[int] = []
-    uploads = CheckpointUploads(tmp_path / "staging", lambda staged: niceness.append(
+    uploads = CheckpointUploads(tmp_path / "staging", lambda staged, best_is_last: niceness.append(
         os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
     src = tmp_path / "last.pt"
     src.write_bytes(b"w")
@@ -370,10 +429,12 @@ def test_without_hard_links_the_checkpoint_is_staged_as_a_copy(tmp_path: Path, m
     seen: dict[str, bytes] = {}
     last = tmp_path / "last.pt"
     last.write_bytes(b"epoch 1")
-    uploads = uploads_module.CheckpointUploads(tmp_path / "staging", lambda staged: seen.update(
+    best = tmp_path / "best.pt"
+    best.write_bytes(b"epoch 0")
+    uploads = uploads_module.CheckpointUploads(tmp_path / "staging", lambda staged, best_is_last: seen.update(
         {name: path.read_bytes() for name, path in staged.items()}))
-    uploads.submit(last, best=True)
+    uploads.submit(last, previous_best=best)
     uploads.flush()
-    assert seen == {"last": b"epoch 1", "best": b"epoch 1"}
+    assert seen == {"last": b"epoch 1", "best": b"epoch 0"}
     assert last.read_bytes() == b"epoch 1"
     assert os.listdir(tmp_path / "staging") == []

@@ -54,6 +54,8 @@ class TrainingJob:
         self.job = LongJob(ctx, ledger, cancelled_message=self._cancelled, failed_message=self._failed)
         self.record: JobRecord | None = None
         self.uploads = CheckpointUploads(self.run_dir / "checkpoint-staging", self._store_checkpoints)
+        #: the stored best weights are the last key's (set from the record when the job begins)
+        self.best_is_last = False
         #: each epoch's announcement (record renewal, then epoch_update), off the training thread
         self.announcements = InOrder(f"announce-{request.job_id}"[:40])
         self.epoch_span, self.span_epoch = tracing.NO_SPAN, 0  # from on_train_epoch_start to on_fit_epoch_end
@@ -68,6 +70,7 @@ class TrainingJob:
             ctx.log.info("Nothing to run (%s)", begin.reason)
             return
         record = self.record = begin.record
+        self.best_is_last = record.checkpoints.get("best", "") == record.checkpoints.get("last")
         self.progress.current_epoch = record.last_epoch
         self.progress.last_metrics = dict(record.last_metrics)
         ctx.update(TrainingStarted(job_id=req.job_id, total_epochs=req.hyperparams.epochs, worker=ctx.worker,
@@ -187,8 +190,12 @@ class TrainingJob:
         storage = self.ctx.storage
         local = self.run_dir / "resume" / "last.pt"
         storage.download_file(record.checkpoints["last"], local)
-        if "best" in record.checkpoints:
-            storage.download_file(record.checkpoints["best"], save_dir / "weights" / "best.pt")
+        best = record.checkpoints.get("best")
+        if best == record.checkpoints["last"]:
+            (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, save_dir / "weights" / "best.pt")  # best.pt is the last epoch's
+        elif best is not None:
+            storage.download_file(best, save_dir / "weights" / "best.pt")
         return yolo.safe_load_model(local)
 
     # --- Ultralytics callbacks ---------------------------------------------------------
@@ -247,9 +254,13 @@ class TrainingJob:
         """
         if self.record is None:
             return
-        # Ultralytics wrote best.pt from the same bytes as last.pt in this save
-        best = trainer.best_fitness == trainer.fitness and Path(trainer.best).exists()
-        self.uploads.submit(Path(trainer.last), best=best, keep=self._ending(trainer))
+        improved = trainer.best_fitness == trainer.fitness and Path(trainer.best).exists()
+        previous_best = None
+        if not improved and self.best_is_last and Path(trainer.best).exists():
+            previous_best = Path(trainer.best)  # its only stored copy is about to be overwritten
+        self.best_is_last = improved
+        self.uploads.submit(Path(trainer.last), best_is_last=improved, previous_best=previous_best,
+                            keep=self._ending(trainer))
         if self.progress.stopped_by:
             self.uploads.flush()
 
@@ -258,17 +269,32 @@ class TrainingJob:
         """Ultralytics stops after this epoch (the last, patience, time limit, a cancel)."""
         return bool(getattr(trainer, "stop", False)) or int(trainer.epoch) + 1 >= int(trainer.epochs)
 
-    def _store_checkpoints(self, staged: dict[str, Path]) -> None:
-        """Upload one epoch's staged checkpoints, then name them in the job record."""
+    def _store_checkpoints(self, staged: dict[str, Path], best_is_last: bool) -> None:
+        """Upload one epoch's staged checkpoints, naming them in the job record.
+
+        A staged ``best`` (the earlier best weights) is stored and named first: until
+        then the record names the last key as best, which the upload of ``last`` is about
+        to overwrite.  ``best_is_last``: the record names the last key as best too.
+        """
         record = self.record
         if record is None:
             return
+        ledger, job_id = self.job.ledger, self.request.job_id
         checkpoints = dict(record.checkpoints)
-        for name, path in staged.items():
-            checkpoints[name] = self.job.ledger.checkpoint_key(self.request.job_id, f"{name}.pt")
-            self.ctx.storage.upload_file(path, checkpoints[name])
+        last_key = ledger.checkpoint_key(job_id, "last.pt")
+        if "best" in staged:
+            checkpoints["best"] = ledger.checkpoint_key(job_id, "best.pt")
+            self.ctx.storage.upload_file(staged["best"], checkpoints["best"])
+        elif not best_is_last and checkpoints.get("best") == last_key:
+            del checkpoints["best"]  # no best.pt on disk to keep: never name other weights as best
         if checkpoints != record.checkpoints:
-            # Only when a name is new: the keys are fixed, so the record already names
+            self.job.renew(checkpoints=dict(checkpoints))  # before last_key is overwritten
+        checkpoints["last"] = last_key
+        self.ctx.storage.upload_file(staged["last"], last_key)
+        if best_is_last:
+            checkpoints["best"] = last_key
+        if checkpoints != record.checkpoints:
+            # Only when a name changes: the keys are fixed, so the record already names
             # these objects, now replaced in place (the epoch's announce renews the lease).
             self.job.renew(checkpoints=checkpoints)
 

@@ -30,29 +30,37 @@ class CheckpointUploads:
 
     Staging copies nothing: Ultralytics writes ``last.pt`` with ``Path.write_bytes``
     (truncate in place), so ``last.pt`` is *renamed* into the staging folder -- its next
-    save creates a new file -- and ``best.pt``, written from the same bytes in the same
-    save, is a hard link to the staged ``last.pt`` (``best.pt`` itself stays for
-    Ultralytics' final evaluation).  Once uploaded, the staged file is linked back as
+    save creates a new file.  Once uploaded, the staged file is linked back as
     ``last.pt`` unless a newer one exists (Ultralytics' NaN recovery reads it).  The last
     epoch's ``last.pt`` is copied instead (``keep``): its upload runs during the final
     evaluation instead of before it, and the job waits for it (:meth:`flush`) only before
-    it uploads the best weights and reports.  The
-    upload thread runs :data:`UPLOAD_NICENESS` nicer than training, so that its hashing
-    and HTTP yield the cores to the epoch.
+    it uploads the best weights and reports.
+
+    ``best.pt`` is not uploaded while it equals ``last.pt`` (the store is told
+    ``best_is_last`` and names the last key as best): that halves the checkpoint bytes
+    while training improves.  The first epoch that does not improve hands in the older
+    ``best.pt`` (``previous_best``), staged as a copy -- the next improving save rewrites
+    ``best.pt`` in place -- which the store uploads before this ``last.pt`` overwrites the
+    only stored copy of those weights.  The upload thread runs :data:`UPLOAD_NICENESS`
+    nicer than training, so that its hashing and HTTP yield the cores to the epoch.
     """
 
-    def __init__(self, staging: Path, store: Callable[[dict[str, Path]], None]) -> None:
+    def __init__(self, staging: Path, store: Callable[[dict[str, Path], bool], None]) -> None:
         self.staging = staging
         self.store = store
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, last: Path, *, best: bool = False, keep: bool = False) -> None:
-        """Stage ``last`` (and name it ``best`` too) and upload it in the background.
+    def submit(self, last: Path, *, best_is_last: bool = False, previous_best: Path | None = None,
+               keep: bool = False) -> None:
+        """Stage ``last`` (and a copy of ``previous_best``) and upload it in the background.
 
-        ``keep``: leave ``last`` where it is and stage a copy -- after the last epoch, whose
-        upload overlaps Ultralytics' final evaluation, which rewrites ``last.pt`` in place
-        (``strip_optimizer``: a hard link would share that write).  One copy per job.
+        ``best_is_last``: these weights are also the best so far (Ultralytics wrote
+        ``best.pt`` from the same bytes); passed on to the store.  ``previous_best``: the
+        best weights, whose only stored copy this upload of ``last`` would overwrite;
+        staged as ``best``.  ``keep``: leave ``last`` where it is and stage a copy -- after
+        the last epoch, whose upload overlaps Ultralytics' final evaluation, which rewrites
+        ``last.pt`` in place (``strip_optimizer``: a hard link would share that write).
         """
         self.flush()
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -62,19 +70,19 @@ class CheckpointUploads:
             _copy(last, staged["last"])
         else:
             os.replace(last, staged["last"])
-        if best:
+        if previous_best is not None:
             staged["best"] = self.staging / "best.pt"
             staged["best"].unlink(missing_ok=True)
-            _link(staged["last"], staged["best"])
-        self._thread = threading.Thread(target=self._run, args=(staged, last, tracing.current()),
+            _copy(previous_best, staged["best"])
+        self._thread = threading.Thread(target=self._run, args=(staged, last, best_is_last, tracing.current()),
                                         name="checkpoint-upload", daemon=True)
         self._thread.start()
 
-    def _run(self, staged: dict[str, Path], last: Path, trace: Any = None) -> None:
+    def _run(self, staged: dict[str, Path], last: Path, best_is_last: bool, trace: Any = None) -> None:
         _lower_priority()
         try:
             with tracing.span("checkpoint upload", parent=trace, attributes={"ai.checkpoints": ",".join(staged)}):
-                self.store(staged)
+                self.store(staged, best_is_last)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
             self._error = exc
         finally:
