@@ -77,16 +77,24 @@ def test_http_and_amqp_inference_requests_arriving_together_are_predicted_in_one
     # 3 images over HTTP + 2 over AMQP: a predict call of 5 images can only be both together.
     http_images = [{"data": b64(shapes(i)[0])} for i in (10, 11, 12)]
     amqp_images = [{"data": b64(shapes(i)[0])} for i in (13, 14)]
+    # A request the two cannot join (another imgsz, 8 images: a full batch) keeps the engine
+    # busy while they arrive, so they meet in its queue even when one reaches the worker
+    # later than the window lets a lone request wait (a loaded machine).
+    blocker_images = [{"data": b64(shapes(i)[0])} for i in range(20, 28)]
     together = 0
     for round_ in range(4):
         small_before, big_before = batch_buckets(port)
+        be.send(be.settings.infer_request_queue, request(f"busy-{round_}", MODEL, blocker_images, imgsz=640))
+        time.sleep(0.3)
         got: list[tuple[int, dict[str, Any]]] = []
         http_body = request(f"http-{round_}", MODEL, http_images)
         sender = threading.Thread(target=lambda out=got, body=http_body: out.append(
             post_json(port, "/v1/infer", body)))
-        be.send(be.settings.infer_request_queue, request(f"amqp-{round_}", MODEL, amqp_images))
         sender.start()
-        amqp_answer = answers(be, [f"amqp-{round_}"])[f"amqp-{round_}"].body
+        be.send(be.settings.infer_request_queue, request(f"amqp-{round_}", MODEL, amqp_images))
+        done = answers(be, [f"amqp-{round_}", f"busy-{round_}"])
+        amqp_answer = done[f"amqp-{round_}"].body
+        assert len(done[f"busy-{round_}"].body["results"]) == 8
         sender.join(120)
         assert got, got
         assert got[0][0] == 200, got
@@ -95,7 +103,8 @@ def test_http_and_amqp_inference_requests_arriving_together_are_predicted_in_one
         assert amqp_answer["type"] == "inference_completed"
         assert len(amqp_answer["results"]) == 2
         small_after, big_after = batch_buckets(port)
-        if (big_after - big_before) - (small_after - small_before) >= 1:  # a call of 5..8 images
+        # calls of 5..8 images: the busy request's one call of 8, and the two together (5)
+        if (big_after - big_before) - (small_after - small_before) >= 2:
             together += 1
             break
     assert together, "an HTTP and an AMQP request in flight together were never predicted in one batch"
