@@ -345,18 +345,10 @@ def test_staging_a_checkpoint_copies_nothing_and_puts_last_pt_back_once_uploaded
 
 
 def test_the_previous_best_is_staged_as_a_copy_that_the_next_improving_save_cannot_change(tmp_path: Path) -> None:
-    import threading
-
+    from tests.support.uploads import HeldStore
     from workers.training.uploads import CheckpointUploads
 
-    uploading = threading.Event()
-    release = threading.Event()
-    seen: dict[str, bytes] = {}
-
-    def store(staged: dict[str, Path], best_is_last: bool) -> None:
-        uploading.set()
-        release.wait(5)
-        seen.update({name: path.read_bytes() for name, path in staged.items()})
+    store = HeldStore()
 
     weights = tmp_path / "weights"
     weights.mkdir()
@@ -364,12 +356,12 @@ def test_the_previous_best_is_staged_as_a_copy_that_the_next_improving_save_cann
     (weights / "best.pt").write_bytes(b"epoch 2, best")
     uploads = CheckpointUploads(tmp_path / "staging", store)
     uploads.submit(weights / "last.pt", previous_best=weights / "best.pt")
-    assert uploading.wait(5)
+    assert store.uploading.wait(5)
     with open(weights / "best.pt", "wb") as f:  # epoch 4 improves: Ultralytics rewrites best.pt in place
         f.write(b"epoch 4, best")
-    release.set()
+    store.release.set()
     uploads.flush()
-    assert seen == {"last": b"epoch 3, worse", "best": b"epoch 2, best"}
+    assert store.seen == {"last": b"epoch 3, worse", "best": b"epoch 2, best"}
     assert (weights / "best.pt").read_bytes() == b"epoch 4, best"
     assert list((tmp_path / "staging").iterdir()) == []
 

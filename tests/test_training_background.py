@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ai_service.errors import StorageError
+from tests.support.uploads import HeldStore
 from workers.training.background import InOrder
 from workers.training.uploads import CheckpointUploads
 
@@ -73,26 +74,19 @@ def test_the_last_epochs_checkpoint_stays_in_place_and_its_upload_survives_the_f
 ) -> None:
     """Ultralytics' final evaluation rewrites last.pt in place (strip_optimizer) while the
     last epoch's checkpoint is uploading: the upload keeps the epoch's bytes."""
-    uploading = threading.Event()
-    release = threading.Event()
-    seen: dict[str, bytes] = {}
-
-    def store(staged: dict[str, Path], best_is_last: bool) -> None:
-        uploading.set()
-        release.wait(5)
-        seen.update({name: path.read_bytes() for name, path in staged.items()})
+    store = HeldStore()
 
     last = tmp_path / "weights" / "last.pt"
     last.parent.mkdir()
     last.write_bytes(b"epoch 20 with optimizer")
     uploads = CheckpointUploads(tmp_path / "staging", store)
     uploads.submit(last, best_is_last=True, keep=True)
-    assert uploading.wait(5)
+    assert store.uploading.wait(5)
     assert last.read_bytes() == b"epoch 20 with optimizer", "last.pt is there for the final evaluation"
     with open(last, "wb") as f:  # torch.save(path): truncate and write the same inode
         f.write(b"stripped")
-    release.set()
+    store.release.set()
     uploads.flush()
-    assert seen == {"last": b"epoch 20 with optimizer"}
+    assert store.seen == {"last": b"epoch 20 with optimizer"}
     assert last.read_bytes() == b"stripped", "the upload put an older last.pt back over the final one"
     assert list((tmp_path / "staging").iterdir()) == []
